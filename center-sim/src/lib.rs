@@ -1,0 +1,1 @@
+//! center-sim (being written).

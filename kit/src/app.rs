@@ -1,0 +1,101 @@
+//! What every service does at start, once: telemetry, NATS + streams, the state store, the
+//! Center client, the seal key, the ops endpoints — and the consumer loops it runs until
+//! shutdown. A service's `App::build` calls `Runtime::start` and adds only its own handlers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use proto::Stage;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, ConsumerSpec, Handler, LoopConfig, run_loop};
+use crate::center::{Center, ClientConfig, McpCenter};
+use crate::config::Common;
+use crate::seal::SealKey;
+use crate::state::Store;
+
+/// The shared parts of a running service.
+#[derive(Clone)]
+pub struct Runtime {
+    pub service: &'static str,
+    pub bus: Bus,
+    pub store: Store,
+    pub center: Arc<dyn Center>,
+    pub common: Common,
+    pub ops_addr: SocketAddr,
+    /// Cancelled when the service must stop.
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Runtime({})", self.service)
+    }
+}
+
+impl Runtime {
+    /// Connects everything. Fails with a clear, secret-free message when something is missing.
+    pub async fn start(service: &'static str, common: &Common) -> anyhow::Result<Runtime> {
+        crate::init_crypto();
+        let token = common.center_token()?;
+        let bus = Bus::connect(&common.nats_url, service, Duration::from_secs(30)).await?;
+        bus.ensure_streams().await?;
+        let store = Store::open(&common.data_dir.join(service)).context("open state store")?;
+        let center: Arc<dyn Center> =
+            McpCenter::new(ClientConfig::new(&common.center_url, Duration::from_millis(common.center_timeout_ms)), token)?;
+        let shutdown = CancellationToken::new();
+        let ops_addr = crate::ops::spawn(common.ops_listen, crate::ops::bus_ready(bus.clone()), shutdown.clone().cancelled_owned())
+            .await
+            .context("ops endpoints")?;
+        tracing::info!(service, ops = %ops_addr, nats = %common.nats_url, "started");
+        Ok(Runtime { service, bus, store, center, common: common.clone(), ops_addr, shutdown })
+    }
+
+    pub fn seal_key(&self) -> anyhow::Result<SealKey> {
+        Ok(self.common.seal_key()?)
+    }
+
+    pub fn loop_config(&self, stage: Stage) -> LoopConfig {
+        let mut c = LoopConfig::new(stage, self.common.max_in_flight, Duration::from_millis(self.common.ack_wait_ms));
+        c.max_deliver = self.common.max_deliver.max(1);
+        c
+    }
+
+    /// Creates the durable consumer and runs `handler` on it in `set` until shutdown.
+    pub async fn spawn_consumer(
+        &self,
+        set: &mut JoinSet<()>,
+        spec: ConsumerSpec,
+        cfg: LoopConfig,
+        handler: Arc<dyn Handler>,
+    ) -> anyhow::Result<()> {
+        let consumer = self.bus.consumer(&spec).await?;
+        let bus = self.bus.clone();
+        let token = self.shutdown.clone();
+        set.spawn(async move { run_loop(bus, consumer, cfg, handler, token.cancelled_owned()).await });
+        Ok(())
+    }
+
+    /// Waits for `shutdown`, cancels every loop, and waits for them to drain.
+    pub async fn run_until(&self, mut set: JoinSet<()>, shutdown: impl std::future::Future<Output = ()>) {
+        let token = self.shutdown.clone();
+        tokio::select! {
+            _ = shutdown => { tracing::info!(service = self.service, "shutting down"); }
+            _ = token.cancelled() => {}
+            Some(res) = set.join_next() => {
+                if let Err(e) = res { tracing::error!(service = self.service, error = %e, "a loop ended unexpectedly"); }
+            }
+        }
+        token.cancel();
+        let drain = async { while set.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(25), drain).await.is_err() {
+            tracing::warn!(service = self.service, "drain timed out");
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(service = self.service, error = %e, "final flush failed");
+        }
+    }
+}

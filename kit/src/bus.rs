@@ -1,0 +1,507 @@
+//! The JetStream bus: stream and consumer set-up (idempotent, at start), publishing with
+//! `Nats-Msg-Id`, the readable `Pn-*` headers and `traceparent`, and the one consumer loop
+//! every stage and every `pn.replay.<stage>` subject runs through.
+//!
+//! The loop fetches only as many messages as it has free handler slots (a prefetched message's
+//! AckWait would run while it waits), sends progress acks while a handler works, confirms
+//! successful acks (`double_ack`), naks transient failures with a delay, and turns poison or
+//! exhausted messages into `pn.op.failed` — never silence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use proto::{Body, Event, OpFailed, Stage, headers, subjects};
+use tokio::sync::Semaphore;
+use tokio_util_shim::CancelOnDrop;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("nats connect to {url}: {msg}")]
+    Connect { url: String, msg: String },
+    #[error("jetstream {what}: {msg}")]
+    JetStream { what: String, msg: String },
+    #[error("publish to {subject}: {msg}")]
+    Publish { subject: String, msg: String },
+}
+
+fn js_err(what: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::JetStream { what: what.to_string(), msg: e.to_string() }
+}
+
+/// Stream retention for PN_OPS (the audit trail and the source of replay).
+pub const OPS_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// A connection to NATS with JetStream.
+#[derive(Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bus")
+    }
+}
+
+/// Who published an event, for the readable headers and the deduplication id.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub operation_id: String,
+    pub sub_id: String,
+    pub stage: Stage,
+    /// Deduplication id (`Nats-Msg-Id`).
+    pub msg_id: String,
+}
+
+impl Meta {
+    /// Metadata for a stage's outcome: msg id `<operationId>.<stage>.<attempt>`.
+    pub fn outcome(operation_id: &str, sub_id: &str, stage: Stage, attempt: u32) -> Meta {
+        Meta {
+            operation_id: operation_id.to_string(),
+            sub_id: sub_id.to_string(),
+            stage,
+            msg_id: subjects::msg_id(operation_id, stage, attempt),
+        }
+    }
+}
+
+impl Bus {
+    /// Connects, retrying for up to `patience` (NATS may start after the service).
+    pub async fn connect(url: &str, name: &str, patience: Duration) -> Result<Bus, BusError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let opts = async_nats::ConnectOptions::new()
+                .name(name)
+                .retry_on_initial_connect()
+                .connection_timeout(Duration::from_secs(2))
+                .max_reconnects(None);
+            let res = tokio::time::timeout(Duration::from_secs(3), async {
+                let c = opts.connect(url).await.map_err(|e| e.to_string())?;
+                c.flush().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(c)
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+            match res {
+                Ok(client) => {
+                    let js = jetstream::new(client.clone());
+                    return Ok(Bus { client, js });
+                }
+                Err(msg) if tokio::time::Instant::now() >= deadline => {
+                    return Err(BusError::Connect { url: url.to_string(), msg });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    /// Creates or updates the three streams of DESIGN.md. Safe to call any number of times.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        let configs = [
+            stream::Config {
+                name: subjects::OPS_STREAM.into(),
+                subjects: vec![subjects::OPS_ALL.into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: OPS_MAX_AGE,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            },
+            stream::Config {
+                name: subjects::REPLAY_STREAM.into(),
+                subjects: vec![subjects::REPLAY_ALL.into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(24 * 3600),
+                ..Default::default()
+            },
+            stream::Config {
+                name: subjects::METER_STREAM.into(),
+                subjects: vec![subjects::METER_ALL.into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(35 * 24 * 3600),
+                max_messages_per_subject: 1000,
+                ..Default::default()
+            },
+        ];
+        for cfg in configs {
+            let name = cfg.name.clone();
+            self.js.create_or_update_stream(cfg).await.map_err(|e| js_err(&format!("stream {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// True when the three streams exist (readiness).
+    pub async fn streams_present(&self) -> bool {
+        for s in [subjects::OPS_STREAM, subjects::REPLAY_STREAM, subjects::METER_STREAM] {
+            if self.js.get_stream_no_info(s).await.is_err() {
+                return false;
+            }
+        }
+        matches!(self.client.connection_state(), async_nats::connection::State::Connected)
+    }
+
+    /// Publishes one event and waits for the server's ack. A duplicate `Nats-Msg-Id` within
+    /// the stream's window is acknowledged but stored once.
+    pub async fn publish(&self, subject: String, body: Body, meta: &Meta) -> Result<(), BusError> {
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, meta.msg_id.as_str());
+        h.insert(headers::OP, meta.operation_id.as_str());
+        if !meta.sub_id.is_empty() {
+            h.insert(headers::SUB, meta.sub_id.as_str());
+        }
+        h.insert(headers::STAGE, meta.stage.as_str());
+        h.insert(headers::CONTENT_TYPE, headers::content_type(body.type_name()).as_str());
+        h.insert(headers::TRACEPARENT, traceparent(&meta.msg_id).as_str());
+        let payload = Bytes::from(Event::new(body).to_bytes());
+        let fut = self
+            .js
+            .publish_with_headers(subject.clone(), h, payload)
+            .await
+            .map_err(|e| BusError::Publish { subject: subject.clone(), msg: e.to_string() })?;
+        fut.await.map_err(|e| BusError::Publish { subject, msg: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Publishes `pn.op.failed.<operationId>`.
+    pub async fn publish_failed(&self, failed: OpFailed) -> Result<(), BusError> {
+        let stage = Stage::parse(&failed.stage).unwrap_or(Stage::Claim);
+        let meta = Meta {
+            operation_id: failed.operation_id.clone(),
+            sub_id: failed.sub_id.clone(),
+            stage,
+            msg_id: format!("{}.failed.{}", failed.operation_id, failed.attempt.max(1)),
+        };
+        let subject = subjects::op_event(subjects::FAILED, &failed.operation_id);
+        self.publish(subject, Body::Failed(failed), &meta).await
+    }
+
+    /// Creates or updates a durable pull consumer.
+    pub async fn consumer(&self, spec: &ConsumerSpec) -> Result<PullConsumer, BusError> {
+        let stream = self.js.get_stream(spec.stream).await.map_err(|e| js_err(spec.stream, e))?;
+        let cfg = jetstream::consumer::pull::Config {
+            durable_name: Some(spec.durable.clone()),
+            filter_subject: spec.filter.clone(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: spec.ack_wait,
+            max_deliver: spec.max_deliver,
+            max_ack_pending: spec.max_ack_pending,
+            ..Default::default()
+        };
+        stream.create_consumer(cfg).await.map_err(|e| js_err(&format!("consumer {}", spec.durable), e))
+    }
+}
+
+/// A W3C `traceparent` derived from the message id, so one message's trace id is stable
+/// across republishes of the same outcome.
+fn traceparent(seed: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(seed.as_bytes());
+    format!("00-{}-{}-01", hex::encode(&h[..16]), hex::encode(&h[16..24]))
+}
+
+/// One durable consumer's shape.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub stream: &'static str,
+    pub durable: String,
+    pub filter: String,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+}
+
+impl ConsumerSpec {
+    /// A consumer of `pn.op.<event>.>` on PN_OPS.
+    pub fn ops(durable: &str, event: &str, loop_cfg: &LoopConfig) -> ConsumerSpec {
+        ConsumerSpec {
+            stream: subjects::OPS_STREAM,
+            durable: durable.to_string(),
+            filter: subjects::op_filter(event),
+            ack_wait: loop_cfg.ack_wait,
+            max_deliver: loop_cfg.max_deliver,
+            max_ack_pending: (loop_cfg.concurrency as i64).max(1) * 2,
+        }
+    }
+
+    /// A consumer of `pn.replay.<stage>` on PN_REPLAY.
+    pub fn replay(durable: &str, stage: Stage, loop_cfg: &LoopConfig) -> ConsumerSpec {
+        ConsumerSpec {
+            stream: subjects::REPLAY_STREAM,
+            durable: format!("{durable}-replay"),
+            filter: subjects::replay(stage),
+            ack_wait: loop_cfg.ack_wait,
+            max_deliver: loop_cfg.max_deliver,
+            max_ack_pending: (loop_cfg.concurrency as i64).max(1) * 2,
+        }
+    }
+}
+
+/// How a consumer loop runs.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    pub stage: Stage,
+    pub concurrency: usize,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+}
+
+impl LoopConfig {
+    pub fn new(stage: Stage, concurrency: usize, ack_wait: Duration) -> LoopConfig {
+        LoopConfig { stage, concurrency: concurrency.max(1), ack_wait, max_deliver: 8 }
+    }
+
+    fn progress_every(&self) -> Duration {
+        (self.ack_wait / 3).max(Duration::from_millis(100))
+    }
+}
+
+/// A message handed to a handler.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: Option<HeaderMap>,
+    /// Delivery attempt, from 1.
+    pub delivered: i64,
+}
+
+impl Incoming {
+    /// The last subject token: the operation id for `pn.op.*` and `pn.replay.*` payloads.
+    pub fn subject_op_id(&self) -> Option<&str> {
+        subjects::op_id_of(&self.subject)
+    }
+
+    /// Decodes the body as a `pn.v1.Event`; garbage is a `Fail` (poison), not a panic.
+    pub fn decode(&self) -> Result<Body, HandleError> {
+        Event::from_bytes(&self.payload).map_err(|e| HandleError::Fail { reason: format!("undecodable message: {e}"), failed: None })
+    }
+
+    /// The plain-text operation id of a `pn.replay.<stage>` payload.
+    pub fn replay_op_id(&self) -> Result<String, HandleError> {
+        let s = std::str::from_utf8(&self.payload).map(str::trim).unwrap_or("");
+        if subjects::is_token(s) {
+            Ok(s.to_string())
+        } else {
+            Err(HandleError::Drop("replay payload is not an operation id".into()))
+        }
+    }
+}
+
+/// What a handler says about a message it could not finish.
+#[derive(Debug)]
+pub enum HandleError {
+    /// The world is flaky: nak and try again after `after`. When deliveries run out the
+    /// operation fails with `reason`.
+    Retry { reason: String, after: Duration, failed: Option<OpFailed> },
+    /// This input cannot succeed: publish `pn.op.failed` (with `failed` if given, else built
+    /// from the subject) and terminate the message.
+    Fail { reason: String, failed: Option<OpFailed> },
+    /// Ignore and terminate (e.g. a replay for an unknown operation). Logged.
+    Drop(String),
+}
+
+impl HandleError {
+    pub fn retry(reason: impl Into<String>, after: Duration) -> HandleError {
+        HandleError::Retry { reason: reason.into(), after, failed: None }
+    }
+    pub fn fail(reason: impl Into<String>) -> HandleError {
+        HandleError::Fail { reason: reason.into(), failed: None }
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, msg: Incoming) -> Result<(), HandleError>;
+}
+
+#[async_trait::async_trait]
+impl<F, Fut> Handler for F
+where
+    F: Fn(Incoming) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), HandleError>> + Send + 'static,
+{
+    async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
+        (self)(msg).await
+    }
+}
+
+/// Runs `handler` over `consumer` until `shutdown` resolves, then drains in-flight handlers.
+pub async fn run_loop(
+    bus: Bus,
+    consumer: PullConsumer,
+    cfg: LoopConfig,
+    handler: Arc<dyn Handler>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let sem = Arc::new(Semaphore::new(cfg.concurrency));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let name = consumer.cached_info().config.durable_name.clone().unwrap_or_default();
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let want = 1 + sem.available_permits().min(63);
+        let batch = consumer.fetch().max_messages(want).expires(Duration::from_secs(1)).messages();
+        let mut batch = tokio::select! {
+            _ = &mut shutdown => break,
+            b = batch => match b {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(consumer = %name, error = %e, "fetch failed; retrying");
+                    drop(permit);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+        };
+        let mut first = Some(permit);
+        while let Some(m) = batch.next().await {
+            let msg = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(consumer = %name, error = %e, "batch ended with error");
+                    break;
+                }
+            };
+            let permit = match first.take() {
+                Some(p) => p,
+                None => match sem.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    // Only this loop takes permits, so this does not happen; be safe anyway.
+                    Err(_) => match sem.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                },
+            };
+            let bus = bus.clone();
+            let handler = handler.clone();
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                handle_one(bus, msg, cfg, handler).await;
+                drop(permit);
+            });
+        }
+    }
+    // Drain: wait until every in-flight handler has returned its permit.
+    let _ = sem.acquire_many(cfg.concurrency as u32).await;
+    tracing::info!(consumer = %name, "consumer loop drained");
+}
+
+async fn handle_one(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, handler: Arc<dyn Handler>) {
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let incoming = Incoming {
+        subject: msg.subject.to_string(),
+        payload: msg.payload.clone(),
+        headers: msg.headers.clone(),
+        delivered,
+    };
+    let subject = incoming.subject.clone();
+    let msg = Arc::new(msg);
+    let progress = {
+        let msg = msg.clone();
+        let every = cfg.progress_every();
+        CancelOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "progress ack failed");
+                }
+            }
+        }))
+    };
+    let started = std::time::Instant::now();
+    let res = handler.handle(incoming).await;
+    drop(progress);
+    metrics::histogram!("pn_handler_seconds", "stage" => cfg.stage.as_str()).record(started.elapsed().as_secs_f64());
+    match res {
+        Ok(()) => {
+            for _ in 0..3 {
+                match msg.double_ack().await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(%subject, error = %e, "ack not confirmed; retrying"),
+                }
+            }
+        }
+        Err(HandleError::Retry { reason, after, failed }) => {
+            metrics::counter!("pn_handler_retries_total", "stage" => cfg.stage.as_str()).increment(1);
+            if delivered >= cfg.max_deliver {
+                tracing::error!(%subject, delivered, %reason, "deliveries exhausted; failing the operation");
+                fail_and_term(&bus, &msg, &subject, &cfg, reason, failed, delivered).await;
+            } else {
+                tracing::warn!(%subject, delivered, %reason, retry_in_ms = after.as_millis() as u64, "will retry");
+                let _ = msg.ack_with(AckKind::Nak(Some(after))).await;
+            }
+        }
+        Err(HandleError::Fail { reason, failed }) => {
+            tracing::error!(%subject, %reason, "operation failed");
+            fail_and_term(&bus, &msg, &subject, &cfg, reason, failed, delivered).await;
+        }
+        Err(HandleError::Drop(reason)) => {
+            tracing::warn!(%subject, %reason, "message dropped");
+            let _ = msg.ack_with(AckKind::Term).await;
+        }
+    }
+}
+
+async fn fail_and_term(
+    bus: &Bus,
+    msg: &jetstream::Message,
+    subject: &str,
+    cfg: &LoopConfig,
+    reason: String,
+    failed: Option<OpFailed>,
+    delivered: i64,
+) {
+    let failed = match failed {
+        Some(mut f) => {
+            if f.reason.is_empty() {
+                f.reason = reason;
+            }
+            f
+        }
+        None => {
+            let op = subjects::op_id_of(subject).filter(|s| subjects::is_token(s)).unwrap_or("").to_string();
+            if op.is_empty() || subject.starts_with("pn.replay.") {
+                tracing::error!(%subject, %reason, "poison message without an operation; terminated");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+            OpFailed {
+                operation_id: op,
+                stage: cfg.stage.as_str().to_string(),
+                reason,
+                attempt: 1,
+                failed_at_ms: crate::now_ms(),
+                ..Default::default()
+            }
+        }
+    };
+    match bus.publish_failed(failed).await {
+        Ok(()) => {
+            let _ = msg.ack_with(AckKind::Term).await;
+        }
+        Err(e) => {
+            tracing::error!(%subject, error = %e, delivered, "could not publish pn.op.failed; will retry");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+        }
+    }
+}
+
+mod tokio_util_shim {
+    /// Aborts the task when dropped.
+    pub struct CancelOnDrop(pub tokio::task::JoinHandle<()>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+}

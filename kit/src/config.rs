@@ -1,0 +1,130 @@
+//! Layered configuration: serde defaults → optional TOML file (`PN_CONFIG`) → `PN_…`
+//! environment (`__` nests: `PN_SSH__FRESH_PORT` is `ssh.fresh_port`). A bad value fails at
+//! start naming its key. Secrets are `SecretString`s and print as redacted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// A configuration that could not be loaded; the message names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Loads `T` from the TOML file named by `PN_CONFIG` (if any) and the `PN_` environment.
+pub fn load<T: DeserializeOwned>() -> Result<T, ConfigError> {
+    let mut fig = Figment::new();
+    if let Ok(path) = std::env::var("PN_CONFIG") {
+        fig = fig.merge(Toml::file(path));
+    }
+    fig = fig.merge(Env::prefixed("PN_").split("__"));
+    fig.extract().map_err(|e| {
+        // figment's message names the key ("for key `default.x`"); values of secret fields are
+        // strings and can never fail to parse, so no secret is echoed here.
+        ConfigError(e.to_string())
+    })
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human on a terminal, JSON otherwise (containers, log files).
+    #[default]
+    Auto,
+    Human,
+    Json,
+}
+
+/// What every service needs. Flattened into each service's settings, so the keys are
+/// top-level: `PN_NATS_URL`, `PN_SEAL_KEY`, `PN_CENTER_TOKEN`, …
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Common {
+    pub nats_url: String,
+    pub data_dir: PathBuf,
+    pub ops_listen: SocketAddr,
+    pub center_url: String,
+    pub center_token: Option<SecretString>,
+    pub seal_key: Option<SecretString>,
+    pub log_format: LogFormat,
+    /// Messages handled at once per consumer.
+    pub max_in_flight: usize,
+    /// Center call timeout, milliseconds.
+    pub center_timeout_ms: u64,
+    /// JetStream AckWait for this service's consumers, milliseconds (progress acks extend it).
+    pub ack_wait_ms: u64,
+    /// Deliveries of one message before the operation fails.
+    pub max_deliver: i64,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Common {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            data_dir: PathBuf::from("./data"),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            center_url: "http://127.0.0.1:8080".into(),
+            center_token: None,
+            seal_key: None,
+            log_format: LogFormat::Auto,
+            max_in_flight: 256,
+            center_timeout_ms: 10_000,
+            ack_wait_ms: 30_000,
+            max_deliver: 8,
+        }
+    }
+}
+
+impl Common {
+    /// The Center token, or a clear error naming the variable.
+    pub fn center_token(&self) -> Result<SecretString, ConfigError> {
+        match &self.center_token {
+            Some(t) if !t.expose_secret().trim().is_empty() => Ok(t.clone()),
+            _ => Err(ConfigError("PN_CENTER_TOKEN is missing or empty".into())),
+        }
+    }
+
+    /// The seal key, parsed, or a clear error naming the variable.
+    pub fn seal_key(&self) -> Result<crate::seal::SealKey, ConfigError> {
+        match &self.seal_key {
+            Some(k) => crate::seal::SealKey::parse(k).map_err(|e| ConfigError(format!("PN_SEAL_KEY: {e}"))),
+            None => Err(ConfigError("PN_SEAL_KEY is missing".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct S {
+        #[serde(flatten)]
+        common: Common,
+        #[serde(default)]
+        n: u32,
+    }
+
+    #[test]
+    fn env_overrides_and_bad_values_name_their_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PN_NATS_URL", "nats://10.0.0.1:1");
+            jail.set_env("PN_N", "7");
+            jail.set_env("PN_CENTER_TOKEN", "tok-very-secret");
+            let s: S = load().map_err(|e| e.0)?;
+            assert_eq!(s.common.nats_url, "nats://10.0.0.1:1");
+            assert_eq!(s.n, 7);
+            let dbg = format!("{s:?}");
+            assert!(!dbg.contains("tok-very-secret"), "{dbg}");
+            jail.set_env("PN_N", "not-a-number");
+            let err = load::<S>().err().map(|e| e.0).unwrap_or_default();
+            assert!(err.contains("n"), "{err}");
+            Ok(())
+        });
+    }
+}

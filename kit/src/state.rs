@@ -1,0 +1,225 @@
+//! Durable per-service state behind a small interface: typed, versioned records in named
+//! tables, and a group-commit `flush()` (one sled flush answers every waiter that arrived
+//! meanwhile — sled's own `flush_async` hangs under many concurrent callers, sled #1308).
+//!
+//! Invariant: a record a handler depends on is flushed before its message is acked.
+//! Only this module names sled; a switch to redb or fjall stays local.
+//! Caveat: sled flushes with `sync_file_range`, which survives a process kill but is weaker
+//! than `fsync` against power loss.
+
+use std::marker::PhantomData;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store: {0}")]
+    Store(String),
+    #[error("record {key} in {table}: {msg}")]
+    Decode { table: String, key: String, msg: String },
+    #[error("state store flusher is gone")]
+    FlusherGone,
+}
+
+impl From<sled::Error> for StateError {
+    fn from(e: sled::Error) -> Self {
+        StateError::Store(e.to_string())
+    }
+}
+
+/// A record type stored in a table. Bump `VERSION` when its shape changes incompatibly;
+/// records of a newer version than the code are refused rather than misread.
+pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
+    const VERSION: u32;
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a, T> {
+    v: u32,
+    r: &'a T,
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    r: T,
+}
+
+type FlushWaiter = oneshot::Sender<Result<(), String>>;
+
+/// The service's state store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    flusher: mpsc::UnboundedSender<FlushWaiter>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime.
+    pub fn open(dir: &Path) -> Result<Store, StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError::Store(format!("{}: {e}", dir.display())))?;
+        let db = sled::Config::new().path(dir.join("state.sled")).mode(sled::Mode::LowSpace).open()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(flusher(db.clone(), rx));
+        Ok(Store { db, flusher: tx })
+    }
+
+    pub fn table<T: Record>(&self, name: &str) -> Result<Table<T>, StateError> {
+        Ok(Table { tree: self.db.open_tree(name)?, name: Arc::from(name), store: self.clone(), _t: PhantomData })
+    }
+
+    /// Makes every write so far durable. Concurrent callers share one flush.
+    pub async fn flush(&self) -> Result<(), StateError> {
+        let (tx, rx) = oneshot::channel();
+        self.flusher.send(tx).map_err(|_| StateError::FlusherGone)?;
+        rx.await.map_err(|_| StateError::FlusherGone)?.map_err(StateError::Store)
+    }
+
+    /// Disk space the store uses, in bytes.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+async fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<FlushWaiter>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let db2 = db.clone();
+        let res = tokio::task::spawn_blocking(move || db2.flush())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()));
+        for w in waiters {
+            let _ = w.send(res.clone());
+        }
+    }
+}
+
+/// A named table of `T` keyed by strings.
+pub struct Table<T> {
+    tree: sled::Tree,
+    name: Arc<str>,
+    store: Store,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Table<T> {
+    fn clone(&self) -> Self {
+        Table { tree: self.tree.clone(), name: self.name.clone(), store: self.store.clone(), _t: PhantomData }
+    }
+}
+
+impl<T: Record> Table<T> {
+    fn decode(&self, key: &str, bytes: &[u8]) -> Result<T, StateError> {
+        let env: Envelope<T> = serde_json::from_slice(bytes).map_err(|e| StateError::Decode {
+            table: self.name.to_string(),
+            key: key.to_string(),
+            msg: e.to_string(),
+        })?;
+        if env.v > T::VERSION {
+            return Err(StateError::Decode {
+                table: self.name.to_string(),
+                key: key.to_string(),
+                msg: format!("record version {} is newer than this build ({})", env.v, T::VERSION),
+            });
+        }
+        Ok(env.r)
+    }
+
+    fn encode(v: &T) -> Result<Vec<u8>, StateError> {
+        serde_json::to_vec(&EnvelopeRef { v: T::VERSION, r: v }).map_err(|e| StateError::Store(e.to_string()))
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<T>, StateError> {
+        match self.tree.get(key.as_bytes())? {
+            Some(b) => self.decode(key, &b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes without waiting for durability; pair with `Store::flush` (group commit).
+    pub fn put_nowait(&self, key: &str, v: &T) -> Result<(), StateError> {
+        self.tree.insert(key.as_bytes(), Self::encode(v)?)?;
+        Ok(())
+    }
+
+    /// Writes and waits until the write is durable.
+    pub async fn put(&self, key: &str, v: &T) -> Result<(), StateError> {
+        self.put_nowait(key, v)?;
+        self.store.flush().await
+    }
+
+    pub async fn remove(&self, key: &str) -> Result<(), StateError> {
+        self.tree.remove(key.as_bytes())?;
+        self.store.flush().await
+    }
+
+    /// Every record, in key order. Undecodable records are returned as errors, not skipped.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(String, T), StateError>> + '_ {
+        self.tree.iter().map(move |kv| {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let rec = self.decode(&key, &v)?;
+            Ok((key, rec))
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Rec {
+        n: u32,
+    }
+    impl Record for Rec {
+        const VERSION: u32 = 1;
+    }
+
+    #[tokio::test]
+    async fn put_get_iter_and_reopen() -> Result<(), StateError> {
+        let dir = tempfile::tempdir().map_err(|e| StateError::Store(e.to_string()))?;
+        {
+            let store = Store::open(dir.path())?;
+            let t: Table<Rec> = store.table("t")?;
+            let mut joins = Vec::new();
+            for i in 0..200u32 {
+                let t = t.clone();
+                joins.push(tokio::spawn(async move { t.put(&format!("k{i:03}"), &Rec { n: i }).await }));
+            }
+            for j in joins {
+                j.await.map_err(|e| StateError::Store(e.to_string()))??;
+            }
+            assert_eq!(t.get("k007")?, Some(Rec { n: 7 }));
+            assert_eq!(t.iter().count(), 200);
+        }
+        // Let the flusher task see its channel close and release the store's lock.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let store = Store::open(dir.path())?;
+        let t: Table<Rec> = store.table("t")?;
+        assert_eq!(t.get("k199")?, Some(Rec { n: 199 }));
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! pnctl (being written).

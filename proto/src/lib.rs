@@ -1,0 +1,219 @@
+//! Pnp's wire contract: the `pn.v1` protobuf messages, the NATS subjects and the header names.
+//! No I/O lives here — `proto` knows nothing about NATS connections, sled or Center.
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/pn.v1.rs"));
+}
+
+pub mod subjects;
+
+pub use pb::event::Body;
+pub use pb::{
+    Event, Instance, InstanceReady, NodeDeployed, NodeVerified, OpClaimed, OpFailed, Operation,
+    QuotaChanged, QuotaState, UsageRecorded,
+};
+
+use prost::Message;
+
+/// The pipeline's stages, in order. The names are those of `pn.replay.<stage>` and of the
+/// `Pn-Stage` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Claim,
+    Cloud,
+    Deploy,
+    Verify,
+    Meter,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [Stage::Claim, Stage::Cloud, Stage::Deploy, Stage::Verify, Stage::Meter];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Claim => "claim",
+            Stage::Cloud => "cloud",
+            Stage::Deploy => "deploy",
+            Stage::Verify => "verify",
+            Stage::Meter => "meter",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a body could not be turned into an event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not a protobuf `pn.v1.Event` at all.
+    Malformed(String),
+    /// A valid envelope with no body set.
+    Empty,
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Malformed(e) => write!(f, "malformed pn.v1.Event: {e}"),
+            DecodeError::Empty => f.write_str("pn.v1.Event has no body"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl Body {
+    /// The message's protobuf name, for the `Content-Type` header.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Body::Claimed(_) => "pn.v1.OpClaimed",
+            Body::Instance(_) => "pn.v1.InstanceReady",
+            Body::Deployed(_) => "pn.v1.NodeDeployed",
+            Body::Verified(_) => "pn.v1.NodeVerified",
+            Body::Failed(_) => "pn.v1.OpFailed",
+            Body::Usage(_) => "pn.v1.UsageRecorded",
+            Body::Quota(_) => "pn.v1.QuotaChanged",
+        }
+    }
+
+    /// The event name used in subjects (`pn.op.<event>.<operationId>`).
+    pub fn event_name(&self) -> &'static str {
+        match self {
+            Body::Claimed(_) => subjects::CLAIMED,
+            Body::Instance(_) => subjects::INSTANCE,
+            Body::Deployed(_) => subjects::DEPLOYED,
+            Body::Verified(_) => subjects::VERIFIED,
+            Body::Failed(_) => subjects::FAILED,
+            Body::Usage(_) => "usage",
+            Body::Quota(_) => "quota",
+        }
+    }
+}
+
+impl Event {
+    pub fn new(body: Body) -> Event {
+        Event { body: Some(body) }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
+    /// Decodes an envelope; any byte string gives an error or an event, never a panic.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Body, DecodeError> {
+        let ev = Event::decode(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        ev.body.ok_or(DecodeError::Empty)
+    }
+}
+
+impl QuotaState {
+    pub fn label(self) -> &'static str {
+        match self {
+            QuotaState::Unspecified => "unknown",
+            QuotaState::Ok => "ok",
+            QuotaState::Warn => "warn",
+            QuotaState::Cutoff => "cutoff",
+        }
+    }
+}
+
+/// Header names. `Nats-Msg-Id` is NATS's own deduplication header.
+pub mod headers {
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    pub const OP: &str = "Pn-Op";
+    pub const SUB: &str = "Pn-Sub";
+    pub const STAGE: &str = "Pn-Stage";
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    pub const TRACEPARENT: &str = "traceparent";
+
+    /// `application/protobuf; proto=pn.v1.<Message>`
+    pub fn content_type(type_name: &str) -> String {
+        format!("application/protobuf; proto={type_name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op() -> Operation {
+        Operation {
+            operation_id: "op-1".into(),
+            sub_id: "sub-1".into(),
+            region: "sg".into(),
+            traffic_total_bytes: 950 * 1024 * 1024 * 1024,
+            ip_type: "residential".into(),
+            center_url: "http://127.0.0.1:1".into(),
+            domain: String::new(),
+            sealed_claim_token: vec![1, 2, 3],
+            holder: "h".into(),
+            claimed_at_ms: 5,
+            claim_attempt: 1,
+            queued_at_ms: 4,
+        }
+    }
+
+    #[test]
+    fn every_body_round_trips() {
+        let bodies = vec![
+            Body::Claimed(OpClaimed { op: Some(op()) }),
+            Body::Instance(InstanceReady {
+                op: Some(op()),
+                instance: Some(Instance { instance_id: "i-1".into(), ipv4: "127.0.1.1".into(), ..Default::default() }),
+                ready_at_ms: 9,
+            }),
+            Body::Deployed(NodeDeployed {
+                op: Some(op()),
+                node_secret_sha256: vec![7; 32],
+                sold_bytes: 10,
+                private_node: true,
+                ..Default::default()
+            }),
+            Body::Verified(NodeVerified { tunnel_count: 1, ..Default::default() }),
+            Body::Failed(OpFailed { stage: "cloud".into(), reason: "no plan".into(), ..Default::default() }),
+            Body::Usage(UsageRecorded { node: "pn-a".into(), delta_bytes: 3, ..Default::default() }),
+            Body::Quota(QuotaChanged {
+                node: "pn-a".into(),
+                from: QuotaState::Ok as i32,
+                to: QuotaState::Cutoff as i32,
+                ..Default::default()
+            }),
+        ];
+        for b in bodies {
+            let bytes = Event::new(b.clone()).to_bytes();
+            assert_eq!(Event::from_bytes(&bytes), Ok(b));
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(Event::from_bytes(&[0xff, 0xff, 0xff]).is_err());
+        assert_eq!(Event::from_bytes(&[]), Err(DecodeError::Empty));
+    }
+
+    #[test]
+    fn subjects_carry_the_operation_as_last_token() {
+        assert_eq!(subjects::op_event(subjects::CLAIMED, "op-9"), "pn.op.claimed.op-9");
+        assert_eq!(subjects::op_id_of("pn.op.instance.op-9"), Some("op-9"));
+        assert_eq!(subjects::replay(Stage::Deploy), "pn.replay.deploy");
+        assert_eq!(subjects::meter_usage("pn-x"), "meter.usage.pn-x");
+        assert_eq!(subjects::msg_id("op-9", Stage::Cloud, 2), "op-9.cloud.2");
+    }
+
+    #[test]
+    fn stage_names_parse_back() {
+        for s in Stage::ALL {
+            assert_eq!(Stage::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Stage::parse("nope"), None);
+    }
+}

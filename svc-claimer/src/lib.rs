@@ -1,0 +1,1 @@
+//! svc-claimer (being written).

@@ -1,0 +1,1 @@
+//! svc-cloud (being written).

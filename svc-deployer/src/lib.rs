@@ -1,0 +1,1 @@
+//! svc-deployer (being written).

@@ -1,0 +1,1 @@
+//! svc-meter (being written).

@@ -1,0 +1,1 @@
+//! svc-verifier (being written).

@@ -1,0 +1,189 @@
+//! Test support (never a production dependency): real child processes for the parts a test
+//! needs — `nats-server` with JetStream on a free port and a temporary store, the workspace's
+//! own binaries — each killed when its guard drops. No mocks of NATS or of our services.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A free TCP port on 127.0.0.1 (bound and released; races are unlikely but possible).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// The workspace root (two levels above this crate's manifest).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("PN_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // Test executables live in target/<profile>/deps.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The path of one of the workspace's binaries; fails clearly when it was not built.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!("{} is not built: run `cargo build --workspace --bins` first (scripts/test does)", p.display());
+    }
+    Ok(p)
+}
+
+/// Finds `nats-server`: `PN_NATS_SERVER`, then the project's `.tools/`, then PATH.
+pub fn nats_server_path() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PN_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let local = workspace_root().join(".tools/venv/bin/nats-server");
+    if local.exists() {
+        return Ok(local);
+    }
+    which("nats-server").context("nats-server not found: run scripts/bootstrap")
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `grace` for exit (SIGKILL after).
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real `nats-server -js` on a free loopback port with its own store, killed on drop.
+pub struct Nats {
+    pub proc: Proc,
+    pub port: u16,
+    pub store: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Nats {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start() -> Result<Nats> {
+        let dir = tempfile::tempdir()?;
+        let store = dir.path().join("js");
+        let mut n = Nats::start_at(&store, free_port())?;
+        n._dir = Some(dir);
+        Ok(n)
+    }
+
+    /// Starts on a given store and port (a restart on the same store keeps the streams).
+    pub fn start_at(store: &Path, port: u16) -> Result<Nats> {
+        std::fs::create_dir_all(store)?;
+        let conf = store.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                store.display()
+            ),
+        )?;
+        let child = Command::new(nats_server_path()?)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn nats-server")?;
+        let proc = Proc { child, name: "nats-server".into() };
+        wait_tcp(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(15))?;
+        Ok(Nats { proc, port, store: store.to_path_buf(), _dir: None })
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same store and port.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        let dir = self._dir.take();
+        let mut n = Nats::start_at(&self.store, self.port)?;
+        n._dir = dir;
+        *self = n;
+        Ok(())
+    }
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub fn wait_tcp(addr: SocketAddr, patience: Duration) -> Result<()> {
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("nothing listens on {addr} after {patience:?}")
+}
+
+/// Polls `f` until it returns `Some`, or fails after `patience` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {patience:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Random hex, for unique ids in tests.
+pub fn rand_hex(n: usize) -> String {
+    let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
+    hex::encode(bytes)
+}
