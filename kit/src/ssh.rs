@@ -203,3 +203,28 @@ impl Session {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
     }
 }
+
+/// The admin keys per cloud account, from `"account=path[,account2=path2]"` (each path an
+/// OpenSSH private key file, e.g. mounted from a k8s Secret). Keys are read when needed.
+#[derive(Debug, Clone, Default)]
+pub struct AdminKeys(std::collections::HashMap<String, std::path::PathBuf>);
+
+impl AdminKeys {
+    pub fn parse(spec: &str) -> Result<AdminKeys, SshError> {
+        let mut map = std::collections::HashMap::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (acct, path) = part
+                .split_once('=')
+                .ok_or_else(|| SshError::Protocol(format!("admin keys: `{part}` is not account=path")))?;
+            map.insert(acct.trim().to_string(), std::path::PathBuf::from(path.trim()));
+        }
+        Ok(AdminKeys(map))
+    }
+
+    /// The private key for `account`, or a reason naming the account (runbook step 0).
+    pub fn load(&self, account: &str) -> Result<Arc<PrivateKey>, String> {
+        let path = self.0.get(account).ok_or_else(|| format!("no admin SSH key is configured for cloud account {account}"))?;
+        let pem = std::fs::read_to_string(path).map_err(|e| format!("admin SSH key for account {account} unreadable: {}", e.kind()))?;
+        parse_private_key(&pem).map(Arc::new).map_err(|_| format!("admin SSH key for account {account} is not an OpenSSH private key"))
+    }
+}

@@ -1,1 +1,150 @@
-//! svc-cloud (being written).
+//! svc-cloud creates the VPS for a claimed operation (runbook steps 1's re-entry probe, 2, 3;
+//! seed 001 §3.f's fail paths) and reaps the VPS of an operation that failed.
+//!
+//! Invariants: `pn-<subId>` is the idempotency root — the name is probed before any create
+//! and a live match is adopted, so no redelivery or crash makes a second VPS; the intent to
+//! create is recorded (flushed) before the create call; only instances this service created
+//! for an operation are ever deleted, and only after that operation failed.
+
+pub mod provider;
+mod reaper;
+mod record;
+mod stage;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use kit::app::Runtime;
+use kit::bus::ConsumerSpec;
+use kit::config::Common;
+use kit::state::Table;
+use proto::{Stage, subjects};
+use serde::Deserialize;
+use tokio::task::JoinSet;
+
+use provider::Provider;
+pub use record::CloudRecord;
+
+pub const SERVICE: &str = "svc-cloud";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    #[serde(flatten)]
+    pub common: Common,
+    /// `center` (Center's cloud tools) or `hetzner`.
+    pub provider: String,
+    /// Cloud account for the `center` provider; empty: the first with a default keypair.
+    pub account: String,
+    /// Job region → provider regions, preferred first, siblings after ("a,b,c").
+    pub regions: HashMap<String, String>,
+    /// A plan must include at least sold × headroom of transfer.
+    pub transfer_headroom: f64,
+    pub boot_timeout_ms: u64,
+    pub boot_poll_ms: u64,
+    /// How long a running instance may lack a public IPv4 before it counts as "no IP".
+    pub no_ip_timeout_ms: u64,
+    /// Pause before retrying a failed create (runbook: "retry after 2 min").
+    pub create_retry_pause_ms: u64,
+    /// Creates tried per region before moving to a sibling region.
+    pub create_attempts_per_region: u32,
+    /// Delete the VPS of a failed operation (after `reap_grace_ms`).
+    pub reap: bool,
+    pub reap_grace_ms: u64,
+    pub hetzner: provider::hetzner::HetznerSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let regions = [
+            ("sg", "ap-southeast-1,ap-northeast-1"),
+            ("jp", "ap-northeast-1,ap-southeast-1"),
+            ("de", "eu-central-1"),
+            ("us", "us-west-2,us-east-1"),
+            ("br", "sa-east-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Settings {
+            common: Common::default(),
+            provider: "center".into(),
+            account: String::new(),
+            regions,
+            transfer_headroom: 1.2,
+            boot_timeout_ms: 300_000,
+            boot_poll_ms: 1000,
+            no_ip_timeout_ms: 60_000,
+            create_retry_pause_ms: 120_000,
+            create_attempts_per_region: 2,
+            reap: true,
+            reap_grace_ms: 600_000,
+            hetzner: Default::default(),
+        }
+    }
+}
+
+impl Settings {
+    /// Provider regions to try for a job region, preferred first.
+    pub fn regions_for(&self, job_region: &str) -> Vec<String> {
+        match self.regions.get(job_region) {
+            Some(list) => list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            None => vec![job_region.to_string()],
+        }
+    }
+}
+
+pub(crate) struct Ctx {
+    pub rt: Runtime,
+    pub settings: Settings,
+    pub provider: Arc<dyn Provider>,
+    pub ops: Table<CloudRecord>,
+    /// Operations being worked on in this process (a redelivery waits rather than races).
+    pub busy: Mutex<HashSet<String>>,
+    /// Reap schedule: due time (ms) → operation ids.
+    pub reaps: Mutex<BTreeMap<i64, Vec<String>>>,
+}
+
+pub struct App {
+    ctx: Arc<Ctx>,
+}
+
+impl App {
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let rt = Runtime::start(SERVICE, &settings.common).await?;
+        let provider: Arc<dyn Provider> = match settings.provider.as_str() {
+            "center" => Arc::new(provider::center::CenterProvider::new(rt.center.clone(), settings.account.clone())),
+            "hetzner" => Arc::new(provider::hetzner::Hetzner::new(&settings.hetzner)?),
+            other => anyhow::bail!("PN_PROVIDER: unknown provider {other:?} (center | hetzner)"),
+        };
+        let ops: Table<CloudRecord> = rt.store.table("ops")?;
+        let mut reaps: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+        for item in ops.iter() {
+            let (id, rec) = item?;
+            if let (Some(at), false) = (rec.reap_at_ms, rec.reaped) {
+                reaps.entry(at).or_default().push(id);
+            }
+        }
+        Ok(App { ctx: Arc::new(Ctx { rt, settings, provider, ops, busy: Mutex::new(HashSet::new()), reaps: Mutex::new(reaps) }) })
+    }
+
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let ctx = self.ctx;
+        let rt = ctx.rt.clone();
+        let mut set = JoinSet::new();
+        let cfg = rt.loop_config(Stage::Cloud);
+        rt.spawn_consumer(&mut set, ConsumerSpec::ops("svc-cloud-claimed", subjects::CLAIMED, &cfg), cfg.clone(), Arc::new(stage::OnClaimed(ctx.clone())))
+            .await?;
+        rt.spawn_consumer(&mut set, ConsumerSpec::replay(SERVICE, Stage::Cloud, &cfg), cfg.clone(), Arc::new(stage::OnReplay(ctx.clone())))
+            .await?;
+        rt.spawn_consumer(&mut set, ConsumerSpec::ops("svc-cloud-failed", subjects::FAILED, &cfg), cfg.clone(), Arc::new(reaper::OnFailed(ctx.clone())))
+            .await?;
+        {
+            let ctx = ctx.clone();
+            let token = rt.shutdown.clone();
+            set.spawn(async move { reaper::reap_loop(ctx, token).await });
+        }
+        rt.run_until(set, shutdown).await;
+        Ok(())
+    }
+}

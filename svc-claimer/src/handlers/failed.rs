@@ -1,0 +1,76 @@
+//! `pn.op.failed`: report `failed` with a concise reason, once (runbook step 8). The reason is
+//! clipped and scrubbed of the claim token defensively; `done` is never sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kit::bus::{HandleError, Handler, Incoming};
+use kit::center::CenterError;
+use proto::{Body, Operation};
+use secrecy::ExposeSecret;
+
+use crate::Ctx;
+
+pub struct OnFailed(pub Arc<Ctx>);
+
+/// A concise, secret-free reason: `<stage>: <reason>`, at most 240 characters.
+pub fn concise_reason(stage: &str, reason: &str, secrets: &[&str]) -> String {
+    let mut r = reason.replace(['\n', '\r'], " ");
+    for s in secrets.iter().filter(|s| s.len() >= 8) {
+        r = r.replace(s, "[redacted]");
+    }
+    let r: String = r.chars().take(220).collect();
+    format!("{stage}: {r}")
+}
+
+#[async_trait::async_trait]
+impl Handler for OnFailed {
+    #[tracing::instrument(skip_all, fields(op = msg.subject_op_id().unwrap_or(""), stage = "claim"))]
+    async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
+        let ctx = &self.0;
+        let Body::Failed(f) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.failed".into()))? else {
+            return Err(HandleError::Drop("not an OpFailed".into()));
+        };
+        let id = f.operation_id.clone();
+        let retry = |e: String| HandleError::retry(e, Duration::from_secs(2));
+        let rec = ctx.ops.get(&id).map_err(|e| retry(e.to_string()))?;
+        if rec.as_ref().is_some_and(|r| r.failed_reported) {
+            return Ok(());
+        }
+        let token = rec
+            .as_ref()
+            .and_then(|r| prost::Message::decode(r.op_pb.as_slice()).ok())
+            .and_then(|op: Operation| ctx.seal.open_str(&op.sealed_claim_token).ok());
+        let secrets: Vec<&str> = token.as_ref().map(|t| vec![t.expose_secret()]).unwrap_or_default();
+        let reason = concise_reason(&f.stage, &f.reason, &secrets);
+        let holder = rec.as_ref().map(|r| r.holder.clone()).filter(|h| !h.is_empty()).unwrap_or(f.holder.clone());
+        let outcome = ctx.rt.center.update_node_operation(&id, &holder, "failed", None, Some(&reason)).await;
+        match outcome {
+            Ok(_) => tracing::warn!(%reason, "reported failed"),
+            Err(e @ (CenterError::Conflict { .. } | CenterError::Rejected { .. })) => {
+                tracing::info!(reason = %e, "failed not accepted; operation is already terminal or not ours");
+            }
+            Err(e) if e.is_transient() => return Err(retry(e.to_string())),
+            Err(e) => tracing::error!(error = %e, "failed report refused"),
+        }
+        let mut rec = rec.unwrap_or_else(|| crate::OpRecord { operation_id: id.clone(), sub_id: f.sub_id.clone(), ..Default::default() });
+        rec.failed_reported = true;
+        rec.terminal = Some("failed".into());
+        ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
+        super::forget(ctx, &id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_clipped_and_scrubbed() {
+        let r = concise_reason("deploy", "boom ct_0123456789abcdef\nline2", &["ct_0123456789abcdef"]);
+        assert_eq!(r, "deploy: boom [redacted] line2");
+        let long = "x".repeat(1000);
+        assert!(concise_reason("cloud", &long, &[]).len() <= 240);
+    }
+}

@@ -1,0 +1,68 @@
+//! `pn.op.instance`: the VPS exists — report `in_progress {instanceId, ipv4}` (runbook step 3).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kit::bus::{HandleError, Handler, Incoming};
+use kit::center::CenterError;
+use proto::Body;
+
+use crate::{Ctx, OpRecord};
+
+pub struct OnInstance(pub Arc<Ctx>);
+
+#[async_trait::async_trait]
+impl Handler for OnInstance {
+    #[tracing::instrument(skip_all, fields(op = msg.subject_op_id().unwrap_or(""), stage = "claim"))]
+    async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
+        let ctx = &self.0;
+        let Body::Instance(ev) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.instance".into()))? else {
+            return Err(HandleError::Drop("not an InstanceReady".into()));
+        };
+        let (Some(op), Some(inst)) = (ev.op, ev.instance) else {
+            return Err(HandleError::Drop("InstanceReady without op or instance".into()));
+        };
+        let id = op.operation_id.clone();
+        let retry = |e: String| HandleError::retry(e, Duration::from_secs(2));
+        let mut rec = ctx.ops.get(&id).map_err(|e| retry(e.to_string()))?.unwrap_or_else(|| OpRecord {
+            // Claimed by another replica: report for its holder.
+            operation_id: id.clone(),
+            sub_id: op.sub_id.clone(),
+            holder: op.holder.clone(),
+            claim_attempt: op.claim_attempt,
+            published: true,
+            ..Default::default()
+        });
+        if rec.reported_in_progress && rec.instance_id.as_deref() == Some(inst.instance_id.as_str()) {
+            return Ok(());
+        }
+        if rec.terminal.is_some() {
+            return Ok(());
+        }
+        rec.instance_id = Some(inst.instance_id.clone());
+        rec.ipv4 = Some(inst.ipv4.clone());
+        ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
+        let result = super::progress_result(&rec);
+        let holder = if op.holder.is_empty() { rec.holder.clone() } else { op.holder.clone() };
+        match ctx.rt.center.update_node_operation(&id, &holder, "in_progress", result, None).await {
+            Ok(_) => {
+                rec.reported_in_progress = true;
+                ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
+                if let Ok(mut a) = ctx.active.lock() {
+                    if rec.holder == ctx.holder {
+                        a.insert(id.clone(), kit::now_ms());
+                    }
+                }
+                tracing::info!(instance = %inst.instance_id, ipv4 = %inst.ipv4, "reported in_progress");
+                Ok(())
+            }
+            Err(e @ (CenterError::Conflict { .. } | CenterError::Rejected { .. })) => {
+                // Already terminal at Center (the node registered first, or the sweep failed it).
+                tracing::info!(reason = %e, "in_progress not accepted; operation is terminal or not ours");
+                Ok(())
+            }
+            Err(e) if e.is_transient() => Err(retry(e.to_string())),
+            Err(e) => Err(HandleError::Drop(e.to_string())),
+        }
+    }
+}

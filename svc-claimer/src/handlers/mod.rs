@@ -1,0 +1,76 @@
+//! One handler per input: `pn.op.instance` (report in_progress), `pn.op.failed` (report failed),
+//! `pn.op.verified` (stop renewing), `pn.replay.claim` (republish the claim).
+
+mod failed;
+mod instance;
+
+pub use failed::OnFailed;
+pub use instance::OnInstance;
+
+use std::sync::Arc;
+
+use kit::bus::{HandleError, Handler, Incoming};
+use proto::Body;
+use serde_json::{Value, json};
+
+use crate::{Ctx, OpRecord};
+
+/// The `result` of an in_progress report: `{instanceId, ipv4}` once known.
+pub fn progress_result(rec: &OpRecord) -> Option<Value> {
+    match (&rec.instance_id, &rec.ipv4) {
+        (Some(i), Some(ip)) => Some(json!({"instanceId": i, "ipv4": ip})),
+        _ => None,
+    }
+}
+
+fn forget(ctx: &Ctx, id: &str) {
+    if let Ok(mut a) = ctx.active.lock() {
+        a.remove(id);
+    }
+}
+
+/// Claims recorded but not yet published (a crash in between) are published at start.
+pub async fn republish_unpublished(ctx: &Arc<Ctx>) {
+    let pending: Vec<OpRecord> = ctx.ops.iter().filter_map(Result::ok).map(|(_, r)| r).filter(|r| !r.published && r.terminal.is_none()).collect();
+    for rec in pending {
+        crate::poll::publish_claimed(ctx, rec).await;
+    }
+}
+
+pub struct OnVerified(pub Arc<Ctx>);
+
+#[async_trait::async_trait]
+impl Handler for OnVerified {
+    async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
+        let Body::Verified(v) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.verified".into()))? else {
+            return Err(HandleError::Drop("not a NodeVerified".into()));
+        };
+        let id = v.op.as_ref().map(|o| o.operation_id.clone()).unwrap_or_default();
+        if let Ok(Some(mut rec)) = self.0.ops.get(&id) {
+            if rec.terminal.is_none() {
+                rec.terminal = Some("verified".into());
+                self.0.ops.put(&id, &rec).await.map_err(|e| HandleError::retry(e.to_string(), std::time::Duration::from_secs(1)))?;
+            }
+        }
+        forget(&self.0, &id);
+        Ok(())
+    }
+}
+
+pub struct OnReplay(pub Arc<Ctx>);
+
+#[async_trait::async_trait]
+impl Handler for OnReplay {
+    async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
+        let id = msg.replay_op_id()?;
+        let rec = self.0.ops.get(&id).map_err(|e| HandleError::retry(e.to_string(), std::time::Duration::from_secs(1)))?;
+        match rec {
+            Some(rec) if rec.terminal.is_none() => {
+                crate::poll::publish_claimed(&self.0, rec).await;
+                Ok(())
+            }
+            Some(_) => Err(HandleError::Drop(format!("operation {id} is already terminal"))),
+            None => Err(HandleError::Drop(format!("operation {id} is not known to this claimer"))),
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The `center` provider: Center's cloud tools (runbook steps 2–3).
+
+use std::sync::Arc;
+
+use kit::center::{Center, CloudInstance, CreateInstance};
+
+use super::{Choice, Provider, ProviderError, Vps, cheapest_covering, newest_ubuntu};
+
+pub struct CenterProvider {
+    center: Arc<dyn Center>,
+    /// Account to use; empty picks the first account that has a default keypair.
+    account: String,
+}
+
+impl CenterProvider {
+    pub fn new(center: Arc<dyn Center>, account: String) -> CenterProvider {
+        CenterProvider { center, account }
+    }
+
+    async fn account(&self) -> Result<String, ProviderError> {
+        let accounts = self.center.list_cloud_accounts().await?;
+        let found = if self.account.is_empty() {
+            accounts.iter().find(|a| a.default_key_name.is_some())
+        } else {
+            accounts.iter().find(|a| a.account_name == self.account)
+        };
+        found
+            .map(|a| a.account_name.clone())
+            .ok_or_else(|| ProviderError::NoFit(format!("no cloud account {} with a default keypair", if self.account.is_empty() { "(any)" } else { &self.account })))
+    }
+}
+
+fn vps(i: CloudInstance) -> Vps {
+    Vps {
+        id: i.id,
+        name: i.name,
+        status: i.status.to_lowercase(),
+        ipv4: i.ipv4.filter(|s| !s.is_empty()),
+        region: i.region,
+        plan: i.plan,
+        image: i.image_id,
+        account: i.account_name,
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for CenterProvider {
+    fn name(&self) -> &str {
+        "center"
+    }
+
+    async fn find_by_name(&self, name: &str) -> Result<Vec<Vps>, ProviderError> {
+        let all = self.center.list_cloud_instances(Some(name)).await?;
+        Ok(all.into_iter().filter(|i| i.name == name).map(vps).collect())
+    }
+
+    async fn choose(&self, region: &str, min_transfer: u64) -> Result<Choice, ProviderError> {
+        let account = self.account().await?;
+        let regions = self.center.list_cloud_regions(&account).await?;
+        if !regions.iter().any(|r| r.id == region && r.available) {
+            return Err(ProviderError::NoFit(format!("region {region} is not offered by account {account}")));
+        }
+        let plans = self.center.list_cloud_plans(&account, region).await?;
+        let in_region: Vec<_> = plans.into_iter().filter(|p| p.regions.is_empty() || p.regions.iter().any(|r| r == region)).collect();
+        let plan = cheapest_covering(&in_region, min_transfer, |p| p.transfer_bytes, |p| p.price_monthly).ok_or_else(|| {
+            let best = in_region.iter().map(|p| p.transfer_bytes).max().unwrap_or(0);
+            ProviderError::NoFit(format!(
+                "no plan in {region} includes {} GiB of transfer (largest: {} GiB)",
+                min_transfer >> 30,
+                best >> 30
+            ))
+        })?;
+        let images = self.center.list_cloud_images(&account, region).await?;
+        let image = newest_ubuntu(&images, |i| i.os.eq_ignore_ascii_case("ubuntu"), |i| i.version.clone())
+            .ok_or_else(|| ProviderError::NoFit(format!("no Ubuntu 20.04/22.04/24.04 image in {region}")))?;
+        Ok(Choice {
+            account,
+            region: region.to_string(),
+            plan: plan.id.clone(),
+            plan_transfer_bytes: plan.transfer_bytes,
+            image: image.id.clone(),
+        })
+    }
+
+    async fn create(&self, c: &Choice, name: &str) -> Result<Vps, ProviderError> {
+        let req = CreateInstance {
+            account_name: c.account.clone(),
+            region: c.region.clone(),
+            plan: c.plan.clone(),
+            image_id: c.image.clone(),
+            name: name.to_string(),
+        };
+        Ok(vps(self.center.create_cloud_instance(&req).await?))
+    }
+
+    async fn get(&self, id: &str) -> Result<Vps, ProviderError> {
+        Ok(vps(self.center.get_cloud_instance(id).await?))
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), ProviderError> {
+        Ok(self.center.delete_cloud_instance(id).await?)
+    }
+}

@@ -1,0 +1,257 @@
+//! The `hetzner` provider: the Hetzner Cloud API (`/v1/servers`, `/v1/server_types`,
+//! `/v1/images`) with a bearer token. The server gets cloud-init user-data that installs only
+//! the admin *public* key (seed 001 §3.a) — never a private key, never a password.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Choice, Provider, ProviderError, Vps, cheapest_covering, newest_ubuntu};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HetznerSettings {
+    pub api_url: String,
+    pub token: Option<SecretString>,
+    /// The admin public key (`ssh-ed25519 …`) cloud-init installs.
+    pub admin_public_key: String,
+    pub timeout_ms: u64,
+}
+
+impl Default for HetznerSettings {
+    fn default() -> Self {
+        HetznerSettings { api_url: "https://api.hetzner.cloud/v1".into(), token: None, admin_public_key: String::new(), timeout_ms: 15_000 }
+    }
+}
+
+pub struct Hetzner {
+    http: reqwest::Client,
+    base: String,
+    token: SecretString,
+    user_data: String,
+}
+
+impl Hetzner {
+    pub fn new(s: &HetznerSettings) -> Result<Hetzner, ProviderError> {
+        kit::init_crypto();
+        let token = s.token.clone().ok_or_else(|| ProviderError::Permanent("PN_HETZNER__TOKEN is missing".into()))?;
+        let key = s.admin_public_key.trim();
+        if !(key.starts_with("ssh-") || key.starts_with("ecdsa-")) || key.contains("PRIVATE") {
+            return Err(ProviderError::Permanent("PN_HETZNER__ADMIN_PUBLIC_KEY must be an OpenSSH public key line".into()));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(s.timeout_ms))
+            .build()
+            .map_err(|e| ProviderError::Permanent(e.to_string()))?;
+        Ok(Hetzner { http, base: s.api_url.trim_end_matches('/').to_string(), token, user_data: cloud_init(key) })
+    }
+
+    async fn req<T: for<'de> Deserialize<'de>>(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> Result<T, ProviderError> {
+        let mut r = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(self.token.expose_secret());
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.map_err(|e| ProviderError::Transient(format!("hetzner {path}: {}", if e.is_timeout() { "timed out".into() } else { e.without_url().to_string() })))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| ProviderError::Transient(e.without_url().to_string()))?;
+        if !status.is_success() {
+            #[derive(Deserialize, Default)]
+            struct ErrBody {
+                #[serde(default)]
+                error: ErrInner,
+            }
+            #[derive(Deserialize, Default)]
+            struct ErrInner {
+                #[serde(default)]
+                code: String,
+                #[serde(default)]
+                message: String,
+            }
+            let e: ErrBody = serde_json::from_str(&text).unwrap_or_default();
+            let msg = format!("hetzner {path}: HTTP {status} {} {}", e.error.code, e.error.message.chars().take(160).collect::<String>());
+            let transient = status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error()
+                || matches!(e.error.code.as_str(), "resource_unavailable" | "placement_error" | "rate_limit_exceeded" | "conflict" | "locked");
+            return Err(if transient { ProviderError::Transient(msg) } else { ProviderError::Permanent(msg) });
+        }
+        serde_json::from_str(&text).map_err(|e| ProviderError::Permanent(format!("hetzner {path}: malformed answer: {e}")))
+    }
+}
+
+/// cloud-init user-data: the admin public key only, password logins off.
+pub fn cloud_init(public_key: &str) -> String {
+    format!("#cloud-config\nssh_pwauth: false\nssh_authorized_keys:\n  - {public_key}\n")
+}
+
+#[derive(Debug, Deserialize)]
+struct Server {
+    id: u64,
+    name: String,
+    status: String,
+    #[serde(default)]
+    public_net: PublicNet,
+    #[serde(default)]
+    server_type: Named,
+    #[serde(default)]
+    datacenter: Datacenter,
+    #[serde(default)]
+    image: Option<Named>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct PublicNet {
+    ipv4: Option<Ip>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Ip {
+    ip: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct Named {
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct Datacenter {
+    #[serde(default)]
+    location: Named,
+}
+
+impl From<Server> for Vps {
+    fn from(s: Server) -> Vps {
+        Vps {
+            id: s.id.to_string(),
+            name: s.name,
+            status: s.status.to_lowercase(),
+            ipv4: s.public_net.ipv4.map(|i| i.ip).filter(|i| !i.is_empty() && i != "0.0.0.0"),
+            region: s.datacenter.location.name,
+            plan: s.server_type.name,
+            image: s.image.map(|i| i.name).unwrap_or_default(),
+            account: "hetzner".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ServerTypes {
+    server_types: Vec<ServerType>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ServerType {
+    name: String,
+    #[serde(default)]
+    deprecated: Option<bool>,
+    prices: Vec<Price>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Price {
+    location: String,
+    price_monthly: Amount,
+    #[serde(default)]
+    included_traffic: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Amount {
+    gross: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Images {
+    images: Vec<Image>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Image {
+    name: String,
+    #[serde(default)]
+    os_flavor: String,
+    #[serde(default)]
+    os_version: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl Provider for Hetzner {
+    fn name(&self) -> &str {
+        "hetzner"
+    }
+
+    async fn find_by_name(&self, name: &str) -> Result<Vec<Vps>, ProviderError> {
+        #[derive(Deserialize)]
+        struct L {
+            servers: Vec<Server>,
+        }
+        let l: L = self.req(reqwest::Method::GET, &format!("/servers?name={}", urlencode(name)), None).await?;
+        Ok(l.servers.into_iter().filter(|s| s.name == name).map(Vps::from).collect())
+    }
+
+    async fn choose(&self, region: &str, min_transfer: u64) -> Result<Choice, ProviderError> {
+        let types: ServerTypes = self.req(reqwest::Method::GET, "/server_types?per_page=50", None).await?;
+        let offers: Vec<(String, u64, f64)> = types
+            .server_types
+            .iter()
+            .filter(|t| t.deprecated != Some(true))
+            .filter_map(|t| {
+                t.prices
+                    .iter()
+                    .find(|p| p.location == region)
+                    .map(|p| (t.name.clone(), p.included_traffic, p.price_monthly.gross.parse::<f64>().unwrap_or(f64::MAX)))
+            })
+            .collect();
+        if offers.is_empty() {
+            return Err(ProviderError::NoFit(format!("no Hetzner server type is offered in {region}")));
+        }
+        let plan = cheapest_covering(&offers, min_transfer, |o| o.1, |o| o.2)
+            .ok_or_else(|| ProviderError::NoFit(format!("no Hetzner server type in {region} includes {} GiB of transfer", min_transfer >> 30)))?;
+        let images: Images = self.req(reqwest::Method::GET, "/images?type=system&architecture=x86&per_page=50", None).await?;
+        let image = newest_ubuntu(&images.images, |i| i.os_flavor == "ubuntu", |i| i.os_version.clone().unwrap_or_default())
+            .ok_or_else(|| ProviderError::NoFit("no Ubuntu 20.04/22.04/24.04 system image".into()))?;
+        Ok(Choice { account: "hetzner".into(), region: region.to_string(), plan: plan.0.clone(), plan_transfer_bytes: plan.1, image: image.name.clone() })
+    }
+
+    async fn create(&self, c: &Choice, name: &str) -> Result<Vps, ProviderError> {
+        #[derive(Deserialize)]
+        struct Created {
+            server: Server,
+        }
+        let body = json!({
+            "name": name,
+            "server_type": c.plan,
+            "location": c.region,
+            "image": c.image,
+            "user_data": self.user_data,
+            "start_after_create": true,
+            "labels": {"managed-by": "pnp"},
+        });
+        let r: Created = self.req(reqwest::Method::POST, "/servers", Some(body)).await?;
+        Ok(r.server.into())
+    }
+
+    async fn get(&self, id: &str) -> Result<Vps, ProviderError> {
+        #[derive(Deserialize)]
+        struct G {
+            server: Server,
+        }
+        let g: G = self.req(reqwest::Method::GET, &format!("/servers/{}", urlencode(id)), None).await?;
+        Ok(g.server.into())
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), ProviderError> {
+        let _: serde_json::Value = self.req(reqwest::Method::DELETE, &format!("/servers/{}", urlencode(id)), None).await?;
+        Ok(())
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
