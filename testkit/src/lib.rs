@@ -11,8 +11,15 @@ use anyhow::{Context, Result, bail};
 
 pub mod stack;
 
-/// A free TCP port on 127.0.0.1 (bound and released; races are unlikely but possible).
+/// A free TCP port on 127.0.0.1, chosen at random below the kernel's ephemeral range
+/// (32768+) so that outgoing connections cannot take it between the check and its use.
 pub fn free_port() -> u16 {
+    for _ in 0..200 {
+        let p = 20_000 + rand::random::<u16>() % 12_000;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 

@@ -34,6 +34,8 @@ const SERVICES: [&str; 5] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-ve
 const BINARIES: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter", "center-sim", "pnctl"];
 const SECRETS: [&str; 3] = ["pn-seal-key", "pn-center-token", "pn-ssh-admin-keys"];
 const NONROOT: i64 = 65532;
+/// The services that open SSH sessions to nodes: they alone hold the admin keys and reach port 22/1022.
+const SSH_USERS: [&str; 2] = ["svc-deployer", "svc-verifier"];
 
 // ---------------------------------------------------------------------------------------------
 // Tools
@@ -584,7 +586,7 @@ fn services_run_as_the_contract_says() {
             assert_eq!(governing["spec"]["clusterIP"], "None", "{at}: governing service must be headless");
 
             let ssh_mount = arr(&c["volumeMounts"]).iter().find(|m| m["mountPath"] == "/etc/pn/ssh");
-            if svc == "svc-deployer" {
+            if SSH_USERS.contains(&svc) {
                 let keys = get("PN_SSH__ADMIN_KEYS");
                 let m = ssh_mount.unwrap_or_else(|| panic!("{at}: admin keys not mounted at /etc/pn/ssh"));
                 assert_eq!(m["readOnly"], true, "{at}: key mount read-only");
@@ -602,8 +604,8 @@ fn services_run_as_the_contract_says() {
                     assert_eq!(path, format!("/etc/pn/ssh/{account}"), "{at}: key path of {account}");
                 }
             } else {
-                assert!(ssh_mount.is_none(), "{at}: only the deployer holds SSH keys");
-                assert!(env_value(&r, c, "PN_SSH__ADMIN_KEYS").is_none(), "{at}: only the deployer holds SSH keys");
+                assert!(ssh_mount.is_none(), "{at}: only {SSH_USERS:?} hold SSH keys");
+                assert!(env_value(&r, c, "PN_SSH__ADMIN_KEYS").is_none(), "{at}: only {SSH_USERS:?} hold SSH keys");
             }
 
             if svc == "svc-meter" {
@@ -956,7 +958,7 @@ fn network_policies_allow_exactly_the_intended_flows() {
             want.insert(format!("{s} -> nats:4222/TCP"));
             want.insert(format!("{s} -> internet:443/TCP"));
         }
-        for s in ["svc-cloud", "svc-deployer", "svc-verifier"] {
+        for s in SSH_USERS {
             want.insert(format!("{s} -> internet:22/TCP"));
             want.insert(format!("{s} -> internet:1022/TCP"));
         }

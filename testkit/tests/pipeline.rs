@@ -191,3 +191,113 @@ async fn a_center_error_storm_ends_in_success_or_a_reason_never_a_duplicate() {
     let bus = Bus::connect(&stack.nats.url(), "t", Duration::from_secs(5)).await.unwrap();
     assert!(!stream_dump(&bus, proto::subjects::OPS_STREAM).await.unwrap().is_empty());
 }
+
+/// Publishes an event the way a stage would.
+async fn publish(stack: &Stack, body: Body, op: &str, sub: &str, stage: proto::Stage) {
+    let bus = Bus::connect(&stack.nats.url(), "test", Duration::from_secs(5)).await.unwrap();
+    bus.ensure_streams().await.unwrap();
+    let subject = proto::subjects::op_event(body.event_name(), op);
+    bus.publish(subject, body, &kit::bus::Meta::outcome(op, sub, stage, 1)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_sidecar_without_the_claim_fails_naming_the_usage_reporter() {
+    use kit::center::{Center, ClientConfig, CreateInstance, McpCenter};
+    use secrecy::SecretString;
+    let stack = Stack::builder().only(&["svc-verifier", "svc-meter"]).start().await.unwrap();
+    let center = McpCenter::new(ClientConfig::new(&stack.center_url, Duration::from_secs(5)), SecretString::from(stack.token.clone())).unwrap();
+    let (op, sub) = stack.intent("de", 100 * GIB, "residential").await.unwrap();
+    let claimed = center.claim_node_operation(&op, "test-holder", 600).await.unwrap();
+    let name = format!("pn-{sub}");
+    let inst = center
+        .create_cloud_instance(&CreateInstance {
+            account_name: "sim-lightsail".into(),
+            region: "eu-central-1".into(),
+            plan: "small_1tb".into(),
+            image_id: "ubuntu-24-04".into(),
+            name: name.clone(),
+        })
+        .await
+        .unwrap();
+    let inst = testkit::eventually("instance running", Duration::from_secs(20), || async {
+        let i = center.get_cloud_instance(&inst.id).await.ok()?;
+        (i.status == "running" && i.ipv4.is_some()).then_some(i)
+    })
+    .await
+    .unwrap();
+    let ip = inst.ipv4.clone().unwrap();
+    // Walk the node by hand: prep, a .env WITHOUT K2_PRIVATE_CLAIM (the deployer's bug this
+    // check exists for), compose up.
+    let key = kit::ssh::AdminKeys::parse(&format!("a={}", stack.dir.path().join("secrets/ssh-admin-key").display())).unwrap().load("a").unwrap();
+    let target = |port: u16, pinned: Option<String>| kit::ssh::Target {
+        host: ip.clone(),
+        port,
+        user: "ubuntu".into(),
+        key: key.clone(),
+        pinned,
+        connect_timeout: Duration::from_secs(5),
+    };
+    let s = kit::ssh::connect(&target(stack.fresh_port, None)).await.unwrap();
+    let t = Duration::from_secs(30);
+    assert_eq!(s.exec("sudo bash -s", Some(b"echo prep\n"), t).await.unwrap().status, 0);
+    s.close().await;
+    let s = testkit::eventually("hardened ssh", Duration::from_secs(10), || async { kit::ssh::connect(&target(stack.hardened_port, None)).await.ok() })
+        .await
+        .unwrap();
+    let host_key = s.host_key.clone();
+    let secret = "ab".repeat(32);
+    let env = format!("K2_NODE_SECRET={secret}\nK2_CENTER_URL={}\nK2_DOMAIN=\nK2_VERSION=1.0.0\nK2_NODE_NAME={name}\nK2_NODE_REGION=de\nK2_IP_TYPE=residential\n", stack.center_url);
+    assert_eq!(s.exec("sudo tee /apps/kaitu-slave/.env > /dev/null", Some(env.as_bytes()), t).await.unwrap().status, 0);
+    assert_eq!(s.exec("sudo tee /apps/kaitu-slave/docker-compose.yml > /dev/null", Some(b"services: {}\n"), t).await.unwrap().status, 0);
+    let up = s.exec("cd /apps/kaitu-slave && sudo docker compose -f docker-compose.yml up -d", None, t).await.unwrap();
+    assert_eq!(up.status, 0, "{}", up.stderr_tail());
+    let mut op_pb = proto::Operation { operation_id: op.clone(), sub_id: sub.clone(), region: "de".into(), traffic_total_bytes: 100 * GIB, claim_attempt: 1, ..Default::default() };
+    op_pb.center_url = claimed.identity.as_ref().map(|i| i.center_url.clone()).unwrap_or_default();
+    let deployed = proto::NodeDeployed {
+        op: Some(op_pb),
+        instance: Some(proto::Instance { instance_id: inst.id.clone(), name: name.clone(), ipv4: ip.clone(), account: "sim-lightsail".into(), ..Default::default() }),
+        node_name: name.clone(),
+        node_secret_sha256: vec![0; 32],
+        sold_bytes: 100 * GIB,
+        host_key,
+        ssh_port: u32::from(stack.hardened_port),
+        deployed_at_ms: kit::now_ms(),
+        private_node: true,
+    };
+    publish(&stack, Body::Deployed(deployed), &op, &sub, proto::Stage::Deploy).await;
+    let bus = Bus::connect(&stack.nats.url(), "t", Duration::from_secs(5)).await.unwrap();
+    let s2 = bus.js.get_stream(proto::subjects::OPS_STREAM).await.unwrap();
+    let m = testkit::eventually("pn.op.failed", Duration::from_secs(30), || async { s2.get_last_raw_message_by_subject(&format!("pn.op.failed.{op}")).await.ok() })
+        .await
+        .unwrap();
+    let Ok(Body::Failed(f)) = Event::from_bytes(&m.payload) else { panic!("not OpFailed") };
+    assert_eq!(f.stage, "verify");
+    assert!(f.reason.contains("usage reporter"), "{}", f.reason);
+}
+
+#[tokio::test]
+async fn a_verifier_restarted_mid_wait_keeps_the_original_deadline() {
+    let deadline_ms = 12_000u64;
+    let mut stack = Stack::builder().env("svc-verifier", "PN_DEADLINE_MS", &deadline_ms.to_string()).start().await.unwrap();
+    stack.faults(json!({"neverRegister": true})).await.unwrap();
+    let (op, _) = stack.intent("sg", 100 * GIB, "residential").await.unwrap();
+    let bus = Bus::connect(&stack.nats.url(), "t", Duration::from_secs(5)).await.unwrap();
+    let s = bus.js.get_stream(proto::subjects::OPS_STREAM).await.unwrap();
+    testkit::eventually("pn.op.deployed", Duration::from_secs(60), || async { s.get_last_raw_message_by_subject(&format!("pn.op.deployed.{op}")).await.ok() })
+        .await
+        .unwrap();
+    // Give the verifier a moment to record the deadline, then take it down past that deadline.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.kill("svc-verifier");
+    tokio::time::sleep(Duration::from_millis(deadline_ms + 1000)).await;
+    let restarted_at = kit::now_ms();
+    stack.spawn("svc-verifier").unwrap();
+    stack.wait_ready("svc-verifier").await.unwrap();
+    let m = testkit::eventually("pn.op.failed", Duration::from_secs(60), || async { s.get_last_raw_message_by_subject(&format!("pn.op.failed.{op}")).await.ok() })
+        .await
+        .unwrap();
+    let Ok(Body::Failed(f)) = Event::from_bytes(&m.payload) else { panic!("not OpFailed") };
+    assert!(f.reason.contains("registration"), "{}", f.reason);
+    // A fresh deadline would have given the node another 12 s after the restart.
+    assert!(f.failed_at_ms - restarted_at < deadline_ms as i64, "failed {} ms after the restart", f.failed_at_ms - restarted_at);
+}
