@@ -68,7 +68,7 @@ impl Store {
     /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime.
     pub fn open(dir: &Path) -> Result<Store, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| StateError::Store(format!("{}: {e}", dir.display())))?;
-        let db = sled::Config::new().path(dir.join("state.sled")).mode(sled::Mode::LowSpace).open()?;
+        let db = sled::Config::new().path(dir.join("state.sled")).mode(sled::Mode::LowSpace).cache_capacity(32 * 1024 * 1024).open()?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(flusher(db.clone(), rx));
         Ok(Store { db, flusher: tx })
