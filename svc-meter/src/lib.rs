@@ -1,1 +1,24 @@
-//! svc-meter (being written).
+//! svc-meter: ingests node usage (`POST /slave/usage`, Basic `ipv4:secret`, cumulative NIC
+//! counters), keeps the durable quota ledger (sled via `kit::state`), moves nodes through
+//! `ok → warn → cutoff`, answers admission (`402` at cutoff), publishes `meter.usage.<node>`
+//! (coalesced) and `meter.quota.<node>`, and tells Center to hide a cut-off node.
+//!
+//! Invariants: a report is acknowledged only once its ledger write is durable; the meter never
+//! sees or stores a node secret beyond one request (only its SHA-256, from the deployer);
+//! nothing on the report path waits for NATS or Center.
+
+pub mod app;
+pub mod auth;
+pub mod bench;
+pub mod delta;
+pub mod handlers;
+pub mod http;
+pub mod ledger;
+pub mod meter;
+pub mod outbox;
+pub mod quota;
+pub mod report;
+pub mod settings;
+
+pub use app::{App, SERVICE};
+pub use settings::{CountMode, Settings};
