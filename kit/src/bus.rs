@@ -505,3 +505,31 @@ mod tokio_util_shim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn incoming(subject: &str, payload: Vec<u8>) -> Incoming {
+        Incoming { subject: subject.into(), payload: Bytes::from(payload), headers: None, delivered: 1 }
+    }
+
+    #[test]
+    fn replay_payloads_are_plain_operation_ids() {
+        assert_eq!(incoming("pn.replay.deploy", b"op-1\n".to_vec()).replay_op_id().ok(), Some("op-1".to_string()));
+        for bad in [&b""[..], b"a b", b"pn.op.>", b"\xff\xfe", b"op*"] {
+            assert!(incoming("pn.replay.deploy", bad.to_vec()).replay_op_id().is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_payload_decodes_or_errors(bytes in prop::collection::vec(any::<u8>(), 0..512), subject in "[a-z.>*]{0,30}") {
+            let m = incoming(&subject, bytes);
+            let _ = m.decode();
+            let _ = m.replay_op_id();
+            let _ = m.subject_op_id();
+        }
+    }
+}

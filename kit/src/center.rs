@@ -315,17 +315,7 @@ impl McpCenter {
         if !status.is_success() {
             return Err(CenterError::Permanent { tool, msg: format!("HTTP {status}") });
         }
-        let json_text = if is_sse {
-            text.lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim)
-                .rfind(|l| l.contains("\"jsonrpc\""))
-                .unwrap_or("")
-                .to_string()
-        } else {
-            text
-        };
-        let v: Value = serde_json::from_str(&json_text).map_err(|e| CenterError::Malformed { tool, msg: e.to_string() })?;
+        let v = parse_body(tool, &text, is_sse)?;
         Ok((sid, v))
     }
 
@@ -364,25 +354,7 @@ impl McpCenter {
             }
             other => other?,
         };
-        if let Some(err) = v.get("error") {
-            let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-            let msg = clip(err.get("message").and_then(Value::as_str).unwrap_or("JSON-RPC error"));
-            return Err(if code == -32603 { CenterError::Transient { tool, msg } } else { CenterError::Permanent { tool, msg } });
-        }
-        let result = v.get("result").ok_or_else(|| CenterError::Malformed { tool, msg: "no result".into() })?;
-        let text = result
-            .get("content")
-            .and_then(Value::as_array)
-            .and_then(|c| c.iter().find_map(|item| item.get("text").and_then(Value::as_str)))
-            .ok_or_else(|| CenterError::Malformed { tool, msg: "no text content".into() })?;
-        let payload: Value = serde_json::from_str(text).map_err(|e| CenterError::Malformed { tool, msg: e.to_string() })?;
-        if let Some(err) = payload.get("error").filter(|e| !e.is_null()) {
-            return Err(classify_tool_error(tool, err));
-        }
-        if result.get("isError").and_then(Value::as_bool) == Some(true) {
-            return Err(CenterError::Permanent { tool, msg: clip(text) });
-        }
-        payload.get("data").cloned().ok_or_else(|| CenterError::Malformed { tool, msg: "no data".into() })
+        interpret(tool, &v)
     }
 
     /// Calls a tool, retrying transient failures with jittered exponential back-off.
@@ -424,6 +396,39 @@ impl McpCenter {
         }
         Ok(out)
     }
+}
+
+/// The JSON-RPC message in an HTTP body: plain JSON, or the last `data:` line of an SSE stream.
+pub fn parse_body(tool: &'static str, text: &str, is_sse: bool) -> Result<Value, CenterError> {
+    let json_text = if is_sse {
+        text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).rfind(|l| l.contains("\"jsonrpc\"")).unwrap_or("")
+    } else {
+        text
+    };
+    serde_json::from_str(json_text).map_err(|e| CenterError::Malformed { tool, msg: e.to_string() })
+}
+
+/// A JSON-RPC response → the tool's `data`, or a typed error. Any input gives one of the two.
+pub fn interpret(tool: &'static str, v: &Value) -> Result<Value, CenterError> {
+    if let Some(err) = v.get("error") {
+        let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
+        let msg = clip(err.get("message").and_then(Value::as_str).unwrap_or("JSON-RPC error"));
+        return Err(if code == -32603 { CenterError::Transient { tool, msg } } else { CenterError::Permanent { tool, msg } });
+    }
+    let result = v.get("result").ok_or_else(|| CenterError::Malformed { tool, msg: "no result".into() })?;
+    let text = result
+        .get("content")
+        .and_then(Value::as_array)
+        .and_then(|c| c.iter().find_map(|item| item.get("text").and_then(Value::as_str)))
+        .ok_or_else(|| CenterError::Malformed { tool, msg: "no text content".into() })?;
+    let payload: Value = serde_json::from_str(text).map_err(|e| CenterError::Malformed { tool, msg: e.to_string() })?;
+    if let Some(err) = payload.get("error").filter(|e| !e.is_null()) {
+        return Err(classify_tool_error(tool, err));
+    }
+    if result.get("isError").and_then(Value::as_bool) == Some(true) {
+        return Err(CenterError::Permanent { tool, msg: clip(text) });
+    }
+    payload.get("data").cloned().ok_or_else(|| CenterError::Malformed { tool, msg: "no data".into() })
 }
 
 /// reqwest errors print the URL; ours carries no secret, but keep error texts short.
@@ -562,5 +567,67 @@ impl Center for McpCenter {
         }
         let w: W = self.typed("update_node", json!({"name": name, "hidden": hidden})).await?;
         Ok(w.node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn wrap(tool_json: &str) -> Value {
+        json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": tool_json}], "isError": false}})
+    }
+
+    #[test]
+    fn tool_errors_are_typed() {
+        let e = |code: i64| interpret("t", &wrap(&json!({"error": {"code": code, "message": "m"}}).to_string())).err();
+        assert!(matches!(e(409), Some(CenterError::Conflict { .. })));
+        assert!(matches!(e(404), Some(CenterError::Conflict { .. })));
+        assert!(matches!(e(422), Some(CenterError::Rejected { .. })));
+        assert!(matches!(e(503), Some(CenterError::Transient { .. })));
+        assert!(matches!(e(401), Some(CenterError::Permanent { .. })));
+        assert_eq!(interpret("t", &wrap(r#"{"data": {"x": 1}}"#)), Ok(json!({"x": 1})));
+        assert!(matches!(interpret("t", &wrap("not json")), Err(CenterError::Malformed { .. })));
+        let sse = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+        assert!(parse_body("t", sse, true).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_gives_a_value_or_an_error(text in ".{0,300}", sse in any::<bool>()) {
+            if let Ok(v) = parse_body("t", &text, sse) {
+                let _ = interpret("t", &v);
+            }
+        }
+
+        #[test]
+        fn any_tool_text_gives_data_or_an_error(text in ".{0,300}") {
+            let _ = interpret("t", &wrap(&text));
+        }
+
+        #[test]
+        fn any_json_shape_decodes_or_errors(v in arb_json()) {
+            let _ = interpret("t", &v);
+            let _ = serde_json::from_value::<Page<NodeOperation>>(v.clone());
+            let _ = serde_json::from_value::<Claimed>(v.clone());
+            let _ = serde_json::from_value::<CloudInstance>(v);
+        }
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(prop_oneof![Just("data".to_string()), Just("error".to_string()), Just("items".to_string()), Just("result".to_string()), Just("content".to_string()), ".{0,8}"], inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 }
