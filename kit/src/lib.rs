@@ -30,3 +30,9 @@ pub fn now_ms() -> i64 {
 pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// The release image's allocator (feature `mimalloc`); a library's `#[global_allocator]`
+/// applies to every binary that links it.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

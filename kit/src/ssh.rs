@@ -147,10 +147,10 @@ pub async fn connect(t: &Target) -> Result<Session, SshError> {
         Err(_) => return Err(SshError::Timeout { what: format!("connect to {addr}"), secs }),
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
-            if let (Some(p), Some(o)) = (&t.pinned, offered()) {
-                if !same_key(p, &o) {
-                    return Err(SshError::HostKeyChanged { addr, pinned: fingerprint(p), offered: fingerprint(&o) });
-                }
+            if let (Some(p), Some(o)) = (&t.pinned, offered())
+                && !same_key(p, &o)
+            {
+                return Err(SshError::HostKeyChanged { addr, pinned: fingerprint(p), offered: fingerprint(&o) });
             }
             return Err(SshError::Unreachable { addr, msg: e.to_string() });
         }

@@ -94,11 +94,10 @@ async fn run(ctx: &Arc<Ctx>, op: Operation, replay: bool) -> Result<(), HandleEr
     }
     // A newer claim attempt (lease expired and re-claimed) replaces the stored operation.
     rec.op_pb = prost::Message::encode_to_vec(&op);
-    if rec.published && !replay {
-        if let Some(info) = rec.instance.clone() {
+    if rec.published && !replay
+        && let Some(info) = rec.instance.clone() {
             return publish(ctx, &op, &info, false).await;
         }
-    }
     ctx.ops.put(&id, &rec).await.map_err(transient)?;
 
     let name = format!("pn-{}", op.sub_id);

@@ -226,11 +226,10 @@ impl Stack {
                 bail!("{name} exited ({st}) during start:\n{}", self.log_tail(name, 20));
             }
             let url = format!("http://{}/readyz", p.name);
-            if let Ok(r) = self.http.get(&url).timeout(Duration::from_secs(1)).send().await {
-                if r.status().is_success() {
+            if let Ok(r) = self.http.get(&url).timeout(Duration::from_secs(1)).send().await
+                && r.status().is_success() {
                     return Ok(());
                 }
-            }
             if std::time::Instant::now() > deadline {
                 bail!("{name} not ready after 30s:\n{}", self.log_tail(name, 20));
             }
@@ -438,11 +437,10 @@ pub fn sample_cmdlines(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> s
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             if let Ok(rd) = std::fs::read_dir("/proc") {
                 for e in rd.flatten() {
-                    if let Ok(b) = std::fs::read(e.path().join("cmdline")) {
-                        if !b.is_empty() {
+                    if let Ok(b) = std::fs::read(e.path().join("cmdline"))
+                        && !b.is_empty() {
                             seen.insert(b);
                         }
-                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -182,11 +182,10 @@ fn duplicator(url: String, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) -> toki
             let id = h.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default();
             nh.insert("Nats-Msg-Id", format!("{id}.dup").as_str());
             nh.insert("Pn-Dup", "1");
-            if let Ok(ack) = bus.js.publish_with_headers(m.subject.to_string(), nh, m.payload.clone()).await {
-                if ack.await.is_ok() {
+            if let Ok(ack) = bus.js.publish_with_headers(m.subject.to_string(), nh, m.payload.clone()).await
+                && ack.await.is_ok() {
                     count.fetch_add(1, Ordering::Relaxed);
                 }
-            }
         }
     })
 }

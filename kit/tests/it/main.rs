@@ -171,9 +171,11 @@ async fn a_message_that_keeps_failing_ends_in_pn_op_failed() {
 async fn nothing_that_holds_a_secret_prints_it() {
     use secrecy::SecretString;
     let secret = "sekrit-claim-token-0123456789";
-    let mut common = kit::config::Common::default();
-    common.center_token = Some(SecretString::from(secret));
-    common.seal_key = Some(SecretString::from(secret));
+    let common = kit::config::Common {
+        center_token: Some(SecretString::from(secret)),
+        seal_key: Some(SecretString::from(secret)),
+        ..Default::default()
+    };
     let key = kit::seal::SealKey::parse(&kit::seal::SealKey::generate_hex()).unwrap();
     let sealed = key.seal_str(&SecretString::from(secret));
     let identity: kit::center::Identity =

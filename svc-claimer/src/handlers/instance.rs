@@ -48,11 +48,10 @@ impl Handler for OnInstance {
             Ok(_) => {
                 rec.reported_in_progress = true;
                 ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
-                if let Ok(mut a) = ctx.active.lock() {
-                    if rec.holder == ctx.holder {
+                if let Ok(mut a) = ctx.active.lock()
+                    && rec.holder == ctx.holder {
                         a.insert(id.clone(), kit::now_ms());
                     }
-                }
                 tracing::info!(instance = %inst.instance_id, ipv4 = %inst.ipv4, "reported in_progress");
                 Ok(())
             }

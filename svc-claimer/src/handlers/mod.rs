@@ -46,12 +46,11 @@ impl Handler for OnVerified {
             return Err(HandleError::Drop("not a NodeVerified".into()));
         };
         let id = v.op.as_ref().map(|o| o.operation_id.clone()).unwrap_or_default();
-        if let Ok(Some(mut rec)) = self.0.ops.get(&id) {
-            if rec.terminal.is_none() {
+        if let Ok(Some(mut rec)) = self.0.ops.get(&id)
+            && rec.terminal.is_none() {
                 rec.terminal = Some("verified".into());
                 self.0.ops.put(&id, &rec).await.map_err(|e| HandleError::retry(e.to_string(), std::time::Duration::from_secs(1)))?;
             }
-        }
         forget(&self.0, &id);
         Ok(())
     }

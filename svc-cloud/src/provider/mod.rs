@@ -73,7 +73,7 @@ pub trait Provider: Send + Sync {
 pub const UBUNTU_LTS: [&str; 3] = ["24.04", "22.04", "20.04"];
 
 /// Picks the cheapest plan that covers `min_transfer`, ties broken by the larger transfer.
-pub fn cheapest_covering<'a, T>(plans: &'a [T], min_transfer: u64, transfer: impl Fn(&T) -> u64, price: impl Fn(&T) -> f64) -> Option<&'a T> {
+pub fn cheapest_covering<T>(plans: &[T], min_transfer: u64, transfer: impl Fn(&T) -> u64, price: impl Fn(&T) -> f64) -> Option<&T> {
     plans
         .iter()
         .filter(|p| transfer(p) >= min_transfer)
@@ -81,7 +81,7 @@ pub fn cheapest_covering<'a, T>(plans: &'a [T], min_transfer: u64, transfer: imp
 }
 
 /// Picks the newest supported Ubuntu LTS; `version_of` gives e.g. "22.04", `is_ubuntu` the OS.
-pub fn newest_ubuntu<'a, T>(images: &'a [T], is_ubuntu: impl Fn(&T) -> bool, version_of: impl Fn(&T) -> String) -> Option<&'a T> {
+pub fn newest_ubuntu<T>(images: &[T], is_ubuntu: impl Fn(&T) -> bool, version_of: impl Fn(&T) -> String) -> Option<&T> {
     UBUNTU_LTS.iter().find_map(|v| images.iter().find(|i| is_ubuntu(i) && version_of(i) == *v))
 }
 
