@@ -397,7 +397,12 @@ pub async fn run_loop(
 }
 
 async fn handle_one(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, handler: Arc<dyn Handler>) {
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let (delivered, published) = msg.info().map(|i| (i.delivered, i.published)).unwrap_or((1, time::OffsetDateTime::now_utc()));
+    if delivered == 1 {
+        // Orchestration overhead: from the event's publication to this stage starting on it.
+        let lag = (time::OffsetDateTime::now_utc() - published).as_seconds_f64().max(0.0);
+        metrics::histogram!("pn_stage_pickup_seconds", "stage" => cfg.stage.as_str()).record(lag);
+    }
     let incoming = Incoming {
         subject: msg.subject.to_string(),
         payload: msg.payload.clone(),
