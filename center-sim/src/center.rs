@@ -1,0 +1,487 @@
+//! Center's operations: intents, atomic claims with a holder and a lease, progress/failure
+//! reports, lease expiry (back to `queued`, old token revoked), the timeout sweep, and the
+//! check a registering node's claim goes through. Pure state transitions with the clock passed
+//! in, so the rules are unit-tested without waiting.
+//!
+//! Never: return a claim token anywhere but the claim answer, or put one in an error text.
+
+use std::collections::HashMap;
+
+use kit::center::{NodeOperation, OpParams};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::mcp::ToolError;
+use crate::rfc3339;
+
+pub const ACTION_PROVISION: &str = "provision";
+/// Longest lease a claim may ask for (a day).
+pub const MAX_LEASE_SECONDS: u64 = 86_400;
+pub const DEFAULT_LEASE_SECONDS: u64 = 600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpStatus {
+    Queued,
+    Claimed,
+    InProgress,
+    Done,
+    Failed,
+}
+
+impl OpStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpStatus::Queued => "queued",
+            OpStatus::Claimed => "claimed",
+            OpStatus::InProgress => "in_progress",
+            OpStatus::Done => "done",
+            OpStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OpStatus> {
+        Some(match s {
+            "queued" => OpStatus::Queued,
+            "claimed" => OpStatus::Claimed,
+            "in_progress" => OpStatus::InProgress,
+            "done" => OpStatus::Done,
+            "failed" => OpStatus::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, OpStatus::Done | OpStatus::Failed)
+    }
+
+    fn is_held(self) -> bool {
+        matches!(self, OpStatus::Claimed | OpStatus::InProgress)
+    }
+}
+
+/// A provisioning intent as the admin API queues it.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    pub sub_id: String,
+    pub region: String,
+    pub traffic_total_bytes: u64,
+    pub ip_type: String,
+    pub domain: String,
+}
+
+/// One operation and its bookkeeping (counters for tests: claims, terminal reports).
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub seq: u64,
+    pub id: String,
+    pub action: String,
+    pub sub_id: String,
+    pub params: OpParams,
+    pub domain: String,
+    pub status: OpStatus,
+    pub holder: Option<String>,
+    pub lease_seconds: u64,
+    pub lease_expires_ms: Option<i64>,
+    pub created_ms: i64,
+    pub first_claimed_ms: Option<i64>,
+    pub done_ms: Option<i64>,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    /// The token of the current claim; `None` once used or revoked (done, lease expiry,
+    /// failure, sweep).
+    live_token: Option<String>,
+    pub claims: u32,
+    pub terminal_reports: u32,
+    pub progress_reports: u32,
+    pub lease_expiries: u32,
+    pub node_name: Option<String>,
+}
+
+/// What the sweep or lease expiry did to an operation, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TickEvent {
+    LeaseExpired(String),
+    TimedOut(String),
+}
+
+impl Op {
+    fn new(seq: u64, id: String, intent: Intent, now: i64) -> Op {
+        Op {
+            seq,
+            id,
+            action: ACTION_PROVISION.into(),
+            sub_id: intent.sub_id,
+            params: OpParams { region: intent.region, traffic_total_bytes: intent.traffic_total_bytes, ip_type: intent.ip_type },
+            domain: intent.domain,
+            status: OpStatus::Queued,
+            holder: None,
+            lease_seconds: DEFAULT_LEASE_SECONDS,
+            lease_expires_ms: None,
+            created_ms: now,
+            first_claimed_ms: None,
+            done_ms: None,
+            result: None,
+            error: None,
+            live_token: None,
+            claims: 0,
+            terminal_reports: 0,
+            progress_reports: 0,
+            lease_expiries: 0,
+            node_name: None,
+        }
+    }
+
+    /// Leases a queued operation to `holder`.
+    pub fn claim(&mut self, holder: &str, lease_seconds: u64, now: i64, token: String) -> Result<(), ToolError> {
+        if self.status != OpStatus::Queued {
+            return Err(ToolError::conflict(format!("operation {} is {}", self.id, self.status.as_str())));
+        }
+        self.status = OpStatus::Claimed;
+        self.holder = Some(holder.to_string());
+        self.lease_seconds = lease_seconds;
+        self.lease_expires_ms = Some(now + (lease_seconds as i64) * 1000);
+        self.first_claimed_ms.get_or_insert(now);
+        self.live_token = Some(token);
+        self.claims += 1;
+        Ok(())
+    }
+
+    /// `update_node_operation` by `holder`: only `in_progress` (extends the lease) or `failed`.
+    pub fn update(&mut self, holder: &str, status: &str, result: Option<Value>, error: Option<&str>, now: i64) -> Result<(), ToolError> {
+        let next = match OpStatus::parse(status) {
+            Some(OpStatus::Done) => {
+                return Err(ToolError::rejected("done is set by the node's self-registration; a provision accepts in_progress or failed"));
+            }
+            Some(s @ (OpStatus::InProgress | OpStatus::Failed)) => s,
+            _ => return Err(ToolError::bad_request("status must be in_progress or failed")),
+        };
+        if self.status.is_terminal() {
+            return Err(ToolError::conflict(format!("operation {} is already {}", self.id, self.status.as_str())));
+        }
+        if !self.status.is_held() || self.holder.as_deref() != Some(holder) {
+            return Err(ToolError::conflict(format!("operation {} is not held by this holder", self.id)));
+        }
+        match next {
+            OpStatus::InProgress => {
+                self.status = OpStatus::InProgress;
+                self.lease_expires_ms = Some(now + (self.lease_seconds as i64) * 1000);
+                if let Some(r) = result {
+                    self.result = Some(merge(self.result.take(), r));
+                }
+                self.progress_reports += 1;
+            }
+            _ => {
+                self.status = OpStatus::Failed;
+                self.lease_expires_ms = None;
+                self.live_token = None;
+                self.error = Some(clip(error.unwrap_or("failed"), 500));
+                if let Some(r) = result {
+                    self.result = Some(merge(self.result.take(), r));
+                }
+                self.terminal_reports += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the timeout sweep and lease expiry at `now`.
+    pub fn tick(&mut self, now: i64, timeout_ms: u64) -> Option<TickEvent> {
+        if self.status.is_terminal() {
+            return None;
+        }
+        if let Some(first) = self.first_claimed_ms
+            && now.saturating_sub(first) >= timeout_ms as i64
+        {
+            self.status = OpStatus::Failed;
+            self.lease_expires_ms = None;
+            self.live_token = None;
+            self.error = Some(format!("timed out: the node did not register within {} s of the first claim", timeout_ms / 1000));
+            return Some(TickEvent::TimedOut(self.id.clone()));
+        }
+        if self.status.is_held() && self.lease_expires_ms.is_some_and(|t| now >= t) {
+            self.status = OpStatus::Queued;
+            self.holder = None;
+            self.lease_expires_ms = None;
+            self.live_token = None;
+            self.lease_expiries += 1;
+            return Some(TickEvent::LeaseExpired(self.id.clone()));
+        }
+        None
+    }
+
+    /// A node registers carrying `token` (known to belong to this operation): the operation
+    /// becomes `done` only if `token` is the live claim of a held operation.
+    fn activate(&mut self, token: &str, node_name: &str, now: i64) -> ClaimCheck {
+        let activated = self.status.is_held() && self.live_token.as_deref() == Some(token);
+        if activated {
+            self.status = OpStatus::Done;
+            self.done_ms = Some(now);
+            self.lease_expires_ms = None;
+            self.live_token = None;
+            self.node_name = Some(node_name.to_string());
+        }
+        ClaimCheck::Accepted { op_id: self.id.clone(), sub_id: self.sub_id.clone(), activated }
+    }
+
+    pub fn to_wire(&self) -> NodeOperation {
+        NodeOperation {
+            id: self.id.clone(),
+            action: self.action.clone(),
+            status: self.status.as_str().into(),
+            sub_id: self.sub_id.clone(),
+            params: self.params.clone(),
+            holder: self.holder.clone(),
+            lease_expires_at: self.lease_expires_ms.map(rfc3339),
+            created_at: Some(rfc3339(self.created_ms)),
+            result: self.result.clone(),
+            error: self.error.clone(),
+        }
+    }
+
+    pub fn to_admin(&self) -> AdminOp {
+        AdminOp {
+            op: self.to_wire(),
+            domain: self.domain.clone(),
+            claims: self.claims,
+            terminal_reports: self.terminal_reports,
+            progress_reports: self.progress_reports,
+            lease_expiries: self.lease_expiries,
+            first_claimed_at: self.first_claimed_ms.map(rfc3339),
+            done_at: self.done_ms.map(rfc3339),
+            node_name: self.node_name.clone(),
+        }
+    }
+}
+
+/// `GET /admin/operations…`: the wire operation plus the counters tests assert on.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminOp {
+    #[serde(flatten)]
+    pub op: NodeOperation,
+    pub domain: String,
+    pub claims: u32,
+    pub terminal_reports: u32,
+    pub progress_reports: u32,
+    pub lease_expiries: u32,
+    pub first_claimed_at: Option<String>,
+    pub done_at: Option<String>,
+    pub node_name: Option<String>,
+}
+
+/// The outcome of checking a registering node's claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimCheck {
+    /// A claim this Center issued: the node is private and bound to `sub_id`. `activated`: this
+    /// registration set the operation `done` (false for a re-registration, or a token that is
+    /// no longer live).
+    Accepted { op_id: String, sub_id: String, activated: bool },
+    /// Not a claim this Center ever issued.
+    Refused(&'static str),
+}
+
+/// Every operation, plus an index of every claim token ever issued.
+#[derive(Debug, Default)]
+pub struct Operations {
+    ops: HashMap<String, Op>,
+    seq: u64,
+    tokens: HashMap<String, String>,
+}
+
+impl Operations {
+    pub fn add(&mut self, id: String, intent: Intent, now: i64) -> &Op {
+        self.seq += 1;
+        let op = Op::new(self.seq, id.clone(), intent, now);
+        self.ops.entry(id).or_insert(op)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Op> {
+        self.ops.get(id)
+    }
+
+    /// Operations in creation order, filtered.
+    pub fn list(&self, action: Option<&str>, status: Option<&str>, id: Option<&str>) -> Vec<&Op> {
+        let mut v: Vec<&Op> = self
+            .ops
+            .values()
+            .filter(|o| action.is_none_or(|a| o.action == a))
+            .filter(|o| status.is_none_or(|s| o.status.as_str() == s))
+            .filter(|o| id.is_none_or(|i| o.id == i))
+            .collect();
+        v.sort_by_key(|o| o.seq);
+        v
+    }
+
+    /// Claims `id`; the caller passes a fresh token and whether an injected conflict fires.
+    pub fn claim(
+        &mut self,
+        id: &str,
+        holder: &str,
+        lease_seconds: u64,
+        now: i64,
+        token: String,
+        injected_conflict: bool,
+    ) -> Result<NodeOperation, ToolError> {
+        let op = self.ops.get_mut(id).ok_or_else(|| ToolError::not_found(format!("operation {id} not found")))?;
+        if injected_conflict && op.status == OpStatus::Queued {
+            return Err(ToolError::conflict(format!("operation {id} is claimed")));
+        }
+        op.claim(holder, lease_seconds, now, token.clone())?;
+        self.tokens.insert(token, id.to_string());
+        Ok(op.to_wire())
+    }
+
+    pub fn update(
+        &mut self,
+        id: &str,
+        holder: &str,
+        status: &str,
+        result: Option<Value>,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<NodeOperation, ToolError> {
+        let op = self.ops.get_mut(id).ok_or_else(|| ToolError::not_found(format!("operation {id} not found")))?;
+        op.update(holder, status, result, error, now)?;
+        Ok(op.to_wire())
+    }
+
+    pub fn tick(&mut self, now: i64, timeout_ms: u64) -> Vec<TickEvent> {
+        self.ops.values_mut().filter_map(|o| o.tick(now, timeout_ms)).collect()
+    }
+
+    /// The operation a claim token was issued for (current or revoked).
+    pub fn op_of_token(&self, token: &str) -> Option<&Op> {
+        self.tokens.get(token).and_then(|id| self.ops.get(id))
+    }
+
+    pub fn tokens(&self) -> impl Iterator<Item = &String> {
+        self.tokens.keys()
+    }
+
+    /// A node registers with `token`: `done` if it is the live token of a held operation.
+    pub fn register_claim(&mut self, token: &str, node_name: &str, now: i64) -> ClaimCheck {
+        let Some(id) = self.tokens.get(token) else {
+            return ClaimCheck::Refused("unknown claim");
+        };
+        match self.ops.get_mut(id) {
+            Some(op) => op.activate(token, node_name, now),
+            None => ClaimCheck::Refused("unknown claim"),
+        }
+    }
+}
+
+/// Shallow merge of two JSON objects (a non-object replaces).
+fn merge(old: Option<Value>, new: Value) -> Value {
+    match (old, new) {
+        (Some(Value::Object(mut a)), Value::Object(b)) => {
+            a.extend(b);
+            Value::Object(a)
+        }
+        (_, n) => n,
+    }
+}
+
+pub fn clip(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn ops_with_one() -> Operations {
+        let mut o = Operations::default();
+        o.add(
+            "op-1".into(),
+            Intent {
+                sub_id: "s1".into(),
+                region: "sg".into(),
+                traffic_total_bytes: 1 << 30,
+                ip_type: "residential".into(),
+                domain: String::new(),
+            },
+            0,
+        );
+        o
+    }
+
+    #[test]
+    fn claim_is_exclusive_and_unknown_is_not_found() {
+        let mut o = ops_with_one();
+        let op = o.claim("op-1", "a", 600, 0, "t1".into(), false).unwrap();
+        assert_eq!(op.status, "claimed");
+        assert_eq!(op.holder.as_deref(), Some("a"));
+        assert_eq!(o.claim("op-1", "b", 600, 1, "t2".into(), false).unwrap_err().code, 409);
+        assert_eq!(o.claim("op-9", "b", 600, 1, "t3".into(), false).unwrap_err().code, 404);
+        assert_eq!(o.get("op-1").unwrap().claims, 1);
+    }
+
+    #[test]
+    fn injected_conflict_leaves_the_op_queued() {
+        let mut o = ops_with_one();
+        assert_eq!(o.claim("op-1", "a", 600, 0, "t1".into(), true).unwrap_err().code, 409);
+        assert_eq!(o.get("op-1").unwrap().status, OpStatus::Queued);
+    }
+
+    #[test]
+    fn update_rules() {
+        let mut o = ops_with_one();
+        assert_eq!(o.update("op-1", "a", "in_progress", None, None, 0).unwrap_err().code, 409, "not held");
+        o.claim("op-1", "a", 10, 0, "t1".into(), false).unwrap();
+        assert_eq!(o.update("op-1", "a", "done", None, None, 1).unwrap_err().code, 422);
+        assert_eq!(o.update("op-1", "a", "queued", None, None, 1).unwrap_err().code, 400);
+        assert_eq!(o.update("op-1", "b", "in_progress", None, None, 1).unwrap_err().code, 409);
+        let op = o.update("op-1", "a", "in_progress", Some(json!({"instanceId": "i-1"})), None, 5_000).unwrap();
+        assert_eq!(op.status, "in_progress");
+        let op = o.update("op-1", "a", "in_progress", Some(json!({"ipv4": "127.0.1.1"})), None, 6_000).unwrap();
+        assert_eq!(op.result, Some(json!({"instanceId": "i-1", "ipv4": "127.0.1.1"})));
+        assert_eq!(o.get("op-1").unwrap().lease_expires_ms, Some(16_000), "in_progress extends the lease");
+        o.update("op-1", "a", "failed", None, Some("boom"), 7_000).unwrap();
+        assert_eq!(o.update("op-1", "a", "failed", None, Some("again"), 8_000).unwrap_err().code, 409);
+        let op = o.get("op-1").unwrap();
+        assert_eq!(op.terminal_reports, 1);
+        assert_eq!(op.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn lease_expiry_requeues_and_revokes_the_token() {
+        let mut o = ops_with_one();
+        o.claim("op-1", "a", 1, 0, "t1".into(), false).unwrap();
+        assert!(o.tick(999, 1_800_000).is_empty());
+        assert_eq!(o.tick(1_000, 1_800_000), vec![TickEvent::LeaseExpired("op-1".into())]);
+        let op = o.get("op-1").unwrap();
+        assert_eq!((op.status, op.holder.clone(), op.lease_expiries), (OpStatus::Queued, None, 1));
+        assert!(matches!(o.register_claim("t1", "pn-s1", 1_001), ClaimCheck::Accepted { activated: false, .. }));
+        assert_eq!(o.get("op-1").unwrap().status, OpStatus::Queued, "a revoked token does not activate");
+        assert_eq!(o.update("op-1", "a", "in_progress", None, None, 1_001).unwrap_err().code, 409);
+        o.claim("op-1", "b", 600, 2_000, "t2".into(), false).unwrap();
+        assert_eq!(o.get("op-1").unwrap().claims, 2);
+        assert!(matches!(o.register_claim("t2", "pn-s1", 2_001), ClaimCheck::Accepted { activated: true, .. }));
+        assert_eq!(o.get("op-1").unwrap().status, OpStatus::Done);
+        assert!(matches!(o.register_claim("t2", "pn-s1", 2_002), ClaimCheck::Accepted { activated: false, .. }));
+        assert!(o.tick(10_000_000, 1_000).is_empty(), "done is final");
+    }
+
+    #[test]
+    fn sweep_fails_from_the_first_claim_even_when_requeued() {
+        let mut o = ops_with_one();
+        o.claim("op-1", "a", 1, 0, "t1".into(), false).unwrap();
+        o.tick(1_500, 5_000);
+        o.claim("op-1", "a", 600, 2_000, "t2".into(), false).unwrap();
+        assert_eq!(o.tick(5_000, 5_000), vec![TickEvent::TimedOut("op-1".into())]);
+        let op = o.get("op-1").unwrap();
+        assert_eq!(op.status, OpStatus::Failed);
+        assert_eq!(op.terminal_reports, 0, "the sweep is not a report");
+        assert!(matches!(o.register_claim("t2", "pn-s1", 5_001), ClaimCheck::Accepted { activated: false, .. }));
+        assert_eq!(o.get("op-1").unwrap().status, OpStatus::Failed);
+        assert_eq!(o.register_claim("nope", "pn-s1", 5_001), ClaimCheck::Refused("unknown claim"));
+    }
+
+    #[test]
+    fn never_claimed_is_never_swept() {
+        let mut o = ops_with_one();
+        assert!(o.tick(i64::MAX / 2, 1).is_empty());
+    }
+}

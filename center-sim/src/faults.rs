@@ -1,0 +1,172 @@
+//! Fault knobs and timings (`GET/PUT /admin/faults`) and the seeded dice that decide when a
+//! fault fires. For a given seed and the same sequence of decisions the outcomes are the same;
+//! a PUT that names `seed` restarts the sequence. Decisions with probability 0 or 1 draw no
+//! number, so switching one knob on does not shift the others.
+//!
+//! Never used for secrets: claim tokens and host keys come from the OS generator, not from here.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Every knob; JSON camelCase. `PUT /admin/faults` merges a partial object into this.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Faults {
+    /// Probability that a `tools/call` answers a transient 503 (before doing anything).
+    pub center_error_rate: f64,
+    /// Added to every `tools/call`.
+    pub center_latency_ms: u64,
+    /// Probability that a claim of a queued operation answers 409 anyway.
+    pub claim_conflict_rate: f64,
+    /// Probability that a new SSH connection, or an exec on one, is dropped (nothing runs).
+    pub ssh_drop_rate: f64,
+    /// Probability that `sudo bash -s` (the prep) exits 1 after its delay, leaving the host as it was.
+    pub prep_fail_rate: f64,
+    /// From `create_cloud_instance` to `running`.
+    pub boot_delay_ms: u64,
+    /// From `up -d` to the sidecar's registration call.
+    pub registration_delay_ms: u64,
+    /// Sidecars never register (so the timeout sweep fails their operations).
+    pub never_register: bool,
+    /// How long the prep script runs.
+    pub prep_delay_ms: u64,
+    /// The sidecars' usage reporting interval.
+    pub usage_interval_ms: u64,
+    /// An operation not `done` this long after its first claim is failed by the sweep.
+    pub operation_timeout_ms: u64,
+    /// The dice's seed.
+    pub seed: u64,
+    /// Probability that `create_cloud_instance` answers 503 "plan unavailable".
+    pub create_fail_rate: f64,
+    /// Probability that an instance reaches `running` without an ipv4.
+    pub no_ip_rate: f64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            center_error_rate: 0.0,
+            center_latency_ms: 0,
+            claim_conflict_rate: 0.0,
+            ssh_drop_rate: 0.0,
+            prep_fail_rate: 0.0,
+            boot_delay_ms: 500,
+            registration_delay_ms: 200,
+            never_register: false,
+            prep_delay_ms: 300,
+            usage_interval_ms: 2000,
+            operation_timeout_ms: 1_800_000,
+            seed: 0,
+            create_fail_rate: 0.0,
+            no_ip_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FaultsError {
+    #[error("faults must be a JSON object")]
+    NotAnObject,
+    #[error("bad faults: {0}")]
+    Invalid(String),
+    #[error("{0} must be between 0 and 1")]
+    RateOutOfRange(&'static str),
+    #[error("usageIntervalMs must be at least 10")]
+    IntervalTooSmall,
+}
+
+impl Faults {
+    /// Merges a partial JSON object into a copy of `self`; unknown keys and wrong types fail.
+    pub fn merged(&self, patch: &Value) -> Result<Faults, FaultsError> {
+        let patch = patch.as_object().ok_or(FaultsError::NotAnObject)?;
+        let mut cur = serde_json::to_value(self).map_err(|e| FaultsError::Invalid(e.to_string()))?;
+        if let Some(obj) = cur.as_object_mut() {
+            for (k, v) in patch {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let next: Faults = serde_json::from_value(cur).map_err(|e| FaultsError::Invalid(e.to_string()))?;
+        next.validate()?;
+        Ok(next)
+    }
+
+    fn validate(&self) -> Result<(), FaultsError> {
+        let rates = [
+            ("centerErrorRate", self.center_error_rate),
+            ("claimConflictRate", self.claim_conflict_rate),
+            ("sshDropRate", self.ssh_drop_rate),
+            ("prepFailRate", self.prep_fail_rate),
+            ("createFailRate", self.create_fail_rate),
+            ("noIpRate", self.no_ip_rate),
+        ];
+        for (name, r) in rates {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(FaultsError::RateOutOfRange(name));
+            }
+        }
+        if self.usage_interval_ms < 10 {
+            return Err(FaultsError::IntervalTooSmall);
+        }
+        Ok(())
+    }
+}
+
+/// The seeded random source behind every fault decision and the NIC chatter.
+pub struct Dice {
+    rng: StdRng,
+}
+
+impl Dice {
+    pub fn new(seed: u64) -> Dice {
+        Dice { rng: StdRng::seed_from_u64(seed) }
+    }
+
+    /// True with probability `p`.
+    pub fn roll(&mut self, p: f64) -> bool {
+        if p <= 0.0 {
+            false
+        } else if p >= 1.0 {
+            true
+        } else {
+            self.rng.random::<f64>() < p
+        }
+    }
+
+    /// A number in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo { lo } else { self.rng.random_range(lo..=hi) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn merge_keeps_unnamed_knobs_and_rejects_nonsense() {
+        let f = Faults::default();
+        let g = f.merged(&json!({"centerErrorRate": 1.0, "prepDelayMs": 5})).unwrap();
+        assert_eq!(g.center_error_rate, 1.0);
+        assert_eq!(g.prep_delay_ms, 5);
+        assert_eq!(g.boot_delay_ms, 500);
+        assert!(matches!(f.merged(&json!({"centerErrorRate": 1.5})), Err(FaultsError::RateOutOfRange(_))));
+        assert!(matches!(f.merged(&json!({"bogus": 1})), Err(FaultsError::Invalid(_))));
+        assert!(matches!(f.merged(&json!({"bootDelayMs": "x"})), Err(FaultsError::Invalid(_))));
+        assert_eq!(f.merged(&json!([])), Err(FaultsError::NotAnObject));
+    }
+
+    #[test]
+    fn same_seed_same_decisions() {
+        let mut a = Dice::new(7);
+        let mut b = Dice::new(7);
+        let xs: Vec<bool> = (0..64).map(|_| a.roll(0.5)).collect();
+        let ys: Vec<bool> = (0..64).map(|_| b.roll(0.5)).collect();
+        assert_eq!(xs, ys);
+        assert!(xs.iter().any(|x| *x) && xs.iter().any(|x| !*x));
+        assert!((0..100).all(|_| !a.roll(0.0) && a.roll(1.0)));
+    }
+}

@@ -1,0 +1,930 @@
+//! Each instance's sshd (a russh server): admin key only, users `ubuntu` and `root`, and a
+//! parser + interpreter for exactly the commands the deployer and verifier send, behaving like
+//! a fresh Ubuntu host (prep script over stdin, `sudo tee`, `docker compose … pull/up -d`,
+//! `docker logs`). Unknown commands exit 127, as bash would.
+//!
+//! Never: run anything for real, or write outside the deploy dir (refused and recorded).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{self, Auth, Msg, Session};
+use russh::{Channel, ChannelId, Disconnect, MethodKind, MethodSet};
+use tokio_util::sync::CancellationToken;
+
+use super::{DEPLOY_DIR, ENV_PATH, Listener, in_deploy_dir, inspect_env, normalize, write_disk};
+use crate::cloud::{Instance, image_os};
+use crate::sim::{Sim, Violation};
+
+/// Largest stdin a command may receive (the prep script and stack files are far smaller).
+const MAX_STDIN: usize = 16 << 20;
+/// What a fresh Ubuntu host's sshd announces.
+const SERVER_ID: &str = "SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13.5";
+
+// ---------- the command parser ----------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ComposeAction {
+    Pull,
+    UpDetached,
+    UpForeground,
+    Down,
+    Other(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    True,
+    /// `bash -s`: the prep script on stdin.
+    Prep,
+    Mkdir {
+        paths: Vec<String>,
+    },
+    Tee {
+        path: String,
+        append: bool,
+    },
+    Chmod {
+        mode: String,
+        paths: Vec<String>,
+    },
+    Compose {
+        project_dir: Option<String>,
+        file: Option<String>,
+        action: ComposeAction,
+    },
+    Logs {
+        tail: Option<usize>,
+        container: String,
+    },
+    /// Not understood; holds the first word for the error message.
+    Unknown(String),
+}
+
+/// A parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    /// From a leading `cd DIR &&`.
+    pub cwd: Option<String>,
+    pub sudo: bool,
+    /// stdout goes to `/dev/null`.
+    pub stdout_null: bool,
+    /// The body of a `<<DELIM` here-document (stands in for stdin).
+    pub heredoc: Option<Vec<u8>>,
+    pub cmd: Command,
+}
+
+impl Parsed {
+    /// Whether the command reads stdin (so it runs once the client sends EOF).
+    pub fn needs_stdin(&self) -> bool {
+        self.heredoc.is_none() && matches!(self.cmd, Command::Prep | Command::Tee { .. })
+    }
+}
+
+fn unknown(word: &str) -> Command {
+    Command::Unknown(word.chars().take(64).collect())
+}
+
+/// Parses one exec command line. Never fails: what it does not understand is `Unknown`.
+pub fn parse(raw: &str) -> Parsed {
+    let (line, heredoc) = split_heredoc(raw);
+    let mut p = Parsed { cwd: None, sudo: false, stdout_null: false, heredoc, cmd: Command::Unknown(String::new()) };
+    if line.contains('\n') {
+        p.cmd = unknown(line.split_whitespace().next().unwrap_or(""));
+        return p;
+    }
+    let mut segs: Vec<&str> = line.split("&&").map(str::trim).collect();
+    if segs.len() == 2
+        && let Some(t) = tokenize(segs[0])
+        && t.len() == 2
+        && t[0] == "cd"
+    {
+        p.cwd = Some(t[1].clone());
+        segs.remove(0);
+    }
+    let Some(tokens) = (segs.len() == 1).then(|| tokenize(segs[0])).flatten() else {
+        p.cmd = unknown(line.split_whitespace().next().unwrap_or(""));
+        return p;
+    };
+    let mut words: Vec<String> = Vec::new();
+    let mut it = tokens.into_iter();
+    while let Some(t) = it.next() {
+        match t.as_str() {
+            ">" | "1>" => {
+                let target = it.next().unwrap_or_default();
+                p.stdout_null |= target == "/dev/null";
+            }
+            "2>" | "&>" => {
+                let target = it.next().unwrap_or_default();
+                p.stdout_null |= t == "&>" && target == "/dev/null";
+            }
+            "2>&1" | "2>/dev/null" => {}
+            ">/dev/null" | "1>/dev/null" | "&>/dev/null" => p.stdout_null = true,
+            "|" | "||" | ";" | "&" | "<" => {
+                p.cmd = unknown(&t);
+                return p;
+            }
+            _ => words.push(t),
+        }
+    }
+    if words.first().is_some_and(|w| w == "sudo") {
+        p.sudo = true;
+        words.remove(0);
+        while words.first().is_some_and(|w| matches!(w.as_str(), "-n" | "-E" | "-H")) {
+            words.remove(0);
+        }
+    }
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    p.cmd = match w.as_slice() {
+        ["true"] => Command::True,
+        ["bash", "-s", ..] => Command::Prep,
+        ["mkdir", rest @ ..] => {
+            let paths: Vec<String> = rest.iter().filter(|a| !a.starts_with('-')).map(|s| s.to_string()).collect();
+            if paths.is_empty() { unknown("mkdir") } else { Command::Mkdir { paths } }
+        }
+        ["tee", rest @ ..] => {
+            let append = rest.iter().any(|a| *a == "-a" || *a == "--append");
+            let paths: Vec<&&str> = rest.iter().filter(|a| !a.starts_with('-')).collect();
+            match paths.as_slice() {
+                [one] => Command::Tee { path: one.to_string(), append },
+                _ => unknown("tee"),
+            }
+        }
+        ["chmod", mode, paths @ ..] if !paths.is_empty() => {
+            Command::Chmod { mode: mode.to_string(), paths: paths.iter().map(|s| s.to_string()).collect() }
+        }
+        ["docker", "compose", rest @ ..] | ["docker-compose", rest @ ..] => parse_compose(rest),
+        ["docker", "logs", rest @ ..] => parse_logs(rest),
+        [first, ..] => unknown(first),
+        [] => unknown(""),
+    };
+    p
+}
+
+fn parse_compose(args: &[&str]) -> Command {
+    let mut file = None;
+    let mut project_dir = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i] {
+            "-f" | "--file" => {
+                file = args.get(i + 1).map(|s| s.to_string());
+                i += 2;
+            }
+            "--project-directory" => {
+                project_dir = args.get(i + 1).map(|s| s.to_string());
+                i += 2;
+            }
+            "-p" | "--project-name" | "--env-file" => i += 2,
+            a if a.starts_with('-') => i += 1,
+            verb => {
+                let rest = &args[i + 1..];
+                let action = match verb {
+                    "pull" => ComposeAction::Pull,
+                    "down" => ComposeAction::Down,
+                    "up" if rest.iter().any(|a| *a == "-d" || *a == "--detach") => ComposeAction::UpDetached,
+                    "up" => ComposeAction::UpForeground,
+                    other => ComposeAction::Other(other.chars().take(32).collect()),
+                };
+                return Command::Compose { project_dir, file, action };
+            }
+        }
+    }
+    Command::Compose { project_dir, file, action: ComposeAction::Other(String::new()) }
+}
+
+fn parse_logs(args: &[&str]) -> Command {
+    let mut tail = None;
+    let mut container = None;
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i];
+        if a == "--tail" || a == "-n" {
+            match args.get(i + 1).map(|n| n.parse::<usize>()) {
+                Some(Ok(n)) => tail = Some(n),
+                Some(Err(_)) if args.get(i + 1) == Some(&"all") => tail = None,
+                _ => return unknown("docker"),
+            }
+            i += 2;
+        } else if let Some(n) = a.strip_prefix("--tail=") {
+            tail = if n == "all" { None } else { Some(n.parse().unwrap_or(0)) };
+            i += 1;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            if container.is_some() {
+                return unknown("docker");
+            }
+            container = Some(a.to_string());
+            i += 1;
+        }
+    }
+    match container {
+        Some(container) => Command::Logs { tail, container },
+        None => unknown("docker"),
+    }
+}
+
+/// Splits a `<<DELIM` here-document off the command: (the first line without it, the body).
+fn split_heredoc(raw: &str) -> (String, Option<Vec<u8>>) {
+    let (first, rest) = match raw.split_once('\n') {
+        Some((f, r)) => (f, Some(r)),
+        None => (raw, None),
+    };
+    let Some(pos) = first.find("<<").filter(|p| !first[*p..].starts_with("<<<")) else {
+        return (raw.to_string(), None);
+    };
+    let after = first[pos + 2..].trim_start();
+    let strip_tabs = after.starts_with('-');
+    let after = after.trim_start_matches('-').trim_start();
+    let delim_tok = after.split_whitespace().next().unwrap_or("");
+    let delim = delim_tok.trim_matches(|c| c == '\'' || c == '"').to_string();
+    let cmd_line = format!("{} {}", &first[..pos], after[delim_tok.len()..].trim()).trim().to_string();
+    let mut body = String::new();
+    for line in rest.unwrap_or("").split('\n') {
+        let l = if strip_tabs { line.trim_start_matches('\t') } else { line };
+        if l == delim {
+            break;
+        }
+        body.push_str(l);
+        body.push('\n');
+    }
+    (cmd_line, Some(body.into_bytes()))
+}
+
+/// Shell-like words: whitespace separates, quotes group, backslash escapes. `None` on an
+/// unterminated quote.
+fn tokenize(s: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        c => cur.push(c),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => cur.push(chars.next()?),
+                        c => cur.push(c),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                cur.push(chars.next()?);
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            // Unquoted `;` and `|` are operators even without spaces around them.
+            ';' | '|' => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+                out.push(c.to_string());
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        out.push(cur);
+    }
+    Some(out)
+}
+
+/// A secret-looking assignment on the command line (`K2_NODE_SECRET=…` with a value).
+fn secret_assignment(raw: &str) -> Option<&'static str> {
+    for (key, kind) in [("K2_NODE_SECRET=", "K2_NODE_SECRET value"), ("K2_PRIVATE_CLAIM=", "K2_PRIVATE_CLAIM value")] {
+        for (i, _) in raw.match_indices(key) {
+            let mut cs = raw[i + key.len()..].chars();
+            let has_value = match cs.next() {
+                Some(q @ ('\'' | '"')) => cs.next().is_some_and(|c| c != q),
+                Some(c) => !c.is_whitespace(),
+                None => false,
+            };
+            if has_value {
+                return Some(kind);
+            }
+        }
+    }
+    None
+}
+
+// ---------- the interpreter ----------
+
+/// What a command printed and its exit status.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: u32,
+}
+
+fn ok(stdout: impl Into<Vec<u8>>) -> Output {
+    Output { stdout: stdout.into(), stderr: Vec::new(), status: 0 }
+}
+
+fn ok_err(stderr: impl Into<Vec<u8>>) -> Output {
+    Output { stdout: Vec::new(), stderr: stderr.into(), status: 0 }
+}
+
+fn fail(status: u32, stderr: impl Into<String>) -> Output {
+    let mut e: String = stderr.into();
+    e.push('\n');
+    Output { stdout: Vec::new(), stderr: e.into_bytes(), status }
+}
+
+fn home(user: &str) -> &'static str {
+    if user == "root" { "/root" } else { "/home/ubuntu" }
+}
+
+fn parent_of(path: &str) -> String {
+    match path.rsplit_once('/') {
+        Some(("", _)) => "/".into(),
+        Some((p, _)) => p.into(),
+        None => "/".into(),
+    }
+}
+
+const PREP_STEPS: &[&str] = &[
+    "timezone Asia/Singapore",
+    "remove snapd",
+    "swap 2G",
+    "docker ce",
+    "ipv6",
+    "bbr",
+    "docker daemon.json",
+    "ufw-docker",
+    "deploy dir /apps/kaitu-slave",
+    "sysctl",
+    "limits",
+    "ssh port -> hardened",
+    "journald persistence",
+    "crash monitor",
+    "auto-update cron",
+    "done",
+];
+
+/// Runs one command on instance `id` as `user`, with `stdin`.
+pub async fn execute(sim: &Sim, id: &str, user: &str, raw: &str, stdin: Vec<u8>) -> Output {
+    let p = parse(raw);
+    let Some(life) = guard_command_line(sim, id, raw, &p) else {
+        return fail(255, "connection to host lost");
+    };
+    let root = user == "root" || p.sudo;
+    let cwd = p.cwd.clone().unwrap_or_else(|| home(user).to_string());
+    let input = p.heredoc.clone().unwrap_or(stdin);
+    match &p.cmd {
+        Command::True => ok(""),
+        Command::Prep => prep(sim, id, root, input, life).await,
+        Command::Mkdir { paths } => mkdir(sim, id, root, &cwd, paths),
+        Command::Tee { path, append } => tee(sim, id, root, &cwd, path, *append, input, p.stdout_null),
+        Command::Chmod { mode, paths } => chmod(sim, id, root, &cwd, mode, paths),
+        Command::Compose { project_dir, file, action } => {
+            compose(sim, id, p.sudo, project_dir.as_deref().unwrap_or(&cwd), file.as_deref(), action)
+        }
+        Command::Logs { tail, container } => logs(sim, id, p.sudo, *tail, container),
+        Command::Unknown(w) => fail(127, format!("bash: line 1: {w}: command not found")),
+    }
+}
+
+/// Records the command line's guardrail breaches; returns the instance's life token, or `None`
+/// when the instance is gone.
+fn guard_command_line(sim: &Sim, id: &str, raw: &str, p: &Parsed) -> Option<CancellationToken> {
+    let mut st = sim.st();
+    let (name, life) = st.cloud.instances.get(id).filter(|i| i.live()).map(|i| (i.name.clone(), i.host.life.clone()))?;
+    if let Some(kind) = st.find_secret(raw).or_else(|| secret_assignment(raw)) {
+        st.violate(Violation::new("secret_on_command_line", format!("a {kind} appeared in an exec command line")).on(id, &name));
+    }
+    if matches!(p.cmd, Command::Compose { action: ComposeAction::Down, .. }) {
+        st.violate(Violation::new("down", "docker compose down was run (use pull + up -d)").on(id, &name));
+    }
+    Some(life)
+}
+
+async fn prep(sim: &Sim, id: &str, root: bool, script: Vec<u8>, life: CancellationToken) -> Output {
+    if script.iter().all(u8::is_ascii_whitespace) {
+        return ok("");
+    }
+    if !root {
+        return fail(1, "provision-node.sh: must be run as root");
+    }
+    let (delay, fails, os) = {
+        let mut st = sim.st();
+        let delay = st.faults.prep_delay_ms;
+        let fails = st.dice_roll(|f| f.prep_fail_rate);
+        let Some(inst) = st.cloud.instances.get_mut(id) else { return fail(255, "connection to host lost") };
+        inst.host.prep_runs += 1;
+        (delay, fails, image_os(&inst.image_id).unwrap_or(("unknown", "")))
+    };
+    if os.0 != "ubuntu" {
+        return fail(1, format!("provision-node.sh: Ubuntu only (this host runs {} {})", os.0, os.1));
+    }
+    tokio::select! {
+        _ = life.cancelled() => return fail(255, "connection to host lost"),
+        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+    }
+    if fails {
+        return fail(
+            100,
+            "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 1432 (unattended-upgr)\nprovision-node.sh: step 4/16 (docker ce) failed",
+        );
+    }
+    let mut st = sim.st();
+    let hardened_port = sim.cfg.ssh_port_hardened;
+    let Some(inst) = st.cloud.instances.get_mut(id).filter(|i| i.live()) else {
+        return fail(255, "connection to host lost");
+    };
+    inst.host.stop_containers();
+    inst.host.hardened = true;
+    inst.host.dirs.insert("/apps".into());
+    inst.host.dirs.insert(DEPLOY_DIR.into());
+    if inst.host.listener.as_ref().is_some_and(|l| l.port != hardened_port) {
+        let Some(ip) = inst.ipv4 else { return fail(1, "sshd: no address") };
+        let bound = std::net::TcpListener::bind(SocketAddr::from((ip, hardened_port)))
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .and_then(tokio::net::TcpListener::from_std);
+        match bound {
+            Ok(l) => {
+                if let Some(old) = inst.host.listener.take() {
+                    old.stop.cancel();
+                }
+                serve(sim.clone(), inst, l, hardened_port);
+            }
+            Err(e) => return fail(1, format!("sshd: cannot bind port {hardened_port}: {e}")),
+        }
+    }
+    let out: String = PREP_STEPS.iter().enumerate().map(|(i, s)| format!("[{}/{}] {s}\n", i + 1, PREP_STEPS.len())).collect();
+    ok(out)
+}
+
+/// Refuses a write outside the deploy dir, recording it.
+fn outside(sim: &Sim, id: &str, what: &str, path: &str) -> Output {
+    let mut st = sim.st();
+    let name = st.cloud.instances.get(id).map(|i| i.name.clone()).unwrap_or_default();
+    st.violate(Violation::new("write_outside_deploy_dir", format!("{what} {path}")).on(id, &name));
+    fail(1, format!("{what}: {path}: Permission denied (center-sim refuses writes outside {DEPLOY_DIR}/)"))
+}
+
+fn mkdir(sim: &Sim, id: &str, root: bool, cwd: &str, paths: &[String]) -> Output {
+    for raw in paths {
+        let Some(abs) = normalize(raw, cwd) else { return fail(1, format!("mkdir: cannot create directory '{raw}'")) };
+        let is_ancestor = format!("{DEPLOY_DIR}/").starts_with(&format!("{}/", abs.trim_end_matches('/')));
+        if !(abs == DEPLOY_DIR || in_deploy_dir(&abs) || is_ancestor) {
+            return outside(sim, id, "mkdir", &abs);
+        }
+        if !root {
+            return fail(1, format!("mkdir: cannot create directory '{abs}': Permission denied"));
+        }
+        let mut st = sim.st();
+        let Some(inst) = st.cloud.instances.get_mut(id) else { return fail(255, "connection to host lost") };
+        let mut d = abs.clone();
+        while d != "/" {
+            inst.host.dirs.insert(d.clone());
+            d = parent_of(&d);
+        }
+        if in_deploy_dir(&abs) {
+            let rel = abs.strip_prefix(DEPLOY_DIR).unwrap_or_default().trim_start_matches('/');
+            let disk = sim.disk_dir(&inst.name).join(rel);
+            let _ = std::fs::create_dir_all(disk);
+        }
+    }
+    ok("")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tee(sim: &Sim, id: &str, root: bool, cwd: &str, path: &str, append: bool, data: Vec<u8>, quiet: bool) -> Output {
+    let Some(abs) = normalize(path, cwd) else { return fail(1, format!("tee: {path}: No such file or directory")) };
+    if !in_deploy_dir(&abs) {
+        return outside(sim, id, "tee", &abs);
+    }
+    if !root {
+        return fail(1, format!("tee: {abs}: Permission denied"));
+    }
+    let mut st = sim.st();
+    let st = &mut *st;
+    let Some(inst) = st.cloud.instances.get_mut(id) else { return fail(255, "connection to host lost") };
+    if !inst.host.dirs.contains(&parent_of(&abs)) {
+        return fail(1, format!("tee: {abs}: No such file or directory"));
+    }
+    let content = match (append, inst.host.files.get(&abs)) {
+        (true, Some(old)) => [old.as_slice(), data.as_slice()].concat(),
+        _ => data.clone(),
+    };
+    let rel = abs.strip_prefix(DEPLOY_DIR).unwrap_or_default().to_string();
+    if let Err(e) = write_disk(&sim.disk_dir(&inst.name), &rel, &content) {
+        tracing::warn!(instance = %id, path = %abs, error = %e, "node disk write failed");
+        return fail(1, format!("tee: {abs}: I/O error"));
+    }
+    inst.host.files.insert(abs.clone(), content.clone());
+    let name = inst.name.clone();
+    if abs == ENV_PATH {
+        inspect_env(st, id, &name, &content);
+    }
+    if quiet { ok("") } else { ok(data) }
+}
+
+fn valid_mode(mode: &str) -> bool {
+    let octal = (3..=4).contains(&mode.len()) && mode.chars().all(|c| ('0'..='7').contains(&c));
+    let symbolic = mode.split(',').all(|part| {
+        let rest = part.trim_start_matches(['u', 'g', 'o', 'a']);
+        let mut cs = rest.chars();
+        matches!(cs.next(), Some('+' | '-' | '=')) && cs.clone().count() > 0 && cs.all(|c| "rwxXst".contains(c))
+    });
+    octal || symbolic
+}
+
+fn chmod(sim: &Sim, id: &str, root: bool, cwd: &str, mode: &str, paths: &[String]) -> Output {
+    if !valid_mode(mode) {
+        return fail(1, format!("chmod: invalid mode: '{mode}'"));
+    }
+    for raw in paths {
+        let Some(abs) = normalize(raw, cwd) else { return fail(1, format!("chmod: cannot access '{raw}'")) };
+        if !(in_deploy_dir(&abs) || abs == DEPLOY_DIR) {
+            return outside(sim, id, "chmod", &abs);
+        }
+        if !root {
+            return fail(1, format!("chmod: changing permissions of '{abs}': Operation not permitted"));
+        }
+        let st = sim.st();
+        let Some(inst) = st.cloud.instances.get(id) else { return fail(255, "connection to host lost") };
+        // The shell expands an unquoted glob; with no match bash passes it through literally.
+        let exists = if abs.contains(['*', '?']) {
+            inst.host.files.keys().any(|f| glob_match(&abs, f))
+        } else {
+            inst.host.files.contains_key(&abs) || inst.host.dirs.contains(&abs)
+        };
+        if !exists {
+            return fail(1, format!("chmod: cannot access '{abs}': No such file or directory"));
+        }
+    }
+    ok("")
+}
+
+/// `*` and `?` matching within one path (`*` does not cross `/`).
+fn glob_match(pattern: &str, path: &str) -> bool {
+    fn go(p: &[char], s: &[char]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some('*'), _) => go(&p[1..], s) || (s.first().is_some_and(|c| *c != '/') && go(p, &s[1..])),
+            (Some('?'), Some(c)) if *c != '/' => go(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    let (p, s): (Vec<char>, Vec<char>) = (pattern.chars().collect(), path.chars().collect());
+    go(&p, &s)
+}
+
+fn docker_missing(sudo: bool) -> Output {
+    if sudo { fail(1, "sudo: docker: command not found") } else { fail(127, "bash: line 1: docker: command not found") }
+}
+
+fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, action: &ComposeAction) -> Output {
+    let mut st = sim.st();
+    let Some(inst) = st.cloud.instances.get_mut(id) else { return fail(255, "connection to host lost") };
+    if !inst.host.hardened {
+        return docker_missing(sudo);
+    }
+    let file = file.unwrap_or("docker-compose.yml");
+    let Some(abs) = normalize(file, dir) else { return fail(1, format!("open {file}: no such file or directory")) };
+    if !inst.host.files.contains_key(&abs) {
+        return fail(1, format!("open {abs}: no such file or directory"));
+    }
+    match action {
+        ComposeAction::Pull => ok_err(" k2s Pulled\n k2-sidecar Pulled\n"),
+        ComposeAction::UpDetached => {
+            inst.host.up_runs += 1;
+            let env = inst.host.files.get(ENV_PATH).cloned().unwrap_or_default();
+            let out = if !inst.host.containers_up {
+                inst.host.containers_up = true;
+                inst.host.containers_created = true;
+                inst.host.log_k2s("k2s starting");
+                inst.host.log_k2s("server ready listen=:443");
+                super::sidecar::start(sim, inst, env);
+                " Container k2s  Started\n Container k2-sidecar  Started\n"
+            } else if inst.host.sidecar.as_ref().is_some_and(|s| s.env != env) {
+                // compose recreates a container whose configuration changed.
+                inst.host.stop_containers();
+                inst.host.containers_up = true;
+                inst.host.log_k2s("k2s starting");
+                inst.host.log_k2s("server ready listen=:443");
+                super::sidecar::start(sim, inst, env);
+                " Container k2s  Recreated\n Container k2-sidecar  Recreated\n Container k2s  Started\n Container k2-sidecar  Started\n"
+            } else {
+                " Container k2s  Running\n Container k2-sidecar  Running\n"
+            };
+            ok_err(out)
+        }
+        ComposeAction::Down => {
+            inst.host.stop_containers();
+            ok_err(" Container k2-sidecar  Removed\n Container k2s  Removed\n")
+        }
+        ComposeAction::UpForeground => fail(1, "center-sim: only `up -d` is emulated"),
+        ComposeAction::Other(v) => fail(1, format!("center-sim: `docker compose {v}` is not emulated")),
+    }
+}
+
+fn logs(sim: &Sim, id: &str, sudo: bool, tail: Option<usize>, container: &str) -> Output {
+    let st = sim.st();
+    let Some(inst) = st.cloud.instances.get(id) else { return fail(255, "connection to host lost") };
+    if !inst.host.hardened {
+        return docker_missing(sudo);
+    }
+    let log = match container {
+        "k2s" if inst.host.containers_created => &inst.host.k2s_log,
+        "k2-sidecar" if inst.host.containers_created => &inst.host.sidecar_log,
+        _ => return fail(1, format!("Error response from daemon: No such container: {container}")),
+    };
+    let skip = tail.map(|n| log.len().saturating_sub(n)).unwrap_or(0);
+    let out: String = log.iter().skip(skip).map(|l| format!("{l}\n")).collect();
+    ok(out)
+}
+
+// ---------- the server ----------
+
+/// Starts `inst`'s sshd on `listener` (its `port`), replacing nothing: the caller stops the old one.
+pub fn serve(sim: Sim, inst: &mut Instance, listener: tokio::net::TcpListener, port: u16) {
+    let stop = inst.host.life.child_token();
+    inst.host.listener = Some(Listener { port, stop: stop.clone() });
+    let id = inst.id.clone();
+    let life = inst.host.life.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!(instance = %id, error = %e, "sshd accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(config) = connection_config(&sim, &id) else { break };
+            if sim.st().dice_roll(|f| f.ssh_drop_rate) {
+                drop(sock);
+                continue;
+            }
+            let handler = Conn { sim: sim.clone(), id: id.clone(), user: String::new(), chans: HashMap::new() };
+            let life = life.clone();
+            tokio::spawn(async move {
+                let _ = sock.set_nodelay(true);
+                let Ok(session) = server::run_stream(config, sock, handler).await else { return };
+                let handle = session.handle();
+                tokio::select! {
+                    _ = life.cancelled() => {
+                        let _ = handle.disconnect(Disconnect::ByApplication, "host going down".into(), "en".into()).await;
+                    }
+                    _ = session => {}
+                }
+            });
+        }
+        // Dropping the listener closes the port: new connections are refused.
+    });
+}
+
+/// A fresh server config with the instance's current host key (a rekey affects new connections).
+fn connection_config(sim: &Sim, id: &str) -> Option<Arc<server::Config>> {
+    let st = sim.st();
+    let inst = st.cloud.instances.get(id).filter(|i| i.live())?;
+    Some(Arc::new(server::Config {
+        server_id: russh::SshId::Standard(SERVER_ID.into()),
+        keys: vec![inst.host.host_key.clone()],
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(200),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        inactivity_timeout: Some(Duration::from_secs(900)),
+        nodelay: true,
+        ..Default::default()
+    }))
+}
+
+#[derive(Default)]
+struct Pending {
+    command: Option<String>,
+    stdin: Vec<u8>,
+    started: bool,
+}
+
+struct Conn {
+    sim: Sim,
+    id: String,
+    user: String,
+    chans: HashMap<ChannelId, Pending>,
+}
+
+impl Conn {
+    fn accepts(&self, user: &str, key: &russh::keys::PublicKey) -> bool {
+        (user == "ubuntu" || user == "root") && key.key_data() == self.sim.admin_key.key_data()
+    }
+
+    fn start(&mut self, channel: ChannelId, session: &Session) {
+        let Some(p) = self.chans.get_mut(&channel) else { return };
+        let Some(command) = p.command.clone().filter(|_| !p.started) else { return };
+        p.started = true;
+        let stdin = std::mem::take(&mut p.stdin);
+        let (sim, id, user, handle) = (self.sim.clone(), self.id.clone(), self.user.clone(), session.handle());
+        tokio::spawn(async move {
+            let out = execute(&sim, &id, &user, &command, stdin).await;
+            if !out.stdout.is_empty() {
+                let _ = handle.data(channel, out.stdout).await;
+            }
+            if !out.stderr.is_empty() {
+                let _ = handle.extended_data(channel, 1, out.stderr).await;
+            }
+            let _ = handle.exit_status_request(channel, out.status).await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+    }
+}
+
+impl server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(&mut self, user: &str, offer: server::PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        Ok(if self.accepts(user, offer.public_key) { Auth::Accept } else { Auth::reject() })
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: server::VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        if self.accepts(user, key.public_key) {
+            self.user = user.to_string();
+            Ok(Auth::Accept)
+        } else {
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.chans.insert(channel.id(), Pending::default());
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+        if self.sim.st().dice_roll(|f| f.ssh_drop_rate) {
+            // The link dropped before the command ran.
+            return Err(russh::Error::Disconnect);
+        }
+        session.channel_success(channel)?;
+        let command = String::from_utf8_lossy(data).into_owned();
+        let needs_stdin = parse(&command).needs_stdin();
+        let p = self.chans.entry(channel).or_default();
+        p.command = Some(command);
+        if !needs_stdin {
+            self.start(channel, session);
+        }
+        Ok(())
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(p) = self.chans.get_mut(&channel)
+            && p.stdin.len() + data.len() <= MAX_STDIN
+        {
+            p.stdin.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.start(channel, session);
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.chans.remove(&channel);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn cmd(s: &str) -> Command {
+        parse(s).cmd
+    }
+
+    #[test]
+    fn the_deployers_commands() {
+        assert_eq!(cmd("true"), Command::True);
+        let p = parse("sudo bash -s");
+        assert_eq!((p.cmd.clone(), p.sudo, p.needs_stdin()), (Command::Prep, true, true));
+        assert_eq!(cmd("sudo mkdir -p /apps/kaitu-slave"), Command::Mkdir { paths: vec!["/apps/kaitu-slave".into()] });
+        let p = parse("sudo tee /apps/kaitu-slave/.env > /dev/null");
+        assert_eq!(p.cmd, Command::Tee { path: "/apps/kaitu-slave/.env".into(), append: false });
+        assert!(p.stdout_null && p.sudo && p.needs_stdin());
+        let p = parse("sudo tee -a '/apps/kaitu-slave/users' >/dev/null");
+        assert_eq!(p.cmd, Command::Tee { path: "/apps/kaitu-slave/users".into(), append: true });
+        assert!(p.stdout_null);
+        assert_eq!(
+            cmd("sudo chmod 600 /apps/kaitu-slave/.env"),
+            Command::Chmod { mode: "600".into(), paths: vec!["/apps/kaitu-slave/.env".into()] }
+        );
+        let p = parse("cd /apps/kaitu-slave && sudo docker compose -f docker-compose.yml up -d");
+        assert_eq!(p.cwd.as_deref(), Some("/apps/kaitu-slave"));
+        assert_eq!(
+            p.cmd,
+            Command::Compose { project_dir: None, file: Some("docker-compose.yml".into()), action: ComposeAction::UpDetached }
+        );
+        assert_eq!(
+            cmd("cd /apps/kaitu-slave && docker compose -f docker-compose.yml pull"),
+            Command::Compose { project_dir: None, file: Some("docker-compose.yml".into()), action: ComposeAction::Pull }
+        );
+        assert_eq!(
+            cmd("cd /apps/kaitu-slave && sudo docker compose -f docker-compose.yml down"),
+            Command::Compose { project_dir: None, file: Some("docker-compose.yml".into()), action: ComposeAction::Down }
+        );
+        assert!(matches!(cmd("docker-compose down"), Command::Compose { action: ComposeAction::Down, .. }));
+        assert_eq!(cmd("sudo docker logs --tail 20 k2s 2>&1"), Command::Logs { tail: Some(20), container: "k2s".into() });
+        assert_eq!(cmd("docker logs --tail=80 k2-sidecar"), Command::Logs { tail: Some(80), container: "k2-sidecar".into() });
+        assert_eq!(cmd("docker logs k2s"), Command::Logs { tail: None, container: "k2s".into() });
+    }
+
+    #[test]
+    fn heredocs_are_split_off() {
+        let p = parse("sudo tee /apps/kaitu-slave/.env > /dev/null <<'ENVEOF'\nA=1\nB=2\nENVEOF");
+        assert_eq!(p.cmd, Command::Tee { path: "/apps/kaitu-slave/.env".into(), append: false });
+        assert_eq!(p.heredoc.as_deref(), Some(&b"A=1\nB=2\n"[..]));
+        assert!(p.stdout_null && !p.needs_stdin());
+        let p = parse("cat <<EOF\nx\nEOF");
+        assert_eq!(p.cmd, Command::Unknown("cat".into()));
+    }
+
+    #[test]
+    fn what_it_does_not_understand() {
+        assert_eq!(cmd("rm -rf /"), Command::Unknown("rm".into()));
+        assert_eq!(cmd("docker logs --tail 20 k2s | grep ready"), Command::Unknown("|".into()));
+        assert_eq!(cmd("true; true"), Command::Unknown(";".into()));
+        assert_eq!(cmd("echo 'unterminated"), Command::Unknown("echo".into()));
+        assert_eq!(cmd(""), Command::Unknown("".into()));
+        assert_eq!(cmd("a && b && c"), Command::Unknown("a".into()));
+        assert_eq!(cmd("sudo tee"), Command::Unknown("tee".into()));
+        assert_eq!(cmd("docker logs --tail x k2s"), Command::Unknown("docker".into()));
+        assert_eq!(cmd("line1\nline2"), Command::Unknown("line1".into()));
+    }
+
+    #[test]
+    fn tokenizer_handles_quotes_and_escapes() {
+        assert_eq!(tokenize(r#"a "b c" 'd e' f\ g"#).unwrap(), ["a", "b c", "d e", "f g"]);
+        assert_eq!(tokenize("").unwrap(), Vec::<String>::new());
+        assert_eq!(tokenize("a;b|'c;d'").unwrap(), ["a", ";", "b", "|", "c;d"]);
+        assert_eq!(tokenize("''").unwrap(), [""]);
+        assert!(tokenize("\"x").is_none());
+    }
+
+    #[test]
+    fn secret_assignments_are_spotted() {
+        assert_eq!(secret_assignment("echo K2_NODE_SECRET=abc"), Some("K2_NODE_SECRET value"));
+        assert_eq!(secret_assignment("K2_PRIVATE_CLAIM=\"x\" foo"), Some("K2_PRIVATE_CLAIM value"));
+        assert_eq!(secret_assignment("K2_PRIVATE_CLAIM= foo"), None);
+        assert_eq!(secret_assignment("grep K2_NODE_SECRET .env"), None);
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("/apps/kaitu-slave/*.sh", "/apps/kaitu-slave/auto-update.sh"));
+        assert!(!glob_match("/apps/kaitu-slave/*.sh", "/apps/kaitu-slave/.env"));
+        assert!(!glob_match("/apps/*.sh", "/apps/kaitu-slave/a.sh"));
+        assert!(glob_match("/a/?.sh", "/a/b.sh"));
+    }
+
+    #[test]
+    fn modes() {
+        assert!(valid_mode("600") && valid_mode("0755") && valid_mode("+x") && valid_mode("u+rw,go-rwx"));
+        assert!(!valid_mode("999") && !valid_mode("x") && !valid_mode("+"));
+    }
+}

@@ -1,0 +1,248 @@
+//! The simulator's whole state behind one mutex (it is a simulator: simple beats fast), and
+//! the handle every part shares. Besides Center's operations and the cloud's instances it keeps
+//! what only a simulator can know: the guardrail violations it saw and the secrets it handed
+//! out or received, so tests can scan for leaks.
+//!
+//! Never: hold the lock across an `.await`, or log a secret.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use russh::keys::PublicKey;
+use secrecy::SecretString;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::center::Operations;
+use crate::cloud::Cloud;
+use crate::faults::{Dice, Faults};
+use crate::rfc3339;
+
+/// What the parts need from the settings, resolved at start.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// This Center's own URL (`identity.centerUrl`).
+    pub base_url: String,
+    pub data_dir: PathBuf,
+    pub meter_url: Option<String>,
+    pub ssh_port_fresh: u16,
+    pub ssh_port_hardened: u16,
+}
+
+#[derive(Clone)]
+pub struct Sim(Arc<Inner>);
+
+pub struct Inner {
+    pub cfg: SimConfig,
+    /// The account's default keypair: the only key the nodes accept.
+    pub admin_key: PublicKey,
+    pub center_token: SecretString,
+    /// For forwarding `/slave/usage` to the meter.
+    pub http: reqwest::Client,
+    /// Cancelled at shutdown; every instance's tasks hang below it.
+    pub root: CancellationToken,
+    state: Mutex<State>,
+}
+
+impl Deref for Sim {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Sim {
+    pub fn new(
+        cfg: SimConfig,
+        admin_key: PublicKey,
+        center_token: SecretString,
+        ip_start: Ipv4Addr,
+        seed: u64,
+        http: reqwest::Client,
+    ) -> Sim {
+        let faults = Faults { seed, ..Faults::default() };
+        let state = State {
+            ops: Operations::default(),
+            cloud: Cloud::new(ip_start),
+            nodes: BTreeMap::new(),
+            violations: Vec::new(),
+            node_secrets: Vec::new(),
+            dice: Dice::new(seed),
+            faults,
+            sessions: HashSet::new(),
+        };
+        Sim(Arc::new(Inner { cfg, admin_key, center_token, http, root: CancellationToken::new(), state: Mutex::new(state) }))
+    }
+
+    /// The state (a poisoned lock is taken over: every writer leaves it consistent per step).
+    pub fn st(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state after applying lease expiry and the timeout sweep at the current time.
+    pub fn st_ticked(&self) -> MutexGuard<'_, State> {
+        let mut st = self.st();
+        st.tick();
+        st
+    }
+
+    /// Where an instance's deploy dir lives on the simulator's disk.
+    pub fn disk_dir(&self, instance_name: &str) -> PathBuf {
+        self.cfg.data_dir.join(crate::node::safe_dir_name(instance_name))
+    }
+}
+
+/// A node registered with Center (`list_nodes`).
+#[derive(Debug, Clone)]
+pub struct NodeRec {
+    pub name: String,
+    pub ipv4: String,
+    pub region: String,
+    pub class: String,
+    pub ip_type: String,
+    pub hidden: bool,
+    pub domain: String,
+    pub owner_sub_id: Option<String>,
+    pub operation_id: Option<String>,
+    pub instance_id: Option<String>,
+    pub registered_ms: i64,
+    pub registrations: u32,
+    pub usage_reports: u32,
+    /// The node's credential (`ipv4:secret`); never serialized here.
+    pub secret: String,
+}
+
+impl NodeRec {
+    pub fn to_wire(&self) -> kit::center::Node {
+        kit::center::Node {
+            name: self.name.clone(),
+            ipv4: self.ipv4.clone(),
+            region: self.region.clone(),
+            class: self.class.clone(),
+            ip_type: self.ip_type.clone(),
+            hidden: self.hidden,
+            tunnels: vec![kit::center::Tunnel { domain: self.domain.clone(), port: 443 }],
+        }
+    }
+
+    pub fn to_admin(&self) -> AdminNode {
+        AdminNode {
+            name: self.name.clone(),
+            ipv4: self.ipv4.clone(),
+            region: self.region.clone(),
+            class: self.class.clone(),
+            ip_type: self.ip_type.clone(),
+            hidden: self.hidden,
+            domain: self.domain.clone(),
+            sub_id: self.owner_sub_id.clone(),
+            operation_id: self.operation_id.clone(),
+            instance_id: self.instance_id.clone(),
+            registered_at: rfc3339(self.registered_ms),
+            registrations: self.registrations,
+            usage_reports: self.usage_reports,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminNode {
+    pub name: String,
+    pub ipv4: String,
+    pub region: String,
+    pub class: String,
+    pub ip_type: String,
+    pub hidden: bool,
+    pub domain: String,
+    pub sub_id: Option<String>,
+    pub operation_id: Option<String>,
+    pub instance_id: Option<String>,
+    pub registered_at: String,
+    pub registrations: u32,
+    pub usage_reports: u32,
+}
+
+/// A guardrail breach the simulator saw. `detail` never holds a secret.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Violation {
+    /// `down`, `duplicate_instance`, `secret_on_command_line`, `write_outside_deploy_dir`,
+    /// `foreign_claim`, `secret_in_center_call`.
+    pub kind: &'static str,
+    pub at: String,
+    pub instance_id: Option<String>,
+    pub instance_name: Option<String>,
+    pub operation_id: Option<String>,
+    pub detail: String,
+}
+
+impl Violation {
+    pub fn new(kind: &'static str, detail: impl Into<String>) -> Violation {
+        Violation { kind, at: rfc3339(kit::now_ms()), instance_id: None, instance_name: None, operation_id: None, detail: detail.into() }
+    }
+
+    pub fn on(mut self, instance_id: &str, instance_name: &str) -> Violation {
+        self.instance_id = Some(instance_id.to_string());
+        self.instance_name = Some(instance_name.to_string());
+        self
+    }
+
+    pub fn op(mut self, operation_id: &str) -> Violation {
+        self.operation_id = Some(operation_id.to_string());
+        self
+    }
+}
+
+pub struct State {
+    pub ops: Operations,
+    pub cloud: Cloud,
+    /// Registered nodes by name.
+    pub nodes: BTreeMap<String, NodeRec>,
+    pub violations: Vec<Violation>,
+    /// Every node secret seen (in a `.env` or a registration), in order, no duplicates.
+    pub node_secrets: Vec<String>,
+    pub faults: Faults,
+    pub dice: Dice,
+    /// MCP sessions handed out by `initialize`.
+    pub sessions: HashSet<String>,
+}
+
+impl State {
+    pub fn tick(&mut self) {
+        let now = kit::now_ms();
+        for ev in self.ops.tick(now, self.faults.operation_timeout_ms) {
+            tracing::info!(event = ?ev, "operation sweep");
+        }
+    }
+
+    /// Rolls the dice with the probability `knob` picks from the current faults.
+    pub fn dice_roll(&mut self, knob: impl Fn(&Faults) -> f64) -> bool {
+        let p = knob(&self.faults);
+        self.dice.roll(p)
+    }
+
+    pub fn violate(&mut self, v: Violation) {
+        tracing::warn!(kind = v.kind, instance = ?v.instance_id, detail = %v.detail, "guardrail violation");
+        self.violations.push(v);
+    }
+
+    pub fn learn_node_secret(&mut self, secret: &str) {
+        if !secret.is_empty() && !self.node_secrets.iter().any(|s| s == secret) {
+            self.node_secrets.push(secret.to_string());
+        }
+    }
+
+    /// Which kind of secret `text` contains, if any (claim tokens ever issued, node secrets seen).
+    pub fn find_secret(&self, text: &str) -> Option<&'static str> {
+        if self.ops.tokens().any(|t| text.contains(t.as_str())) {
+            return Some("claim token");
+        }
+        if self.node_secrets.iter().any(|s| text.contains(s.as_str())) {
+            return Some("node secret");
+        }
+        None
+    }
+}
