@@ -1,0 +1,492 @@
+#!/usr/bin/env bash
+# provision-node.sh — OS prep of a Pnp private node (runbook step 4), before any compose deploy.
+#
+# Run as root on Ubuntu (20.04, 22.04, 24.04), script piped over SSH stdin:
+#     ssh -p 22 ubuntu@<ipv4> 'sudo bash -s' < provision-node.sh
+# Idempotent: every step looks before it changes, so a re-run on a prepared node changes
+# nothing (and is how a half-finished run is completed).
+#
+# Steps:  1 preflight (root, Ubuntu)   2 wait for cloud-init   3 timezone Asia/Singapore
+#         4 snapd removal   5 swap   6 base packages   7 Docker CE + compose plugin
+#         8 IPv6   9 BBR   10 Docker daemon.json   11 UFW   12 ufw-docker rules
+#         13 SSH 22 -> 1022 (key-only)   14 persistent journald + crash-monitor cron
+#         15 auto-update cron   16 deploy dir /apps/kaitu-slave
+#
+# After step 13 SSH answers on 1022 only (the running session survives). The cloud's own
+# firewall must allow 1022/tcp and the k2s ports; that is outside this host.
+set -Eeuo pipefail
+
+readonly DEPLOY_DIR=/apps/kaitu-slave
+readonly SSH_PORT=1022
+readonly TIMEZONE=Asia/Singapore
+# What k2s publishes (docker-compose.yml `ports:`), opened in UFW for routed traffic.
+readonly K2S_PORTS=("443/tcp" "443/udp")
+readonly SSHD_DROPIN=/etc/ssh/sshd_config.d/00-pn-hardening.conf
+readonly SYSCTL_FILE=/etc/sysctl.d/99-pn-node.conf
+
+export DEBIAN_FRONTEND=noninteractive
+# Ubuntu 22.04+ asks which services to restart after upgrades; never ask.
+export NEEDRESTART_MODE=a
+readonly APT_OPTS=(-y -q -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+
+STEP=0
+log() { printf '[provision-node] %s\n' "$*"; }
+warn() { printf '[provision-node] WARNING: %s\n' "$*" >&2; }
+die() { printf '[provision-node] ERROR: %s\n' "$*" >&2; exit 1; }
+step() { STEP=$((STEP + 1)); log "step ${STEP}/16: $*"; }
+trap 'printf "[provision-node] ERROR: step %s failed at line %s: %s\n" "$STEP" "$LINENO" "$BASH_COMMAND" >&2' ERR
+
+# Writes stdin to $1 (mode $2) only when the content differs. Exit 0 = changed, 1 = unchanged.
+write_if_changed() {
+  local path=$1 mode=$2 tmp
+  tmp=$(mktemp)
+  cat >"$tmp"
+  if [ -f "$path" ] && cmp -s "$tmp" "$path"; then
+    rm -f "$tmp"
+    return 1
+  fi
+  install -D -m "$mode" "$tmp" "$path"
+  rm -f "$tmp"
+  return 0
+}
+
+apt_updated=0
+apt_update() {
+  if [ "$apt_updated" = 0 ]; then
+    apt-get "${APT_OPTS[@]}" update
+    apt_updated=1
+  fi
+}
+
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+
+apt_install() {
+  local missing=() p
+  for p in "$@"; do
+    installed "$p" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt_update
+    apt-get "${APT_OPTS[@]}" install --no-install-recommends "${missing[@]}"
+  fi
+}
+
+preflight() {
+  step "preflight"
+  [ "$(id -u)" -eq 0 ] || die "must run as root (sudo bash -s)"
+  [ -r /etc/os-release ] || die "no /etc/os-release: not Ubuntu"
+  # shellcheck source=/dev/null
+  . /etc/os-release
+  [ "${ID:-}" = ubuntu ] || die "Ubuntu only (this is ${ID:-unknown}); the node stack is tested on Ubuntu 20.04-24.04"
+  local major=${VERSION_ID%%.*}
+  [ "${major:-0}" -ge 20 ] 2>/dev/null || die "Ubuntu ${VERSION_ID:-?} is too old (20.04 or newer)"
+  case "${VERSION_ID:-}" in
+    20.04 | 22.04 | 24.04) ;;
+    *) warn "Ubuntu ${VERSION_ID} is not one of the tested releases (20.04, 22.04, 24.04)" ;;
+  esac
+  CODENAME=${VERSION_CODENAME:-${UBUNTU_CODENAME:-}}
+  [ -n "$CODENAME" ] || die "cannot tell the Ubuntu codename"
+  command -v systemctl >/dev/null 2>&1 || die "systemd is required"
+}
+
+wait_for_boot() {
+  step "wait for cloud-init"
+  if command -v cloud-init >/dev/null 2>&1; then
+    # Status 2 = finished with recoverable errors: the image is usable.
+    cloud-init status --wait >/dev/null 2>&1 || warn "cloud-init reported errors; continuing"
+  fi
+}
+
+set_timezone() {
+  step "timezone ${TIMEZONE}"
+  local current
+  current=$(timedatectl show -p Timezone --value 2>/dev/null || true)
+  if [ "$current" != "$TIMEZONE" ]; then
+    timedatectl set-timezone "$TIMEZONE" 2>/dev/null || ln -sfn "/usr/share/zoneinfo/${TIMEZONE}" /etc/localtime
+    log "timezone set (was ${current:-unknown})"
+  fi
+}
+
+remove_snapd() {
+  step "snapd removal"
+  if command -v snap >/dev/null 2>&1; then
+    local s
+    # Applications first, then the bases and snapd itself (removal fails in the other order).
+    while read -r s; do
+      [ -n "$s" ] && { snap remove --purge "$s" >/dev/null 2>&1 || warn "could not remove snap $s"; }
+    done < <(snap list 2>/dev/null | awk 'NR > 1 && $1 !~ /^(core[0-9]*|bare|snapd)$/ {print $1}')
+    for s in core24 core22 core20 core18 core bare snapd; do
+      if snap list "$s" >/dev/null 2>&1; then
+        snap remove --purge "$s" >/dev/null 2>&1 || warn "could not remove snap $s"
+      fi
+    done
+  fi
+  if installed snapd; then
+    systemctl disable --now snapd.service snapd.socket snapd.seeded.service >/dev/null 2>&1 || true
+    apt-get "${APT_OPTS[@]}" purge snapd
+  fi
+  rm -rf /snap /var/snap /var/lib/snapd /var/cache/snapd
+  # Keep apt from pulling it back in as a dependency.
+  write_if_changed /etc/apt/preferences.d/no-snapd.pref 0644 <<'EOF' || true
+Package: snapd
+Pin: release a=*
+Pin-Priority: -10
+EOF
+}
+
+make_swap() {
+  step "swap"
+  if [ -n "$(swapon --show=NAME --noheadings 2>/dev/null)" ]; then
+    log "swap present"
+  else
+    local mem_mb size_mb free_mb
+    mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+    size_mb=$((mem_mb <= 2048 ? 2048 : 4096))
+    free_mb=$(df -Pm / | awk 'NR == 2 {print $4}')
+    if [ "$free_mb" -lt $((size_mb + 2048)) ]; then
+      warn "only ${free_mb} MiB free on /: no swap file"
+    else
+      if [ ! -f /swapfile ]; then
+        fallocate -l "${size_mb}M" /swapfile 2>/dev/null || dd if=/dev/zero of=/swapfile bs=1M count="$size_mb" status=none
+      fi
+      chmod 600 /swapfile
+      mkswap /swapfile >/dev/null
+      swapon /swapfile
+      log "swap file of ${size_mb} MiB on"
+    fi
+  fi
+  if [ -f /swapfile ] && ! grep -qE '^/swapfile[[:space:]]' /etc/fstab; then
+    printf '/swapfile none swap sw 0 0\n' >>/etc/fstab
+  fi
+}
+
+base_packages() {
+  step "base packages"
+  apt_install ca-certificates curl gnupg ufw cron util-linux iproute2 logrotate
+}
+
+install_docker() {
+  step "Docker CE"
+  local keyring=/etc/apt/keyrings/docker.asc arch list
+  if installed docker-ce && installed docker-compose-plugin; then
+    log "Docker CE present: $(docker --version 2>/dev/null || echo unknown)"
+  else
+    # Distribution packages conflict with Docker CE's.
+    local p conflicting=()
+    for p in docker.io docker-doc docker-compose docker-compose-v2 podman-docker containerd runc; do
+      installed "$p" && conflicting+=("$p")
+    done
+    if [ "${#conflicting[@]}" -gt 0 ]; then
+      apt-get "${APT_OPTS[@]}" remove "${conflicting[@]}"
+    fi
+    install -m 0755 -d /etc/apt/keyrings
+    if [ ! -s "$keyring" ]; then
+      curl -fsSL --retry 5 --retry-delay 3 https://download.docker.com/linux/ubuntu/gpg -o "${keyring}.tmp"
+      mv "${keyring}.tmp" "$keyring"
+      chmod a+r "$keyring"
+    fi
+    arch=$(dpkg --print-architecture)
+    list="deb [arch=${arch} signed-by=${keyring}] https://download.docker.com/linux/ubuntu ${CODENAME} stable"
+    if printf '%s\n' "$list" | write_if_changed /etc/apt/sources.list.d/docker.list 0644; then
+      apt_updated=0
+    fi
+    apt_update
+    apt-get "${APT_OPTS[@]}" install docker-ce docker-ce-cli containerd.io docker-buildx-plugin docker-compose-plugin
+  fi
+  systemctl enable --now docker >/dev/null 2>&1
+  docker compose version >/dev/null || die "docker compose plugin not working"
+}
+
+SYSCTL_CHANGED=0
+write_sysctl() {
+  # IPv6 on (some images ship it disabled), BBR with fq, modest swap use.
+  if write_if_changed "$SYSCTL_FILE" 0644 <<'EOF'; then SYSCTL_CHANGED=1; fi
+# Pnp node tuning (provision-node.sh). Edits here are overwritten by the next prep run.
+net.ipv6.conf.all.disable_ipv6 = 0
+net.ipv6.conf.default.disable_ipv6 = 0
+net.ipv6.conf.lo.disable_ipv6 = 0
+net.core.default_qdisc = fq
+net.ipv4.tcp_congestion_control = bbr
+vm.swappiness = 10
+EOF
+}
+
+enable_ipv6() {
+  step "IPv6"
+  write_sysctl
+  [ -d /proc/sys/net/ipv6 ] || warn "the kernel has IPv6 disabled at boot (ipv6.disable=1); IPv6 stays off"
+}
+
+enable_bbr() {
+  step "BBR"
+  if printf 'tcp_bbr\n' | write_if_changed /etc/modules-load.d/pn-bbr.conf 0644; then SYSCTL_CHANGED=1; fi
+  modprobe tcp_bbr 2>/dev/null || warn "tcp_bbr module not loadable (may be built in)"
+  if [ "$SYSCTL_CHANGED" = 1 ] || [ "$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null)" != bbr ]; then
+    sysctl --system >/dev/null
+  fi
+  log "congestion control: $(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo unknown)"
+}
+
+docker_daemon_json() {
+  step "Docker daemon.json"
+  if write_if_changed /etc/docker/daemon.json 0644 <<'EOF'; then
+{
+  "log-driver": "json-file",
+  "log-opts": { "max-size": "20m", "max-file": "5" },
+  "live-restore": true,
+  "ipv6": true,
+  "fixed-cidr-v6": "fd00:6b32:0:ffff::/64"
+}
+EOF
+    if dockerd --help 2>/dev/null | grep -q -- '--validate'; then
+      dockerd --validate --config-file /etc/docker/daemon.json >/dev/null || die "daemon.json rejected by dockerd"
+    fi
+    # live-restore keeps running containers up across this restart.
+    systemctl restart docker
+    log "docker restarted with the new daemon.json"
+  fi
+}
+
+setup_ufw() {
+  step "UFW"
+  sed -i 's/^IPV6=.*/IPV6=yes/' /etc/default/ufw
+  ufw default deny incoming >/dev/null
+  ufw default allow outgoing >/dev/null
+  # 22 stays open until sshd is confirmed on the hardened port (step 13), so a failure in
+  # between cannot lock the node out.
+  if ! ss -ltnH "sport = :${SSH_PORT}" | grep -q .; then
+    ufw allow 22/tcp >/dev/null
+  fi
+  ufw allow "${SSH_PORT}/tcp" >/dev/null
+  local p
+  for p in "${K2S_PORTS[@]}"; do
+    ufw allow "$p" >/dev/null
+  done
+  ufw --force enable >/dev/null
+}
+
+setup_ufw_docker() {
+  step "ufw-docker rules"
+  # Docker publishes ports through FORWARD, past UFW's INPUT rules. These blocks (the
+  # ufw-docker pattern) send published traffic through ufw-user-forward, so only what
+  # `ufw route allow` opens is reachable; private ranges keep talking to each other.
+  local changed=0
+  if ! grep -q '^# BEGIN UFW AND DOCKER' /etc/ufw/after.rules; then
+    cat >>/etc/ufw/after.rules <<'EOF'
+
+# BEGIN UFW AND DOCKER
+*filter
+:ufw-user-forward - [0:0]
+:ufw-docker-logging-deny - [0:0]
+:DOCKER-USER - [0:0]
+-A DOCKER-USER -j ufw-user-forward
+
+-A DOCKER-USER -j RETURN -s 10.0.0.0/8
+-A DOCKER-USER -j RETURN -s 172.16.0.0/12
+-A DOCKER-USER -j RETURN -s 192.168.0.0/16
+
+-A DOCKER-USER -p udp -m udp --sport 53 --dport 1024:65535 -j RETURN
+
+-A DOCKER-USER -j ufw-docker-logging-deny -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -d 192.168.0.0/16
+-A DOCKER-USER -j ufw-docker-logging-deny -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -d 10.0.0.0/8
+-A DOCKER-USER -j ufw-docker-logging-deny -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -d 172.16.0.0/12
+-A DOCKER-USER -j ufw-docker-logging-deny -p udp -m udp --dport 0:32767 -d 192.168.0.0/16
+-A DOCKER-USER -j ufw-docker-logging-deny -p udp -m udp --dport 0:32767 -d 10.0.0.0/8
+-A DOCKER-USER -j ufw-docker-logging-deny -p udp -m udp --dport 0:32767 -d 172.16.0.0/12
+
+-A DOCKER-USER -j RETURN
+
+-A ufw-docker-logging-deny -m limit --limit 3/min --limit-burst 10 -j LOG --log-prefix "[UFW DOCKER BLOCK] "
+-A ufw-docker-logging-deny -j DROP
+
+COMMIT
+# END UFW AND DOCKER
+EOF
+    changed=1
+  fi
+  if [ -f /etc/ufw/after6.rules ] && ! grep -q '^# BEGIN UFW AND DOCKER' /etc/ufw/after6.rules; then
+    cat >>/etc/ufw/after6.rules <<'EOF'
+
+# BEGIN UFW AND DOCKER
+*filter
+:ufw6-user-forward - [0:0]
+:ufw6-docker-logging-deny - [0:0]
+:DOCKER-USER - [0:0]
+-A DOCKER-USER -j ufw6-user-forward
+
+-A DOCKER-USER -j RETURN -s fd00::/8
+
+-A DOCKER-USER -p udp -m udp --sport 53 --dport 1024:65535 -j RETURN
+
+-A DOCKER-USER -j ufw6-docker-logging-deny -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -d fd00::/8
+-A DOCKER-USER -j ufw6-docker-logging-deny -p udp -m udp --dport 0:32767 -d fd00::/8
+
+-A DOCKER-USER -j RETURN
+
+-A ufw6-docker-logging-deny -m limit --limit 3/min --limit-burst 10 -j LOG --log-prefix "[UFW DOCKER BLOCK] "
+-A ufw6-docker-logging-deny -j DROP
+
+COMMIT
+# END UFW AND DOCKER
+EOF
+    changed=1
+  fi
+  local p port proto
+  for p in "${K2S_PORTS[@]}"; do
+    port=${p%/*}
+    proto=${p#*/}
+    ufw route allow proto "$proto" from any to any port "$port" >/dev/null
+  done
+  if [ "$changed" = 1 ]; then
+    ufw reload >/dev/null
+  fi
+}
+
+sshd_listens_on() { ss -ltnH "sport = :$1" | grep -q .; }
+
+SSHD_BACKUP=
+# Puts the previous sshd configuration back and restarts sshd on it, so a failed hardening
+# leaves the node reachable as it was (port 22 is still open in UFW until step 13 succeeds).
+restore_sshd() {
+  if [ -n "$SSHD_BACKUP" ] && [ -f "$SSHD_BACKUP" ]; then
+    cp -p "$SSHD_BACKUP" /etc/ssh/sshd_config
+    rm -f "$SSHD_DROPIN" "$SSHD_BACKUP"
+    SSHD_BACKUP=
+    systemctl restart ssh.service >/dev/null 2>&1 || true
+  fi
+}
+
+harden_ssh() {
+  step "SSH ${SSH_PORT} (key-only)"
+  local main=/etc/ssh/sshd_config changed=0
+  SSHD_BACKUP=$(mktemp)
+  cp -p "$main" "$SSHD_BACKUP"
+  # The drop-ins must be read (Ubuntu 20.04+ includes them; make sure).
+  if ! grep -qE '^[[:space:]]*Include[[:space:]]+/etc/ssh/sshd_config\.d/\*\.conf' "$main"; then
+    sed -i '1i Include /etc/ssh/sshd_config.d/*.conf' "$main"
+    changed=1
+  fi
+  # Port lines add up in sshd: keep only ours.
+  if grep -qE '^[[:space:]]*Port[[:space:]]' "$main"; then
+    sed -i -E 's/^([[:space:]]*Port[[:space:]])/#\1/' "$main"
+    changed=1
+  fi
+  # 00- sorts before cloud-init's 50-cloud-init.conf; sshd keeps the first value it reads.
+  if write_if_changed "$SSHD_DROPIN" 0644 <<EOF; then changed=1; fi
+# Pnp node SSH hardening (provision-node.sh).
+Port ${SSH_PORT}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+PermitEmptyPasswords no
+X11Forwarding no
+MaxAuthTries 3
+LoginGraceTime 30
+ClientAliveInterval 60
+ClientAliveCountMax 5
+EOF
+  mkdir -p /run/sshd
+  if ! sshd -t; then
+    restore_sshd
+    die "sshd rejected the hardened configuration; restored the previous one"
+  fi
+  if [ "$changed" = 0 ] && sshd_listens_on "$SSH_PORT"; then
+    log "sshd already on ${SSH_PORT}"
+  else
+    # Ubuntu 22.10+ starts sshd from ssh.socket, which pins port 22; use the service
+    # instead so `Port` applies. Running sessions belong to their own processes and stay.
+    if systemctl list-unit-files ssh.socket >/dev/null 2>&1 && systemctl is-enabled ssh.socket >/dev/null 2>&1; then
+      systemctl disable --now ssh.socket >/dev/null 2>&1 || true
+      rm -f /etc/systemd/system/ssh.service.d/00-socket.conf /etc/systemd/system/ssh.socket.d/addresses.conf
+      systemctl daemon-reload
+    fi
+    systemctl enable ssh.service >/dev/null 2>&1 || true
+    if ! systemctl restart ssh.service; then
+      restore_sshd
+      die "sshd did not restart on the hardened configuration; restored the previous one"
+    fi
+    local i
+    for i in $(seq 1 20); do
+      sshd_listens_on "$SSH_PORT" && break
+      if [ "$i" = 20 ]; then
+        restore_sshd
+        die "sshd does not listen on ${SSH_PORT}; restored the previous configuration, port 22 left open"
+      fi
+      sleep 0.5
+    done
+    log "sshd listens on ${SSH_PORT}"
+  fi
+  rm -f "$SSHD_BACKUP"
+  SSHD_BACKUP=
+  # Only now is it safe to close 22.
+  ufw delete allow 22/tcp >/dev/null 2>&1 || true
+}
+
+journald_and_crash_monitor() {
+  step "persistent journald + crash monitor"
+  mkdir -p /var/log/journal
+  if write_if_changed /etc/systemd/journald.conf.d/pn-persistent.conf 0644 <<'EOF'; then
+[Journal]
+Storage=persistent
+SystemMaxUse=500M
+EOF
+    systemd-tmpfiles --create --prefix /var/log/journal >/dev/null 2>&1 || true
+    systemctl restart systemd-journald
+  fi
+  # cron.d file names must not contain dots. The script arrives with the stack (step 6).
+  write_if_changed /etc/cron.d/k2s-crash-monitor 0644 <<EOF || true
+# Pnp: watch the k2s stack every 5 minutes (provision-node.sh).
+SHELL=/bin/bash
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+*/5 * * * * root [ -f ${DEPLOY_DIR}/k2s-crash-monitor.sh ] && /bin/bash ${DEPLOY_DIR}/k2s-crash-monitor.sh >/dev/null 2>&1
+EOF
+  systemctl enable --now cron >/dev/null 2>&1 || true
+}
+
+auto_update_cron() {
+  step "auto-update cron"
+  # A fixed time per host (from its name), so nodes do not all pull at once.
+  local sum minute hour
+  sum=$(hostname | cksum | awk '{print $1}')
+  minute=$((sum % 60))
+  hour=$(((sum / 60) % 6 + 2))
+  write_if_changed /etc/cron.d/k2s-auto-update 0644 <<EOF || true
+# Pnp: pull + up -d the k2s stack daily (provision-node.sh). Never down.
+SHELL=/bin/bash
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+${minute} ${hour} * * * root [ -f ${DEPLOY_DIR}/auto-update.sh ] && /bin/bash ${DEPLOY_DIR}/auto-update.sh >/dev/null 2>&1
+EOF
+}
+
+deploy_dir() {
+  step "deploy dir ${DEPLOY_DIR}"
+  install -d -m 0755 -o root -g root "$DEPLOY_DIR"
+}
+
+main() {
+  # The script itself arrives on stdin (`bash -s`): nothing below may read from it.
+  exec </dev/null
+  preflight
+  # A second run (say, from a deployer restarted mid-prep) waits for the first one.
+  exec 8>/run/provision-node.lock
+  flock 8
+  wait_for_boot
+  set_timezone
+  remove_snapd
+  make_swap
+  base_packages
+  install_docker
+  enable_ipv6
+  enable_bbr
+  docker_daemon_json
+  setup_ufw
+  setup_ufw_docker
+  harden_ssh
+  journald_and_crash_monitor
+  auto_update_cron
+  deploy_dir
+  log "done: SSH on ${SSH_PORT}, Docker $(docker --version 2>/dev/null | awk '{print $3}' | tr -d ,), deploy dir ${DEPLOY_DIR}"
+}
+
+main "$@"

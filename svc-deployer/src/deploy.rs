@@ -1,0 +1,382 @@
+//! The deploy stage as a reconciler: from an operation's record, bring its node to "stack up"
+//! (runbook steps 4–6) — connect (TOFU), OS prep once, `.env`, stack files, `pull`, `up -d`
+//! — then record and publish `pn.op.deployed`. Each step is idempotent; what must survive a
+//! crash (pin, prep done, node secret, outcome) is flushed before the next step relies on it.
+//!
+//! Never: a plaintext secret in sled, NATS, a log line or a reason; `docker compose down`;
+//! a command against a node other than the operation's own instance.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kit::bus::{Bus, HandleError, Meta};
+use kit::seal::SealKey;
+use kit::ssh::AdminKeys;
+use kit::state::{StateError, Table};
+use proto::{Body, InstanceReady, NodeDeployed, OpFailed, Operation, Stage, subjects};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use crate::node_env::{EnvInputs, NodeEnv, node_name};
+use crate::record::{DeployRecord, Deployed};
+use crate::remote::{Commands, Remote, RemoteError};
+use crate::scrub::Scrubber;
+use crate::settings::Settings;
+use crate::stack::Stack;
+
+/// Why a deploy did not finish. `Fail` kinds cannot succeed by retrying the message.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// Runbook step 0: the operation's cloud account has no (usable) admin key.
+    #[error("{0} (PN_SSH__ADMIN_KEYS); cannot reach the node")]
+    NoKey(String),
+    #[error("bad input: {0}")]
+    BadInput(String),
+    #[error("host key changed — possible man-in-the-middle; refusing to deploy: {0}")]
+    HostKeyChanged(String),
+    #[error("the admin key was refused by the node: {0}")]
+    AuthRefused(String),
+    #[error("{0}")]
+    StepFailed(String),
+    #[error("node unreachable or link unstable: {0}")]
+    Transient(String),
+    #[error("local state: {0}")]
+    State(#[from] StateError),
+    #[error("publish: {0}")]
+    Publish(String),
+}
+
+impl From<RemoteError> for DeployError {
+    fn from(e: RemoteError) -> Self {
+        match e {
+            RemoteError::HostKeyChanged(m) => DeployError::HostKeyChanged(m),
+            RemoteError::AuthRefused(m) => DeployError::AuthRefused(m),
+            RemoteError::Transient(m) => DeployError::Transient(m),
+            f @ RemoteError::Failed { .. } => DeployError::StepFailed(f.to_string()),
+        }
+    }
+}
+
+impl DeployError {
+    fn is_transient(&self) -> bool {
+        matches!(self, DeployError::Transient(_) | DeployError::State(_) | DeployError::Publish(_))
+    }
+}
+
+/// One async lock per operation: the instance and the replay consumers never work on the
+/// same node at once.
+#[derive(Default)]
+struct OpLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl OpLocks {
+    async fn lock(&self, op: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() > 1024 {
+                map.retain(|_, m| Arc::strong_count(m) > 1);
+            }
+            map.entry(op.to_string()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+}
+
+/// The deploy stage's shared state.
+pub struct Deployer {
+    settings: Settings,
+    keys: AdminKeys,
+    seal: SealKey,
+    stack: Stack,
+    cmds: Commands,
+    table: Table<DeployRecord>,
+    bus: Bus,
+    locks: OpLocks,
+}
+
+impl std::fmt::Debug for Deployer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployer").field("keys", &self.keys).finish_non_exhaustive()
+    }
+}
+
+fn state_retry(e: StateError) -> HandleError {
+    HandleError::retry(format!("local state: {e}"), Duration::from_secs(2))
+}
+
+impl Deployer {
+    pub fn new(settings: Settings, keys: AdminKeys, seal: SealKey, stack: Stack, table: Table<DeployRecord>, bus: Bus) -> Deployer {
+        let cmds = Commands::new(&settings.sudo, settings.deploy_dir());
+        Deployer { settings, keys, seal, stack, cmds, table, bus, locks: OpLocks::default() }
+    }
+
+    /// `pn.op.instance.<op>`: record the input, then deploy — or, when this input's outcome
+    /// is already recorded (a second delivery), publish it again without touching the node.
+    pub async fn on_instance(&self, op_id: &str, ir: InstanceReady) -> Result<(), HandleError> {
+        let op = ir.op.clone().unwrap_or_default();
+        let instance_id = ir.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default();
+        if op.operation_id != op_id {
+            return Err(HandleError::Fail {
+                reason: "InstanceReady names another operation than its subject".into(),
+                failed: Some(failed_for(&ir, op_id, String::new())),
+            });
+        }
+        let _guard = self.locks.lock(op_id).await;
+        let rec = match self.table.get(op_id).map_err(state_retry)? {
+            Some(rec) => {
+                if let Some(d) = rec.deployed_for(&op, &instance_id) {
+                    tracing::info!(op = op_id, "outcome already recorded; publishing it again");
+                    let input = rec.input().unwrap_or(ir);
+                    return self.publish(&input, d).await.map_err(|e| self.handle_error(&input, op_id, e));
+                }
+                let mut rec = rec;
+                if op.claim_attempt >= rec.claim_attempt || rec.input().is_none() {
+                    rec.set_input(&ir);
+                }
+                rec
+            }
+            None => DeployRecord::new(&ir),
+        };
+        self.table.put(op_id, &rec).await.map_err(state_retry)?;
+        self.deploy(op_id, rec).await
+    }
+
+    /// `pn.replay.deploy`: run every step again from the record (the prep only if it never
+    /// finished). An unknown operation is dropped.
+    pub async fn on_replay(&self, op_id: &str) -> Result<(), HandleError> {
+        let _guard = self.locks.lock(op_id).await;
+        match self.table.get(op_id).map_err(state_retry)? {
+            Some(rec) => self.deploy(op_id, rec).await,
+            None => Err(HandleError::Drop(format!("replay of unknown operation {op_id}"))),
+        }
+    }
+
+    async fn deploy(&self, op_id: &str, mut rec: DeployRecord) -> Result<(), HandleError> {
+        let Some(input) = rec.input() else {
+            return Err(HandleError::Fail {
+                reason: "the recorded input does not decode".into(),
+                failed: Some(OpFailed {
+                    operation_id: op_id.to_string(),
+                    stage: Stage::Deploy.as_str().into(),
+                    reason: "the recorded input does not decode".into(),
+                    attempt: 1,
+                    failed_at_ms: kit::now_ms(),
+                    ..Default::default()
+                }),
+            });
+        };
+        let span = tracing::info_span!("deploy", op = op_id, stage = "deploy");
+        let res = self.steps(op_id, &input, &mut rec).instrument(span).await;
+        let res = match res {
+            Ok(d) => self.publish(&input, &d).await,
+            Err(e) => Err(e),
+        };
+        res.map_err(|e| self.handle_error(&input, op_id, e))
+    }
+
+    /// Maps an error to the loop's verdict, with a complete, scrubbed `OpFailed`.
+    fn handle_error(&self, input: &InstanceReady, op_id: &str, e: DeployError) -> HandleError {
+        // Texts from the node were scrubbed of this operation's secrets already; mask any
+        // `.env` secret assignment once more before the reason leaves the process.
+        let reason: String = Scrubber::default().clean(&e.to_string()).chars().take(600).collect();
+        let failed = failed_for(input, op_id, reason.clone());
+        if e.is_transient() {
+            let after = (self.settings.ssh.retry_delay() * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+            HandleError::Retry { reason, after, failed: Some(failed) }
+        } else {
+            HandleError::Fail { reason, failed: Some(failed) }
+        }
+    }
+
+    async fn publish(&self, input: &InstanceReady, d: &Deployed) -> Result<(), DeployError> {
+        let nd = outcome(input, d);
+        let op = nd.op.clone().unwrap_or_default();
+        let meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Deploy, d.claim_attempt);
+        let subject = subjects::op_event(subjects::DEPLOYED, &op.operation_id);
+        self.bus.publish(subject, Body::Deployed(nd), &meta).await.map_err(|e| DeployError::Publish(e.to_string()))?;
+        tracing::info!(op = %op.operation_id, node = %node_name(&op.sub_id), "pn.op.deployed published");
+        Ok(())
+    }
+
+    /// The node secret of this operation: made once, kept sealed in the record.
+    async fn node_secret(&self, op_id: &str, rec: &mut DeployRecord) -> Result<SecretString, DeployError> {
+        if let Some(h) = &rec.sealed_node_secret_hex {
+            let sealed = hex::decode(h).map_err(|_| DeployError::BadInput("the recorded node secret is corrupt".into()))?;
+            return self
+                .seal
+                .open_str(&sealed)
+                .map_err(|_| DeployError::BadInput("the recorded node secret does not open with PN_SEAL_KEY".into()));
+        }
+        let secret = SecretString::from(hex::encode(rand::random::<[u8; 32]>()));
+        rec.sealed_node_secret_hex = Some(hex::encode(self.seal.seal_str(&secret)));
+        self.save(op_id, rec).await?;
+        Ok(secret)
+    }
+
+    async fn save(&self, op_id: &str, rec: &mut DeployRecord) -> Result<(), DeployError> {
+        rec.updated_at_ms = kit::now_ms();
+        self.table.put(op_id, rec).await?;
+        Ok(())
+    }
+
+    async fn steps(&self, op_id: &str, input: &InstanceReady, rec: &mut DeployRecord) -> Result<Deployed, DeployError> {
+        let op = input.op.clone().unwrap_or_default();
+        let inst = input.instance.clone().unwrap_or_default();
+        if inst.instance_id.is_empty() {
+            return Err(DeployError::BadInput("InstanceReady carries no instance".into()));
+        }
+        let host: Ipv4Addr = inst
+            .ipv4
+            .trim()
+            .parse()
+            .map_err(|_| DeployError::BadInput(format!("instance {} has no valid IPv4 address", clip(&inst.instance_id))))?;
+        if inst.account.is_empty() || inst.account != clip(&inst.account) {
+            return Err(DeployError::BadInput("the instance names no plain cloud account; no admin key can be chosen".into()));
+        }
+        let key = self.keys.load(&inst.account).map_err(DeployError::NoKey)?;
+        let claim = self.claim_token(&op)?;
+        let secret = self.node_secret(op_id, rec).await?;
+        let env = NodeEnv::new(EnvInputs {
+            node_secret: &secret,
+            claim: &claim,
+            center_url: &op.center_url,
+            domain: &op.domain,
+            version: &self.settings.k2_version,
+            traffic_total_bytes: op.traffic_total_bytes,
+            sub_id: &op.sub_id,
+            region: &op.region,
+            ip_type: &op.ip_type,
+        })
+        .map_err(|e| DeployError::BadInput(e.to_string()))?;
+        let mut scrub = Scrubber::default();
+        scrub.add(&claim);
+        scrub.add(&secret);
+
+        let mut remote = Remote::new(&host.to_string(), key, &self.settings.ssh, rec.host_key.clone(), rec.prepared, scrub);
+        let res = self.on_node(op_id, rec, &mut remote, &env, &secret).await;
+        remote.disconnect().await;
+        res
+    }
+
+    async fn on_node(
+        &self,
+        op_id: &str,
+        rec: &mut DeployRecord,
+        remote: &mut Remote,
+        env: &NodeEnv,
+        secret: &SecretString,
+    ) -> Result<Deployed, DeployError> {
+        let ssh = &self.settings.ssh;
+        let c = &self.cmds;
+        if let Some(learned) = remote.connect().await? {
+            // TOFU: pin before a single command runs, so a later impostor is caught.
+            tracing::info!(op = op_id, fingerprint = %kit::ssh::fingerprint(&learned), "host key pinned");
+            rec.host_key = Some(learned);
+        }
+        rec.runs += 1;
+        self.save(op_id, rec).await?;
+
+        if rec.prepared {
+            tracing::info!(op = op_id, "OS prep already done on this instance; not re-run");
+        } else {
+            self.step(op_id, rec, remote, "prep", &c.prep(), Some(&self.stack.prep_script), ssh.prep_timeout()).await?;
+            rec.prepared = true;
+            self.save(op_id, rec).await?;
+            remote.prepared().await;
+        }
+
+        self.step(op_id, rec, remote, "mkdir", &c.mkdir(), None, ssh.command_timeout()).await?;
+        // The file exists with mode 600 before any secret goes into it.
+        self.step(op_id, rec, remote, "env-create", &c.write(".env"), Some(b""), ssh.command_timeout()).await?;
+        self.step(op_id, rec, remote, "env-chmod", &c.chmod_600(".env"), None, ssh.command_timeout()).await?;
+        let text = env.render();
+        self.step(op_id, rec, remote, "env-write", &c.write(".env"), Some(text.expose_secret().as_bytes()), ssh.command_timeout()).await?;
+        self.step(op_id, rec, remote, "env-chmod", &c.chmod_600(".env"), None, ssh.command_timeout()).await?;
+        for (name, content) in &self.stack.files {
+            self.step(op_id, rec, remote, &format!("upload {name}"), &c.write(name), Some(content), ssh.command_timeout()).await?;
+        }
+        self.step(op_id, rec, remote, "compose-pull", &c.compose_pull(), None, ssh.prep_timeout()).await?;
+        self.step(op_id, rec, remote, "compose-up", &c.compose_up(), None, ssh.prep_timeout()).await?;
+
+        let host_key = remote.host_key().unwrap_or_default().to_string();
+        let d = Deployed {
+            claim_attempt: rec.claim_attempt,
+            instance_id: rec.instance_id.clone(),
+            deployed_at_ms: kit::now_ms(),
+            node_secret_sha256_hex: hex::encode(Sha256::digest(secret.expose_secret().as_bytes())),
+            host_key,
+            ssh_port: ssh.hardened_port,
+        };
+        rec.deployed = Some(d.clone());
+        self.save(op_id, rec).await?;
+        tracing::info!(op = op_id, node = env.node_name(), "stack up");
+        Ok(d)
+    }
+
+    /// Runs one step and records when it last succeeded. The record is written without a
+    /// flush: these steps are re-run on re-entry anyway; what gates behaviour is flushed.
+    #[allow(clippy::too_many_arguments)]
+    async fn step(
+        &self,
+        op_id: &str,
+        rec: &mut DeployRecord,
+        remote: &mut Remote,
+        name: &str,
+        command: &str,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(), DeployError> {
+        remote.run(name, command, stdin, timeout).await?;
+        rec.updated_at_ms = kit::now_ms();
+        rec.steps.insert(name.to_string(), rec.updated_at_ms);
+        self.table.put_nowait(op_id, rec)?;
+        Ok(())
+    }
+
+    fn claim_token(&self, op: &Operation) -> Result<SecretString, DeployError> {
+        if op.sealed_claim_token.is_empty() {
+            return Err(DeployError::BadInput("the operation carries no claim token".into()));
+        }
+        self.seal
+            .open_str(&op.sealed_claim_token)
+            .map_err(|e| DeployError::BadInput(format!("the claim token does not open with PN_SEAL_KEY ({e})")))
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(80).collect()
+}
+
+/// `pn.op.failed` for this operation, with what the claimer and the reaper need.
+fn failed_for(input: &InstanceReady, op_id: &str, reason: String) -> OpFailed {
+    let op = input.op.clone().unwrap_or_default();
+    OpFailed {
+        operation_id: op_id.to_string(),
+        sub_id: op.sub_id,
+        stage: Stage::Deploy.as_str().into(),
+        reason,
+        attempt: op.claim_attempt.max(1),
+        failed_at_ms: kit::now_ms(),
+        instance_id: input.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default(),
+        holder: op.holder,
+    }
+}
+
+/// The `NodeDeployed` of a recorded outcome (the same bytes every time it is published).
+pub fn outcome(input: &InstanceReady, d: &Deployed) -> NodeDeployed {
+    let mut op = input.op.clone().unwrap_or_default();
+    op.sealed_claim_token.clear();
+    NodeDeployed {
+        node_name: node_name(&op.sub_id),
+        sold_bytes: op.traffic_total_bytes,
+        node_secret_sha256: hex::decode(&d.node_secret_sha256_hex).unwrap_or_default(),
+        host_key: d.host_key.clone(),
+        ssh_port: u32::from(d.ssh_port),
+        deployed_at_ms: d.deployed_at_ms,
+        private_node: true,
+        instance: input.instance.clone(),
+        op: Some(op),
+    }
+}

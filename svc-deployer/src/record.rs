@@ -1,0 +1,113 @@
+//! What the deployer remembers per operation (sled, via `kit::state`): the input event (its
+//! claim token stays sealed), the pinned host key, which steps are done, the sealed node
+//! secret and the recorded outcome. Re-entry and `pn.replay.deploy` start from here.
+//!
+//! Never: a plaintext secret in a record — the node secret is sealed with `PN_SEAL_KEY`,
+//! the claim token is the sealed blob the claimer published.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use proto::{InstanceReady, Operation};
+use serde::{Deserialize, Serialize};
+
+pub const TABLE: &str = "deploy";
+
+/// One operation's deploy state. Key: the operation id.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct DeployRecord {
+    /// The `InstanceReady` this deploy works from, protobuf, hex.
+    pub input_hex: String,
+    pub claim_attempt: u32,
+    /// The instance the host key and the prep belong to; a new instance resets both.
+    pub instance_id: String,
+    /// TOFU: the first host key seen (OpenSSH public line).
+    pub host_key: Option<String>,
+    /// `provision-node.sh` finished with exit 0 on this instance.
+    pub prepared: bool,
+    /// K2_NODE_SECRET, sealed, hex. Made once per operation so every run writes the same one.
+    pub sealed_node_secret_hex: Option<String>,
+    /// Handler runs that reached the node.
+    pub runs: u32,
+    /// When each step last succeeded (ms since the epoch), for debugging a stuck operation.
+    #[serde(default)]
+    pub steps: BTreeMap<String, i64>,
+    pub deployed: Option<Deployed>,
+    pub updated_at_ms: i64,
+}
+
+/// The recorded outcome: enough to publish the same `NodeDeployed` again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Deployed {
+    pub claim_attempt: u32,
+    pub instance_id: String,
+    pub deployed_at_ms: i64,
+    pub node_secret_sha256_hex: String,
+    pub host_key: String,
+    pub ssh_port: u16,
+}
+
+impl kit::state::Record for DeployRecord {
+    const VERSION: u32 = 1;
+}
+
+impl DeployRecord {
+    pub fn new(input: &InstanceReady) -> DeployRecord {
+        let mut r = DeployRecord::default();
+        r.set_input(input);
+        r
+    }
+
+    pub fn input(&self) -> Option<InstanceReady> {
+        let bytes = hex::decode(&self.input_hex).ok()?;
+        InstanceReady::decode(bytes.as_slice()).ok()
+    }
+
+    /// Takes `input` as the event to work from. A different instance forgets the pin and
+    /// the prep (they belonged to the old machine); the node secret stays.
+    pub fn set_input(&mut self, input: &InstanceReady) {
+        let instance_id = input.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default();
+        if instance_id != self.instance_id {
+            self.host_key = None;
+            self.prepared = false;
+            self.instance_id = instance_id;
+        }
+        self.claim_attempt = input.op.as_ref().map(|o| o.claim_attempt).unwrap_or(0);
+        self.input_hex = hex::encode(input.encode_to_vec());
+    }
+
+    /// The outcome is recorded for this input (same instance, same or newer claim).
+    pub fn deployed_for(&self, op: &Operation, instance_id: &str) -> Option<&Deployed> {
+        self.deployed.as_ref().filter(|d| d.instance_id == instance_id && d.claim_attempt >= op.claim_attempt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proto::Instance;
+
+    fn ir(instance: &str, attempt: u32) -> InstanceReady {
+        InstanceReady {
+            op: Some(Operation { operation_id: "op-1".into(), claim_attempt: attempt, ..Default::default() }),
+            instance: Some(Instance { instance_id: instance.into(), ..Default::default() }),
+            ready_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_new_instance_forgets_pin_and_prep_but_keeps_the_secret() {
+        let mut r = DeployRecord::new(&ir("i-1", 1));
+        r.host_key = Some("ssh-ed25519 AAAA".into());
+        r.prepared = true;
+        r.sealed_node_secret_hex = Some("00".into());
+        r.set_input(&ir("i-1", 2));
+        assert!(r.prepared && r.host_key.is_some());
+        assert_eq!(r.claim_attempt, 2);
+        r.set_input(&ir("i-2", 2));
+        assert!(!r.prepared && r.host_key.is_none());
+        assert_eq!(r.sealed_node_secret_hex.as_deref(), Some("00"));
+        assert_eq!(r.input().unwrap(), ir("i-2", 2));
+    }
+}

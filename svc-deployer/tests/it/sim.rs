@@ -1,0 +1,280 @@
+//! The deployer against center-sim's nodes (real SSH protocol, emulated hosts), driven the way
+//! the pipeline drives it: an `InstanceReady` on a real nats-server.
+
+use std::time::Duration;
+
+use proto::subjects;
+use secrecy::ExposeSecret;
+use serde_json::json;
+use testkit::{Nats, eventually, rand_hex};
+
+use crate::helpers::*;
+
+struct Stack {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    nats: Nats,
+    bus: Bus,
+    sim: Sim,
+    seal: Seal,
+    admin: AdminKey,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let admin = AdminKey::create(&path).unwrap();
+        let nats = Nats::start().unwrap();
+        let bus = Bus::connect(&nats).await.unwrap();
+        let sim = Sim::start(&path, &admin).await.unwrap();
+        Stack { _dir: dir, dir: path, nats, bus, sim, seal: Seal::new(), admin }
+    }
+
+    fn config(&self) -> DeployerConfig {
+        let mut c = DeployerConfig::new(&self.nats, &self.dir.join("data"), &self.sim.url, &self.seal);
+        c.set("PN_SSH__ADMIN_KEYS", format!("sim-lightsail={}", self.admin.private_path.display()))
+            .set("PN_SSH__FRESH_PORT", self.sim.fresh_port.to_string())
+            .set("PN_SSH__HARDENED_PORT", self.sim.hardened_port.to_string());
+        c
+    }
+
+    fn deployer(&self) -> Deployer {
+        Deployer::start(&self.config()).unwrap()
+    }
+
+    /// Checks every place a secret must not be in plaintext.
+    fn assert_no_leaks(&self, deployer: &Deployer, secrets: &[&str]) {
+        let log = deployer.log_text();
+        for s in secrets {
+            assert!(!log.contains(s), "a secret is in the deployer's log");
+        }
+        let sled = files_containing(&deployer.data_dir.join("svc-deployer"), secrets);
+        assert!(sled.is_empty(), "plaintext secret in the deployer's state: {sled:?}");
+        let js = files_containing(&self.nats.store, secrets);
+        assert!(js.is_empty(), "plaintext secret in the NATS store: {js:?}");
+    }
+}
+
+fn sub() -> String {
+    format!("it{}", rand_hex(4))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_deploy_brings_the_node_to_done() {
+    let s = Stack::start().await;
+    let mut d = s.deployer();
+    let sub = sub();
+    let (ir, claim) = s.sim.ready_instance(&s.seal, &sub).await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+
+    let nd = s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    d.assert_alive();
+    let node = format!("pn-{sub}");
+    let nd_op = nd.op.clone().unwrap();
+    assert!(nd_op.sealed_claim_token.is_empty(), "NodeDeployed must not carry the claim");
+    assert_eq!(nd_op.operation_id, op.operation_id);
+    assert_eq!(nd.node_name, node);
+    assert_eq!(nd.sold_bytes, 950u64 << 30);
+    assert!(nd.private_node);
+    assert_eq!(nd.ssh_port, u32::from(s.sim.hardened_port));
+    assert_eq!(nd.instance.as_ref().map(|i| i.instance_id.as_str()), Some(inst.instance_id.as_str()));
+
+    // The node's disk: every runbook variable, the claim, a 32-byte hex secret whose hash
+    // was published; the stack files as shipped.
+    let env = s.sim.node_env(&node).unwrap();
+    let secret = env.get("K2_NODE_SECRET").cloned().unwrap_or_default();
+    assert_eq!(secret.len(), 64);
+    assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(nd.node_secret_sha256, sha256_hex_text(&secret));
+    assert_eq!(env.get("K2_PRIVATE_CLAIM").map(String::as_str), Some(claim.expose_secret()));
+    assert_eq!(env.get("K2_CENTER_URL"), Some(&s.sim.url));
+    assert_eq!(env.get("K2_DOMAIN").map(String::as_str), Some(""));
+    assert_eq!(env.get("K2_VERSION").map(String::as_str), Some(svc_deployer::settings::DEFAULT_K2_VERSION));
+    assert_eq!(env.get("K2_NODE_TRAFFIC_LIMIT_GB").map(String::as_str), Some("950"));
+    assert_eq!(env.get("K2_NODE_NAME"), Some(&node));
+    assert_eq!(env.get("K2_NODE_REGION").map(String::as_str), Some("sg"));
+    assert_eq!(env.get("K2_IP_TYPE").map(String::as_str), Some("residential"));
+    assert_eq!(s.sim.node_file(&node, "docker-compose.yml").unwrap(), svc_deployer::stack::DOCKER_COMPOSE_YML.as_bytes());
+    assert_eq!(s.sim.node_file(&node, "users").unwrap(), b"");
+    assert_eq!(s.sim.node_file(&node, "auto-update.sh").unwrap(), svc_deployer::stack::AUTO_UPDATE_SH.as_bytes());
+    assert_eq!(s.sim.node_file(&node, "k2s-crash-monitor.sh").unwrap(), svc_deployer::stack::CRASH_MONITOR_SH.as_bytes());
+
+    let i = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(i["prepRuns"], 1);
+    assert_eq!(i["hardened"], true);
+    assert_eq!(i["containersUp"], true);
+    assert!(same_key(&nd.host_key, i["hostKey"].as_str().unwrap_or("")), "the published host key is the node's");
+
+    // The sidecar registered with the claim: Center flipped the operation to done.
+    eventually("operation done", PATIENCE, || async {
+        let o = s.sim.operation(&op.operation_id).await.ok()?;
+        (o["status"] == "done").then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.sim.violations().await.unwrap(), Vec::<serde_json::Value>::new());
+    s.assert_no_leaks(&d, &[claim.expose_secret(), &secret]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_delivery_and_a_replay_keep_prep_and_secret() {
+    let s = Stack::start().await;
+    let mut d = s.deployer();
+    let (ir, claim) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    let node = inst.name.clone();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+    let first = s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    let secret = s.sim.node_env(&node).unwrap()["K2_NODE_SECRET"].clone();
+
+    // The same event again (a redelivery, a duplicate publish past the dedup window).
+    let seq = s.bus.publish_instance(&ir, &format!("{}.cloud.1.again", op.operation_id)).await.unwrap();
+    s.bus.wait_acked(subjects::OPS_STREAM, "svc-deployer-instance", seq, PATIENCE).await.unwrap();
+    let i = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(i["prepRuns"], 1, "a second delivery must not re-run the OS prep");
+    assert_eq!(i["upRuns"], 1, "a recorded outcome is re-published, not re-deployed");
+    assert_eq!(s.sim.node_env(&node).unwrap()["K2_NODE_SECRET"], secret);
+    let again = s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap();
+    assert_eq!(again.node_secret_sha256, first.node_secret_sha256);
+
+    // A replay re-runs the idempotent steps (pull + up -d again) — still no second prep,
+    // still the same secret.
+    let seq = s.bus.publish_replay(&op.operation_id).await.unwrap();
+    s.bus.wait_acked(subjects::REPLAY_STREAM, "svc-deployer-replay", seq, PATIENCE).await.unwrap();
+    let i = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(i["upRuns"], 2, "the replay ran up -d again");
+    assert_eq!(i["prepRuns"], 1, "a replay must not re-run a recorded prep");
+    assert_eq!(s.sim.node_env(&node).unwrap()["K2_NODE_SECRET"], secret);
+    assert_eq!(s.bus.last(subjects::FAILED, &op.operation_id).await, None);
+    d.assert_alive();
+    assert_eq!(s.sim.violations().await.unwrap(), Vec::<serde_json::Value>::new());
+    s.assert_no_leaks(&d, &[claim.expose_secret(), &secret]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployer_killed_mid_prep_finishes_after_restart() {
+    let s = Stack::start().await;
+    s.sim.faults(json!({"prepDelayMs": 60_000})).await.unwrap();
+    let mut cfg = s.config();
+    // A short AckWait so the unacked message comes back soon after the kill.
+    cfg.set("PN_ACK_WAIT_MS", "2000");
+    let mut d = Deployer::start(&cfg).unwrap();
+    let (ir, claim) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+
+    eventually("the prep to start", PATIENCE, || async {
+        let i = s.sim.instance(&inst.instance_id).await.ok()?;
+        (i["prepRuns"].as_u64() >= Some(1)).then_some(())
+    })
+    .await
+    .unwrap();
+    d.proc.kill(); // SIGKILL, mid-prep
+    let first_log = d.log_text();
+    s.sim.faults(json!({"prepDelayMs": 200})).await.unwrap();
+
+    let mut d = Deployer::start(&cfg).unwrap();
+    let nd = s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{first_log}\n---\n{}", d.log_text()));
+    d.assert_alive();
+    let env = s.sim.node_env(&inst.name).unwrap();
+    assert_eq!(nd.node_secret_sha256, sha256_hex_text(&env["K2_NODE_SECRET"]));
+    let i = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(i["hardened"], true);
+    assert_eq!(i["containersUp"], true);
+    // The prep was never recorded as done, so the restarted deployer ran it again (it is
+    // idempotent); reaching the node on either port.
+    assert!(i["prepRuns"].as_u64() >= Some(2), "{i}");
+    eventually("operation done", PATIENCE, || async {
+        let o = s.sim.operation(&op.operation_id).await.ok()?;
+        (o["status"] == "done").then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.sim.violations().await.unwrap(), Vec::<serde_json::Value>::new());
+    s.assert_no_leaks(&d, &[claim.expose_secret(), &env["K2_NODE_SECRET"]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_host_key_fails_as_man_in_the_middle() {
+    let s = Stack::start().await;
+    let mut d = s.deployer();
+    let (ir, claim) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+    s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+
+    s.sim.rekey(&inst.instance_id).await.unwrap();
+    s.bus.publish_replay(&op.operation_id).await.unwrap();
+    let f = s.bus.wait_failed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    assert_eq!(f.stage, "deploy");
+    assert!(f.reason.contains("host key changed") && f.reason.contains("man-in-the-middle"), "{}", f.reason);
+    assert_eq!(f.operation_id, op.operation_id);
+    assert_eq!(f.sub_id, op.sub_id);
+    assert_eq!(f.instance_id, inst.instance_id);
+    assert_eq!(f.holder, op.holder);
+    let i = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(i["upRuns"], 1, "nothing may run on an impostor");
+    d.assert_alive();
+    let secret = s.sim.node_env(&inst.name).unwrap()["K2_NODE_SECRET"].clone();
+    assert!(!f.reason.contains(&secret) && !f.reason.contains(claim.expose_secret()));
+    s.assert_no_leaks(&d, &[claim.expose_secret(), &secret]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flaky_link_still_deploys() {
+    let s = Stack::start().await;
+    s.sim.faults(json!({"sshDropRate": 0.3, "seed": 7})).await.unwrap();
+    let mut d = s.deployer();
+    let (ir, claim) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+    let nd = s.bus.wait_deployed(&op.operation_id, Duration::from_secs(180)).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    d.assert_alive();
+    let env = s.sim.node_env(&inst.name).unwrap();
+    assert_eq!(nd.node_secret_sha256, sha256_hex_text(&env["K2_NODE_SECRET"]));
+    assert_eq!(env.get("K2_PRIVATE_CLAIM").map(String::as_str), Some(claim.expose_secret()));
+    assert_eq!(s.bus.last(subjects::FAILED, &op.operation_id).await, None);
+    eventually("operation done", PATIENCE, || async {
+        let o = s.sim.operation(&op.operation_id).await.ok()?;
+        (o["status"] == "done").then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.sim.violations().await.unwrap(), Vec::<serde_json::Value>::new());
+    // The faults did bite (the seeded dice make this deterministic): steps were retried.
+    assert!(d.log_text().contains("step failed; retrying"), "no drop happened; the test proves nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_without_a_key_fails_at_once_and_unknown_replays_are_dropped() {
+    let s = Stack::start().await;
+    let mut d = s.deployer();
+    let (mut ir, _claim) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    if let Some(i) = ir.instance.as_mut() {
+        i.account = "hetzner-main".into();
+    }
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+
+    let unknown = format!("op-{}", rand_hex(6));
+    let seq = s.bus.publish_replay(&unknown).await.unwrap();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+
+    let f = s.bus.wait_failed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    assert_eq!(f.stage, "deploy");
+    assert!(f.reason.contains("hetzner-main") && f.reason.contains("no admin SSH key"), "{}", f.reason);
+    assert_eq!(f.instance_id, inst.instance_id);
+    let i = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(i["prepRuns"], 0, "nothing was tried on the node");
+
+    s.bus.wait_acked(subjects::REPLAY_STREAM, "svc-deployer-replay", seq, PATIENCE).await.unwrap();
+    assert_eq!(s.bus.count(subjects::FAILED, &unknown).await, 0, "an unknown replay is dropped, not failed");
+    d.assert_alive();
+}
