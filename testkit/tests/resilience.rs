@@ -148,6 +148,27 @@ async fn check_invariants(stack: &Stack, ops: &[(String, String)], states: &Hash
     r.check("no orphan VPS after a failure", orphans == 0, format!("{orphans} live after failure"));
     let created_twice = ever.values().filter(|n| **n > 1).count();
     r.check("one create per subscription (no-IP fail path aside)", created_twice == 0, format!("{created_twice}"));
+    // No double usage: the meter never bills more than the node's NIC counters reported.
+    let http = reqwest::Client::new();
+    let mut over = Vec::new();
+    let mut metered = 0;
+    for name in &done_names {
+        let Some(i) = inst.iter().find(|i| i["name"] == name.as_str() && i["status"] != "deleted") else { continue };
+        let nic = i["trafficUsedBytes"].as_u64().unwrap_or(0);
+        let u: Value = match http.get(format!("{}/v1/nodes/{name}/usage", stack.meter_url)).send().await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        let used = u["usedBytes"].as_u64().unwrap_or(0);
+        if used > 0 {
+            metered += 1;
+        }
+        if used > nic {
+            over.push(format!("{name}: billed {used} > NIC {nic}"));
+        }
+    }
+    r.check("no double usage (billed ≤ what the NIC counters reported)", over.is_empty(), format!("{over:?}"));
+    r.check("every active node is metered", metered == done_names.len(), format!("{metered}/{}", done_names.len()));
     let violations = stack.items("/admin/violations").await.unwrap_or_default();
     r.check("no guardrail violation", violations.is_empty(), format!("{violations:?}"));
     let findings = stack.secret_findings().await.unwrap_or_else(|e| vec![format!("scan failed: {e}")]);
@@ -225,6 +246,12 @@ async fn crash_anywhere(intents: usize, seed: u64, kills_per_service: u32, r: &m
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
         stack.spawn(svc).unwrap();
         stack.wait_ready(svc).await.unwrap();
+        // Traffic through a few nodes, so metering runs while the meter crashes too.
+        for _ in 0..3 {
+            let (_, sub) = &ops[rng.random_range(0..ops.len())];
+            let bytes = rng.random_range(1..200u64) << 20;
+            let _ = stack.admin_send(reqwest::Method::POST, &format!("/admin/nodes/pn-{sub}/traffic"), json!({"bytes": bytes})).await;
+        }
     }
     let states = settle(&stack, &ops, Duration::from_secs(240)).await;
     dup_stop.store(true, Ordering::Relaxed);
