@@ -1,0 +1,95 @@
+//! Wiring: `kit::app::Runtime` (NATS, streams, sled, Center client, ops endpoints) plus the
+//! meter's own parts — the ledger, the `pn.op.deployed` consumer, the ingest HTTP listener and
+//! the two outbox tasks — all stopped by one shutdown future.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use kit::app::Runtime;
+use kit::bus::ConsumerSpec;
+use proto::{Stage, subjects};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::handlers::deployed::DeployedHandler;
+use crate::meter::Meter;
+use crate::settings::Settings;
+use crate::{http, outbox};
+
+/// The service name: binary, data sub-directory, NATS connection name.
+pub const SERVICE: &str = "svc-meter";
+
+/// A built, running meter (its tasks start in `build`; `run` waits for shutdown).
+pub struct App {
+    rt: Runtime,
+    set: JoinSet<()>,
+    http_addr: SocketAddr,
+    meter: Arc<Meter>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "App(svc-meter at {})", self.http_addr)
+    }
+}
+
+impl App {
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        settings.validate()?;
+        let rt = Runtime::start(SERVICE, &settings.common).await?;
+        let meter = Meter::open(&rt.store, settings.clone()).await.context("load the ledger")?;
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listen on {} (PN_LISTEN)", settings.listen))?;
+        let http_addr = listener.local_addr()?;
+
+        let mut set = JoinSet::new();
+        let cfg = rt.loop_config(Stage::Meter);
+        let spec = ConsumerSpec::ops(&settings.deployed_consumer, subjects::DEPLOYED, &cfg);
+        rt.spawn_consumer(&mut set, spec, cfg, Arc::new(DeployedHandler { meter: meter.clone() })).await?;
+
+        let router = http::router(meter.clone());
+        let token = rt.shutdown.clone();
+        set.spawn(async move {
+            // Reports are small request/response pairs: no Nagle delay on them.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await {
+                tracing::error!(error = %e, "ingest http server failed");
+            }
+        });
+        set.spawn(outbox::usage_loop(meter.clone(), rt.bus.clone(), rt.shutdown.clone()));
+        set.spawn(outbox::quota_loop(meter.clone(), rt.bus.clone(), rt.center.clone(), rt.shutdown.clone()));
+
+        tracing::info!(listen = %http_addr, nodes = meter.node_count(), "svc-meter ready");
+        println!("svc-meter listening on http://{http_addr}");
+        Ok(App { rt, set, http_addr, meter })
+    }
+
+    /// Where `/slave/usage` and `/v1/…` are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.rt.ops_addr
+    }
+
+    pub fn meter(&self) -> Arc<Meter> {
+        self.meter.clone()
+    }
+
+    /// Cancelling this token stops the app (as the shutdown future would).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.rt.shutdown.clone()
+    }
+
+    /// Runs until `shutdown` resolves, then drains every task and flushes the store.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        self.rt.run_until(self.set, shutdown).await;
+        Ok(())
+    }
+}

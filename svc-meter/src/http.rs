@@ -1,0 +1,143 @@
+//! The meter's HTTP surface (`PN_LISTEN`): node ingest and the read/operator API.
+//!
+//! - `POST /slave/usage` (Basic `ipv4:secret`, JSON counters) → 200 `Ingested`; 401, 400, 413,
+//!   422 (impossible jump), 429 (too fast, `Retry-After`), 503 (ledger unavailable), 408 (slow).
+//! - `GET /v1/admission/<node>` → 200 `{"node","state"}` or 402 `{"node","state":"cutoff","reason"}`;
+//!   404 unknown.
+//! - `GET /healthz` → `ok` (the ingest port answers).
+//! - `GET /v1/nodes` → `{"items":[{node,ipv4,usedBytes,soldBytes,state}]}`;
+//!   `GET /v1/nodes/<node>/usage` → the ledger view; `PUT /v1/nodes/<node>/quota` `{soldBytes}`.
+//!
+//! Errors are JSON `{"error": <code>, "message": <text>}`; the 401 body is the same for every
+//! cause, so that an unknown address and a wrong secret cannot be told apart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::meter::{IngestError, Meter};
+use crate::quota::State as QuotaState;
+
+/// A failed request, mapped to a status and a JSON body once.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized,
+    BadRequest(String),
+    PayloadTooLarge,
+    TooManyRequests { retry_after: Duration },
+    Unprocessable(String),
+    NotFound,
+    Unavailable(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, msg) = match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "bad or missing node credentials".to_string()),
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "body too large".to_string()),
+            ApiError::TooManyRequests { retry_after } => {
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                let body = json!({"error": "too_many_requests", "message": "reports too frequent", "retryAfterMs": retry_after.as_millis() as u64});
+                let mut r = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                return r;
+            }
+            ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", m),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "unknown node".to_string()),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "ledger unavailable; retry".to_string()),
+        };
+        let mut r = (status, axum::Json(json!({"error": code, "message": msg}))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"pnp-meter\""));
+        }
+        r
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Unauthorized => ApiError::Unauthorized,
+            IngestError::BadRequest(b) => ApiError::BadRequest(b.to_string()),
+            IngestError::TooFast { retry_after, .. } => ApiError::TooManyRequests { retry_after },
+            IngestError::Refused(r) => ApiError::Unprocessable(r.to_string()),
+            IngestError::Unavailable(m) => ApiError::Unavailable(m),
+        }
+    }
+}
+
+/// The router, with the body limit on ingest and a timeout on every request.
+pub fn router(meter: Arc<Meter>) -> Router {
+    let s = meter.settings();
+    let limit = s.body_limit_bytes;
+    let timeout = Duration::from_millis(s.request_timeout_ms);
+    // The body limit is axum's (enforced while reading, chunked or not), so that the 413 is
+    // the same JSON error as every other answer.
+    Router::new()
+        .route("/slave/usage", post(post_usage))
+        // pnctl's health check polls the ingest port too.
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/admission/{node}", get(admission))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{node}/usage", get(usage))
+        .route("/v1/nodes/{node}/quota", put(set_quota))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(meter)
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+}
+
+async fn post_usage(State(m): State<Arc<Meter>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::PayloadTooLarge } else { ApiError::BadRequest("unreadable body".into()) }
+    })?;
+    let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    let ok = m.ingest(auth, &body).await?;
+    Ok(axum::Json(ok).into_response())
+}
+
+fn node_name(node: &str) -> Result<&str, ApiError> {
+    if proto::subjects::is_token(node) { Ok(node) } else { Err(ApiError::NotFound) }
+}
+
+async fn admission(State(m): State<Arc<Meter>>, Path(node): Path<String>) -> Result<Response, ApiError> {
+    let a = m.admission(node_name(&node)?).await.ok_or(ApiError::NotFound)?;
+    let status = if a.state == QuotaState::Cutoff { StatusCode::PAYMENT_REQUIRED } else { StatusCode::OK };
+    Ok((status, axum::Json(a)).into_response())
+}
+
+async fn usage(State(m): State<Arc<Meter>>, Path(node): Path<String>) -> Result<Response, ApiError> {
+    let v = m.usage(node_name(&node)?).await.ok_or(ApiError::NotFound)?;
+    Ok(axum::Json(v).into_response())
+}
+
+async fn list_nodes(State(m): State<Arc<Meter>>) -> Response {
+    axum::Json(json!({"items": m.list().await})).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct QuotaBody {
+    #[serde(alias = "sold_bytes")]
+    sold_bytes: u64,
+}
+
+async fn set_quota(State(m): State<Arc<Meter>>, Path(node): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let node = node_name(&node)?;
+    let q: QuotaBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("expected {{\"soldBytes\": u64}}: {e}")))?;
+    if q.sold_bytes == 0 {
+        return Err(ApiError::BadRequest("soldBytes must be positive".into()));
+    }
+    let v = m.set_quota(node, q.sold_bytes).await.map_err(|e| ApiError::Unavailable(e.to_string()))?.ok_or(ApiError::NotFound)?;
+    Ok(axum::Json(v).into_response())
+}

@@ -1,0 +1,168 @@
+//! The meter's settings: `kit::config::Common` (flattened, so `PN_NATS_URL`, `PN_DATA_DIR`, …)
+//! plus the ingest listener, the coalescing interval, per-provider count modes, the hostile-input
+//! limits and the quota ratios. Validation happens once, at start, naming the offending key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kit::config::Common;
+use serde::{Deserialize, Serialize};
+
+/// Which NIC bytes count against the sold quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CountMode {
+    /// Received plus transmitted bytes (most providers bill both directions).
+    #[default]
+    #[serde(alias = "rx+tx", alias = "rxtx", alias = "both")]
+    RxTx,
+    /// Transmitted bytes only (providers that bill egress only).
+    #[serde(alias = "egress")]
+    Tx,
+}
+
+impl CountMode {
+    /// The billable part of a (rx, tx) pair; saturating, never wrapping.
+    pub fn count(self, rx: u64, tx: u64) -> u64 {
+        match self {
+            CountMode::RxTx => rx.saturating_add(tx),
+            CountMode::Tx => tx,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CountMode::RxTx => "rx_tx",
+            CountMode::Tx => "tx",
+        }
+    }
+}
+
+/// Everything svc-meter reads from `PN_*`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    #[serde(flatten)]
+    pub common: Common,
+    /// Ingest + query HTTP (`PN_LISTEN`).
+    pub listen: SocketAddr,
+    /// At most one `meter.usage.<node>` per node per this many milliseconds.
+    pub usage_interval_ms: u64,
+    /// Per provider (lower-case name, e.g. `PN_COUNT_MODES__HETZNER=tx`); others count rx+tx.
+    pub count_modes: HashMap<String, CountMode>,
+    /// A counter jump above this × (seconds since the last accepted report + 1) is refused.
+    pub max_link_bytes_per_sec: u64,
+    /// Reports of one node closer together than this get 429.
+    pub min_report_interval_ms: u64,
+    /// Larger `/slave/usage` bodies get 413.
+    pub body_limit_bytes: usize,
+    /// Any request taking longer gets 408.
+    pub request_timeout_ms: u64,
+    /// `ok → warn` at this fraction of the sold quota.
+    pub warn_ratio: f64,
+    /// `→ cutoff` (402 + hidden at Center) at this fraction of the sold quota.
+    pub cutoff_ratio: f64,
+    /// Durable consumer name on `pn.op.deployed` (`PN_DEPLOYED_CONSUMER`); only an in-process
+    /// bench meter changes it, so that it never shares the real meter's consumer.
+    pub deployed_consumer: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            common: Common::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            usage_interval_ms: 10_000,
+            count_modes: HashMap::new(),
+            max_link_bytes_per_sec: 1_250_000_000,
+            min_report_interval_ms: 100,
+            body_limit_bytes: 4096,
+            request_timeout_ms: 5000,
+            warn_ratio: 0.8,
+            cutoff_ratio: 0.95,
+            deployed_consumer: "svc-meter-deployed".into(),
+        }
+    }
+}
+
+/// A setting that cannot work; the message names its `PN_` variable.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("configuration: {0}")]
+pub struct SettingsError(pub String);
+
+impl Settings {
+    /// Checks the values that serde cannot (ranges, relations).
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let ratio_ok = |r: f64| r.is_finite() && r > 0.0 && r <= 100.0;
+        if !ratio_ok(self.warn_ratio) {
+            return Err(SettingsError("PN_WARN_RATIO must be a number in (0, 100]".into()));
+        }
+        if !ratio_ok(self.cutoff_ratio) {
+            return Err(SettingsError("PN_CUTOFF_RATIO must be a number in (0, 100]".into()));
+        }
+        if self.warn_ratio > self.cutoff_ratio {
+            return Err(SettingsError("PN_WARN_RATIO must not exceed PN_CUTOFF_RATIO".into()));
+        }
+        if self.body_limit_bytes == 0 {
+            return Err(SettingsError("PN_BODY_LIMIT_BYTES must be positive".into()));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(SettingsError("PN_REQUEST_TIMEOUT_MS must be positive".into()));
+        }
+        if !proto::subjects::is_token(&self.deployed_consumer) {
+            return Err(SettingsError("PN_DEPLOYED_CONSUMER must be a NATS name token".into()));
+        }
+        if self.max_link_bytes_per_sec == 0 {
+            return Err(SettingsError("PN_MAX_LINK_BYTES_PER_SEC must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The count mode of a provider (case-insensitive); rx+tx when not configured.
+    pub fn count_mode(&self, provider: &str) -> CountMode {
+        let p = provider.trim();
+        self.count_modes.iter().find(|(k, _)| k.trim().eq_ignore_ascii_case(p)).map(|(_, m)| *m).unwrap_or_default()
+    }
+
+    pub fn usage_interval(&self) -> Duration {
+        Duration::from_millis(self.usage_interval_ms.max(1))
+    }
+
+    pub fn thresholds(&self) -> crate::quota::Thresholds {
+        crate::quota::Thresholds::new(self.warn_ratio, self.cutoff_ratio)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = Settings::default();
+        assert_eq!(s.listen.port(), 8090);
+        assert_eq!(s.usage_interval_ms, 10_000);
+        assert_eq!(s.body_limit_bytes, 4096);
+        assert_eq!(s.count_mode("anything"), CountMode::RxTx);
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn count_modes_are_per_provider_and_case_insensitive() {
+        let mut s = Settings::default();
+        s.count_modes.insert("hetzner".into(), CountMode::Tx);
+        assert_eq!(s.count_mode("Hetzner"), CountMode::Tx);
+        assert_eq!(s.count_mode("lightsail"), CountMode::RxTx);
+        assert_eq!(CountMode::Tx.count(5, 7), 7);
+        assert_eq!(CountMode::RxTx.count(u64::MAX, 7), u64::MAX);
+    }
+
+    #[test]
+    fn bad_ratios_are_refused_by_name() {
+        let s = Settings { warn_ratio: 0.99, cutoff_ratio: 0.95, ..Settings::default() };
+        assert!(s.validate().err().is_some_and(|e| e.0.contains("PN_WARN_RATIO")));
+        let s = Settings { cutoff_ratio: f64::NAN, ..Settings::default() };
+        assert!(s.validate().err().is_some_and(|e| e.0.contains("PN_CUTOFF_RATIO")));
+    }
+}
