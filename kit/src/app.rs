@@ -42,7 +42,7 @@ impl Runtime {
         crate::init_crypto();
         let token = common.center_token()?;
         let bus = Bus::connect(&common.nats_url, service, Duration::from_secs(30)).await?;
-        bus.ensure_streams().await?;
+        bus.ensure_streams_with(common.stream_replicas).await?;
         let store = Store::open(&common.data_dir.join(service)).context("open state store")?;
         let center: Arc<dyn Center> =
             McpCenter::new(ClientConfig::new(&common.center_url, Duration::from_millis(common.center_timeout_ms)), token)?;

@@ -100,8 +100,14 @@ impl Bus {
         }
     }
 
-    /// Creates or updates the three streams of DESIGN.md. Safe to call any number of times.
+    /// Creates or updates the three streams of DESIGN.md (one replica). Safe to call any number
+    /// of times.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        self.ensure_streams_with(1).await
+    }
+
+    /// Like `ensure_streams`, with `replicas` JetStream replicas per stream.
+    pub async fn ensure_streams_with(&self, replicas: usize) -> Result<(), BusError> {
         let configs = [
             stream::Config {
                 name: subjects::OPS_STREAM.into(),
@@ -130,7 +136,8 @@ impl Bus {
                 ..Default::default()
             },
         ];
-        for cfg in configs {
+        for mut cfg in configs {
+            cfg.num_replicas = replicas.max(1);
             let name = cfg.name.clone();
             self.js.create_or_update_stream(cfg).await.map_err(|e| js_err(&format!("stream {name}"), e))?;
         }

@@ -60,6 +60,8 @@ pub struct Common {
     pub ack_wait_ms: u64,
     /// Deliveries of one message before the operation fails.
     pub max_deliver: i64,
+    /// JetStream replicas for the streams this service creates (3 on a 3-server cluster).
+    pub stream_replicas: usize,
 }
 
 impl Default for Common {
@@ -76,6 +78,7 @@ impl Default for Common {
             center_timeout_ms: 10_000,
             ack_wait_ms: 30_000,
             max_deliver: 8,
+            stream_replicas: 1,
         }
     }
 }
