@@ -375,10 +375,11 @@ async fn poll(op: &mut Op, stack: &StackFile, http: &reqwest::Client, poll_sim: 
             }
         }
     }
-    // The node's sidecar reports NIC counters; the emulated customer makes them move as soon
-    // as the node runs, because the verifier waits for the first non-zero usage report.
-    let due = op.traffic_pushed.is_none_or(|t| op.stage >= Stage::Verified && t.elapsed() >= Duration::from_secs(10));
-    if op.stage >= Stage::Deployed && due {
+    // The emulated customer uses the node once it is verified (the sidecar's own reporting
+    // chatter is what the verifier sees first); traffic pushed earlier would fall into the
+    // first report, which is the billing baseline.
+    let due = op.traffic_pushed.is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+    if op.stage >= Stage::Verified && due {
         let url = format!("{}/admin/nodes/{}/traffic", stack.center_url, op.node);
         if post_json(http, &url, &json!({ "bytes": TRAFFIC_BYTES })).await.is_ok() {
             op.traffic_pushed = Some(Instant::now());
@@ -394,7 +395,7 @@ async fn poll(op: &mut Op, stack: &StackFile, http: &reqwest::Client, poll_sim: 
                 other => other.to_string(),
             };
             op.usage_bytes = used;
-            if used > 0 {
+            if used >= TRAFFIC_BYTES {
                 let detail = format!("{} {} on the ledger ({})", op.node, human_bytes(used), op.quota_state);
                 advance(op, Stage::Metered, &detail, plain_lines);
             }
