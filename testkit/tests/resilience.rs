@@ -148,24 +148,40 @@ async fn check_invariants(stack: &Stack, ops: &[(String, String)], states: &Hash
     r.check("no orphan VPS after a failure", orphans == 0, format!("{orphans} live after failure"));
     let created_twice = ever.values().filter(|n| **n > 1).count();
     r.check("one create per subscription (no-IP fail path aside)", created_twice == 0, format!("{created_twice}"));
-    // No double usage: the meter never bills more than the node's NIC counters reported.
+    // No double usage: the meter never bills more than the node's NIC counters reported. A node
+    // that just registered may not have reported past its baseline yet: wait for it (bounded).
     let http = reqwest::Client::new();
-    let mut over = Vec::new();
-    let mut metered = 0;
-    for name in &done_names {
-        let Some(i) = inst.iter().find(|i| i["name"] == name.as_str() && i["status"] != "deleted") else { continue };
-        let nic = i["trafficUsedBytes"].as_u64().unwrap_or(0);
-        let u: Value = match http.get(format!("{}/v1/nodes/{name}/usage", stack.meter_url)).send().await {
-            Ok(r) => r.json().await.unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        };
-        let used = u["usedBytes"].as_u64().unwrap_or(0);
-        if used > 0 {
-            metered += 1;
+    let usage = |name: String| {
+        let http = http.clone();
+        let url = format!("{}/v1/nodes/{name}/usage", stack.meter_url);
+        async move {
+            match http.get(url).send().await {
+                Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null)["usedBytes"].as_u64().unwrap_or(0),
+                Err(_) => 0,
+            }
         }
-        if used > nic {
-            over.push(format!("{name}: billed {used} > NIC {nic}"));
+    };
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let (mut over, mut metered);
+    loop {
+        over = Vec::new();
+        metered = 0;
+        let inst = stack.items("/admin/instances").await.unwrap_or_default();
+        for name in &done_names {
+            let Some(i) = inst.iter().find(|i| i["name"] == name.as_str() && i["status"] != "deleted") else { continue };
+            let nic = i["trafficUsedBytes"].as_u64().unwrap_or(0);
+            let used = usage(name.clone()).await;
+            if used > 0 {
+                metered += 1;
+            }
+            if used > nic {
+                over.push(format!("{name}: billed {used} > NIC {nic}"));
+            }
         }
+        if metered == done_names.len() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     r.check("no double usage (billed ≤ what the NIC counters reported)", over.is_empty(), format!("{over:?}"));
     r.check("every active node is metered", metered == done_names.len(), format!("{metered}/{}", done_names.len()));
