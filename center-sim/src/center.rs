@@ -286,6 +286,8 @@ pub struct Operations {
     ops: HashMap<String, Op>,
     seq: u64,
     tokens: HashMap<String, String>,
+    /// The distinct lengths of the issued tokens (for `token_in`).
+    token_lens: std::collections::BTreeSet<usize>,
 }
 
 impl Operations {
@@ -327,6 +329,7 @@ impl Operations {
             return Err(ToolError::conflict(format!("operation {id} is claimed")));
         }
         op.claim(holder, lease_seconds, now, token.clone())?;
+        self.token_lens.insert(token.len());
         self.tokens.insert(token, id.to_string());
         Ok(op.to_wire())
     }
@@ -356,6 +359,11 @@ impl Operations {
 
     pub fn tokens(&self) -> impl Iterator<Item = &String> {
         self.tokens.keys()
+    }
+
+    /// Whether `text` contains a claim token ever issued.
+    pub fn token_in(&self, text: &str) -> bool {
+        crate::sim::contains_any(text, &self.token_lens, |w| self.tokens.contains_key(w))
     }
 
     /// A node registers with `token`: `done` if it is the live token of a held operation.

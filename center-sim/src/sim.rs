@@ -5,7 +5,7 @@
 //!
 //! Never: hold the lock across an `.await`, or log a secret.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::ops::Deref;
 use std::path::PathBuf;
@@ -70,6 +70,8 @@ impl Sim {
             nodes: BTreeMap::new(),
             violations: Vec::new(),
             node_secrets: Vec::new(),
+            node_secret_set: HashSet::new(),
+            node_secret_lens: BTreeSet::new(),
             dice: Dice::new(seed),
             faults,
             sessions: HashSet::new(),
@@ -204,6 +206,9 @@ pub struct State {
     pub violations: Vec<Violation>,
     /// Every node secret seen (in a `.env` or a registration), in order, no duplicates.
     pub node_secrets: Vec<String>,
+    /// The same secrets, for lookups, and their distinct lengths (see `contains_any`).
+    node_secret_set: HashSet<String>,
+    node_secret_lens: BTreeSet<usize>,
     pub faults: Faults,
     pub dice: Dice,
     /// MCP sessions handed out by `initialize`.
@@ -230,19 +235,67 @@ impl State {
     }
 
     pub fn learn_node_secret(&mut self, secret: &str) {
-        if !secret.is_empty() && !self.node_secrets.iter().any(|s| s == secret) {
+        if !secret.is_empty() && self.node_secret_set.insert(secret.to_string()) {
+            self.node_secret_lens.insert(secret.len());
             self.node_secrets.push(secret.to_string());
         }
     }
 
     /// Which kind of secret `text` contains, if any (claim tokens ever issued, node secrets seen).
     pub fn find_secret(&self, text: &str) -> Option<&'static str> {
-        if self.ops.tokens().any(|t| text.contains(t.as_str())) {
+        if self.ops.token_in(text) {
             return Some("claim token");
         }
-        if self.node_secrets.iter().any(|s| text.contains(s.as_str())) {
+        if contains_any(text, &self.node_secret_lens, |w| self.node_secret_set.contains(w)) {
             return Some("node secret");
         }
         None
+    }
+}
+
+/// Whether `text` contains a string for which `is_secret` holds, trying every substring of the
+/// given lengths: one lookup per position and length, whatever the number of secrets. (A
+/// `contains` per secret made every exec and every Center update cost O(operations ever
+/// claimed), under the state lock.)
+pub fn contains_any(text: &str, lens: &BTreeSet<usize>, is_secret: impl Fn(&str) -> bool) -> bool {
+    for &len in lens {
+        if len == 0 || len > text.len() {
+            continue;
+        }
+        for start in 0..=text.len() - len {
+            if let Some(w) = text.get(start..start + len)
+                && is_secret(w)
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_found_anywhere_in_a_text_like_contains_would() {
+        let secrets: HashSet<String> = ["a1b2c3d4".to_string(), "zz9".to_string(), "é€x".to_string()].into_iter().collect();
+        let lens: BTreeSet<usize> = secrets.iter().map(String::len).collect();
+        let found = |t: &str| contains_any(t, &lens, |w| secrets.contains(w));
+        let naive = |t: &str| secrets.iter().any(|s| t.contains(s.as_str()));
+        for t in [
+            "",
+            "a1b2c3d",
+            "echo a1b2c3d4",
+            "xa1b2c3d4y",
+            "K2_NODE_SECRET=zz9",
+            "zz",
+            "ü€é€x…",
+            "é€",
+            "tee /apps/kaitu-slave/.env",
+        ] {
+            assert_eq!(found(t), naive(t), "{t:?}");
+        }
+        assert!(!contains_any("anything", &BTreeSet::new(), |_| true));
     }
 }

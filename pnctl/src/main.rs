@@ -105,21 +105,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmarks (not implemented yet).
+    /// Benchmarks on a dev stack of their own: pipeline, footprint, meter.
     Bench {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(subcommand)]
+        what: pnctl::bench::BenchCmd,
     },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    // `bench` runs on a fresh temporary stack unless --data-dir was given on purpose.
+    let data_dir_given = matches.value_source("data_dir") == Some(clap::parser::ValueSource::CommandLine);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     if std::env::var_os("RUST_LOG").is_some() {
         kit::telemetry::init(kit::config::LogFormat::Human);
     }
     kit::init_crypto();
-    match run(cli).await {
+    match run(cli, data_dir_given).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pnctl: {e:#}");
@@ -128,7 +134,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli, data_dir_given: bool) -> anyhow::Result<ExitCode> {
     let ep = || Endpoints::resolve(&cli.data_dir, cli.nats_url.clone(), cli.meter_url.clone(), cli.center_url.clone());
     match &cli.cmd {
         Cmd::Up { detach, daemon, nats_port, center_port, meter_port, ready_timeout, json } => {
@@ -189,7 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Decode { pretty } => println!("{}", pnctl::decode::decode(std::io::stdin().lock(), *pretty)?),
         Cmd::Replay { stage, operation_id, json } => pnctl::replay::run(&ep(), stage, operation_id, *json).await?,
         Cmd::Ledger { node, json } => pnctl::ledger::run(&ep(), node, *json).await?,
-        Cmd::Bench { args } => pnctl::bench::run(args).await?,
+        Cmd::Bench { what } => pnctl::bench::run(what, data_dir_given.then(|| cli.data_dir.clone())).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -385,3 +385,47 @@ fn demo_verifies_and_meters_five_intents() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// bench (needs every service working; asserts the report's shape, never its speed)
+
+#[test]
+fn bench_pipeline_reports_the_documented_json_for_five_intents() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pn");
+    let _guard = Down(data.clone());
+    let out = run(&["bench", "pipeline", "--intents", "5", "--json", "--data-dir", data.to_str().unwrap()], None, dir.path());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "bench failed\nstdout: {stdout}\nstderr: {}", text(&out.stderr));
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "cpuSecondsPerProvision",
+            "intents",
+            "p50QueuedToVerifiedMs",
+            "p99QueuedToVerifiedMs",
+            "p99StageOverheadMs",
+            "peakRssBytes",
+            "provisionsPerSec"
+        ]
+    );
+    assert_eq!(v["intents"], 5);
+    for k in ["provisionsPerSec", "p50QueuedToVerifiedMs", "p99QueuedToVerifiedMs", "p99StageOverheadMs", "cpuSecondsPerProvision"] {
+        assert!(v[k].as_f64().is_some_and(|x| x >= 0.0), "{k}: {v}");
+    }
+    assert!(v["provisionsPerSec"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["p99QueuedToVerifiedMs"].as_f64().unwrap() >= v["p50QueuedToVerifiedMs"].as_f64().unwrap(), "{v}");
+    let rss = v["peakRssBytes"].as_object().unwrap();
+    for s in ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter"] {
+        assert!(rss.get(s).and_then(Value::as_u64).is_some_and(|b| b > 0), "{s}: {v}");
+    }
+    // It stopped the stack it started.
+    let s = stack_json(&data);
+    assert_eq!(s["state"], "stopped");
+    for pid in stack_pids(&s) {
+        assert!(!alive(pid), "pid {pid} outlived the bench");
+    }
+}
