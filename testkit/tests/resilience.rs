@@ -166,11 +166,23 @@ async fn check_invariants(stack: &Stack, ops: &[(String, String)], states: &Hash
     loop {
         over = Vec::new();
         metered = 0;
-        let inst = stack.items("/admin/instances").await.unwrap_or_default();
         for name in &done_names {
-            let Some(i) = inst.iter().find(|i| i["name"] == name.as_str() && i["status"] != "deleted") else { continue };
-            let nic = i["trafficUsedBytes"].as_u64().unwrap_or(0);
-            let used = usage(name.clone()).await;
+            // Reports keep flowing: read the meter first, then the sim (which counts a report
+            // once the meter has answered it), and give the sim a moment to catch up. A real
+            // double count does not go away.
+            let mut last = None;
+            for _ in 0..10 {
+                let used = usage(name.clone()).await;
+                let inst = stack.items("/admin/instances").await.unwrap_or_default();
+                let Some(i) = inst.iter().find(|i| i["name"] == name.as_str() && i["status"] != "deleted") else { break };
+                let nic = i["trafficUsedBytes"].as_u64().unwrap_or(0);
+                last = Some((used, nic));
+                if used <= nic {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let Some((used, nic)) = last else { continue };
             if used > 0 {
                 metered += 1;
             }
