@@ -60,6 +60,15 @@ pub async fn spawn(
         .map_err(|e| std::io::Error::new(e.kind(), format!("ops listen {listen}: {e}")))?;
     let addr = listener.local_addr()?;
     let app = router(ready);
+    // The exporter's summaries roll their windows only on upkeep; without it quantiles drift.
+    if let Some(prom) = prometheus() {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                prom.run_upkeep();
+            }
+        });
+    }
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     });
