@@ -301,6 +301,23 @@ impl Incoming {
     }
 }
 
+/// The record a `pn.replay.<stage>` message names, and the stored protobuf it holds decoded:
+/// an unknown operation or an undecodable record is dropped (logged), a store error retried.
+pub fn replay_lookup<R: crate::state::Record, M: prost::Message + Default>(
+    table: &crate::state::Table<R>,
+    msg: &Incoming,
+    service: &str,
+    stored: impl Fn(&R) -> &[u8],
+) -> Result<(String, M), HandleError> {
+    let id = msg.replay_op_id()?;
+    let rec = table.get(&id).map_err(|e| HandleError::retry(e.to_string(), Duration::from_secs(1)))?;
+    let Some(rec) = rec else {
+        return Err(HandleError::Drop(format!("replay: operation {id} unknown to {service}")));
+    };
+    let m = M::decode(stored(&rec)).map_err(|e| HandleError::Drop(format!("replay: stored event undecodable: {e}")))?;
+    Ok((id, m))
+}
+
 /// What a handler says about a message it could not finish.
 #[derive(Debug)]
 pub enum HandleError {

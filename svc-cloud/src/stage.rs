@@ -32,12 +32,7 @@ impl Handler for OnClaimed {
 #[async_trait::async_trait]
 impl Handler for OnReplay {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let id = msg.replay_op_id()?;
-        let rec = self.0.ops.get(&id).map_err(|e| HandleError::retry(e.to_string(), Duration::from_secs(1)))?;
-        let Some(rec) = rec else {
-            return Err(HandleError::Drop(format!("replay: operation {id} unknown to svc-cloud")));
-        };
-        let op: Operation = prost::Message::decode(rec.op_pb.as_slice()).map_err(|e| HandleError::Drop(format!("replay: stored operation undecodable: {e}")))?;
+        let (id, op): (String, Operation) = kit::bus::replay_lookup(&self.0.ops, &msg, crate::SERVICE, |r| r.op_pb.as_slice())?;
         tracing::info!(op = %id, "replaying the cloud stage");
         run(&self.0, op, true).await
     }

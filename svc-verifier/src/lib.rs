@@ -116,12 +116,7 @@ impl Handler for OnDeployed {
 #[async_trait::async_trait]
 impl Handler for OnReplay {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let id = msg.replay_op_id()?;
-        let rec = self.0.ops.get(&id).map_err(|e| HandleError::retry(e.to_string(), Duration::from_secs(1)))?;
-        let Some(rec) = rec else {
-            return Err(HandleError::Drop(format!("replay: operation {id} unknown to svc-verifier")));
-        };
-        let d: NodeDeployed = prost::Message::decode(rec.deployed_pb.as_slice()).map_err(|e| HandleError::Drop(format!("replay: stored event undecodable: {e}")))?;
+        let (id, d): (String, NodeDeployed) = kit::bus::replay_lookup(&self.0.ops, &msg, SERVICE, |r| r.deployed_pb.as_slice())?;
         tracing::info!(op = %id, "replaying verification with a new deadline");
         verify(&self.0, d, true).await
     }
