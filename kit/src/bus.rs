@@ -232,8 +232,8 @@ impl ConsumerSpec {
             durable: durable.to_string(),
             filter: subjects::op_filter(event),
             ack_wait: loop_cfg.ack_wait,
-            max_deliver: loop_cfg.max_deliver,
-            max_ack_pending: (loop_cfg.concurrency as i64).max(1) * 2,
+            max_deliver: loop_cfg.consumer_max_deliver(),
+            max_ack_pending: loop_cfg.consumer_max_ack_pending(),
         }
     }
 
@@ -244,8 +244,8 @@ impl ConsumerSpec {
             durable: format!("{durable}-replay"),
             filter: subjects::replay(stage),
             ack_wait: loop_cfg.ack_wait,
-            max_deliver: loop_cfg.max_deliver,
-            max_ack_pending: (loop_cfg.concurrency as i64).max(1) * 2,
+            max_deliver: loop_cfg.consumer_max_deliver(),
+            max_ack_pending: loop_cfg.consumer_max_ack_pending(),
         }
     }
 }
@@ -257,11 +257,32 @@ pub struct LoopConfig {
     pub concurrency: usize,
     pub ack_wait: Duration,
     pub max_deliver: i64,
+    /// How many operations may wait parked (`HandleError::Park`) besides the running ones;
+    /// 0 = the handler never parks. A parking consumer has no JetStream delivery limit (a
+    /// park is a delivery too): its handler keeps the attempt budget in its own records.
+    pub parking: i64,
 }
 
 impl LoopConfig {
     pub fn new(stage: Stage, concurrency: usize, ack_wait: Duration) -> LoopConfig {
-        LoopConfig { stage, concurrency: concurrency.max(1), ack_wait, max_deliver: 8 }
+        LoopConfig { stage, concurrency: concurrency.max(1), ack_wait, max_deliver: 8, parking: 0 }
+    }
+
+    /// This consumer's handler parks up to `capacity` waiting operations (see `parking`).
+    pub fn with_parking(mut self, capacity: i64) -> LoopConfig {
+        self.parking = capacity.max(1);
+        self
+    }
+
+    /// JetStream's delivery limit: none for a parking consumer.
+    fn consumer_max_deliver(&self) -> i64 {
+        if self.parking > 0 { -1 } else { self.max_deliver }
+    }
+
+    /// Unacked messages JetStream lets the consumer hold: the running handlers, a fetch's
+    /// worth more, and the parked ones.
+    fn consumer_max_ack_pending(&self) -> i64 {
+        (self.concurrency as i64).max(1) * 2 + self.parking
     }
 
     fn progress_every(&self) -> Duration {
@@ -329,6 +350,12 @@ pub enum HandleError {
     Fail { reason: String, failed: Option<OpFailed> },
     /// Ignore and terminate (e.g. a replay for an unknown operation). Logged.
     Drop(String),
+    /// Nothing is wrong; the operation waits on something slow outside (a node's OS prep, a
+    /// booting VPS). Nak with `after` so JetStream redelivers it then: no handler, task or
+    /// connection is held meanwhile — a parked operation costs its stored record and its
+    /// pending message. Never counts as a failure; a consumer whose handler parks keeps its
+    /// own attempt budget (see `LoopConfig::parking`).
+    Park { reason: String, after: Duration },
 }
 
 impl HandleError {
@@ -462,7 +489,8 @@ async fn handle_one(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, handler:
         }
         Err(HandleError::Retry { reason, after, failed }) => {
             metrics::counter!("pn_handler_retries_total", "stage" => cfg.stage.as_str()).increment(1);
-            if delivered >= cfg.max_deliver {
+            // A parking consumer's deliveries include its parks: its handler counts attempts.
+            if cfg.parking == 0 && delivered >= cfg.max_deliver {
                 tracing::error!(%subject, delivered, %reason, "deliveries exhausted; failing the operation");
                 fail_and_term(&bus, &msg, &subject, &cfg, reason, failed, delivered).await;
             } else {
@@ -477,6 +505,14 @@ async fn handle_one(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, handler:
         Err(HandleError::Drop(reason)) => {
             tracing::warn!(%subject, %reason, "message dropped");
             let _ = msg.ack_with(AckKind::Term).await;
+        }
+        Err(HandleError::Park { reason, after }) => {
+            metrics::counter!("pn_handler_parks_total", "stage" => cfg.stage.as_str()).increment(1);
+            tracing::debug!(%subject, delivered, %reason, wake_in_ms = after.as_millis() as u64, "parked");
+            if let Err(e) = msg.ack_with(AckKind::Nak(Some(after))).await {
+                // Without the nak the message comes back after AckWait instead: later, not lost.
+                tracing::warn!(%subject, error = %e, "park nak not sent; redelivery after AckWait");
+            }
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct Common {
     pub ack_wait_ms: u64,
     /// Deliveries of one message before the operation fails.
     pub max_deliver: i64,
+    /// Operations a stage may keep parked while they wait on something slow outside (a node's
+    /// OS prep): each costs a stored record and a pending JetStream message, not a handler.
+    pub max_parked: i64,
     /// JetStream replicas for the streams this service creates (3 on a 3-server cluster).
     pub stream_replicas: usize,
 }
@@ -78,6 +81,7 @@ impl Default for Common {
             center_timeout_ms: 10_000,
             ack_wait_ms: 30_000,
             max_deliver: 8,
+            max_parked: 20_000,
             stream_replicas: 1,
         }
     }

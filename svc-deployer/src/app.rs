@@ -43,9 +43,11 @@ impl App {
         let stack = Stack::load(settings.prep_script.as_deref())?;
         let runtime = Runtime::start(SERVICE, &settings.common).await?;
         let table = runtime.store.table::<DeployRecord>(TABLE).context("open the deploy table")?;
+        let max_parked = settings.common.max_parked;
         let deployer = Arc::new(Deployer::new(settings, keys, seal, stack, table, runtime.bus.clone()));
 
-        let cfg = runtime.loop_config(Stage::Deploy);
+        // Operations whose node is still in its OS prep wait parked (no session, no slot).
+        let cfg = runtime.loop_config(Stage::Deploy).with_parking(max_parked);
         let mut set = JoinSet::new();
         runtime
             .spawn_consumer(&mut set, ConsumerSpec::ops(INSTANCE_DURABLE, subjects::INSTANCE, &cfg), cfg.clone(), Arc::new(OnInstance(deployer.clone())))

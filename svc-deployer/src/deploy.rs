@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kit::bus::{Bus, HandleError, Meta};
 use kit::seal::SealKey;
@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::node_env::{EnvInputs, NodeEnv, node_name};
+use crate::prep::{self, PrepStatus};
 use crate::record::{DeployRecord, Deployed};
 use crate::remote::{Commands, Remote, RemoteError};
 use crate::scrub::Scrubber;
@@ -47,6 +48,9 @@ pub enum DeployError {
     State(#[from] StateError),
     #[error("publish: {0}")]
     Publish(String),
+    /// Not an error: the node's prep is still running; look again after `after`.
+    #[error("waiting for {what}")]
+    Waiting { what: String, after: Duration },
 }
 
 impl From<RemoteError> for DeployError {
@@ -94,6 +98,11 @@ pub struct Deployer {
     table: Table<DeployRecord>,
     bus: Bus,
     locks: OpLocks,
+    /// The detached-prep launcher and status scripts, built once.
+    prep_start: Vec<u8>,
+    prep_status: Vec<u8>,
+    /// How long preps take, learned from the nodes' own reports: (how many seen, average).
+    prep_learned: Mutex<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Deployer {
@@ -109,7 +118,21 @@ fn state_retry(e: StateError) -> HandleError {
 impl Deployer {
     pub fn new(settings: Settings, keys: AdminKeys, seal: SealKey, stack: Stack, table: Table<DeployRecord>, bus: Bus) -> Deployer {
         let cmds = Commands::new(&settings.sudo, settings.deploy_dir());
-        Deployer { settings, keys, seal, stack, cmds, table, bus, locks: OpLocks::default() }
+        let prep_start = prep::start_script(&settings.ssh.prep_state_dir, &stack.prep_script);
+        let prep_status = prep::status_script(&settings.ssh.prep_state_dir);
+        Deployer {
+            settings,
+            keys,
+            seal,
+            stack,
+            cmds,
+            table,
+            bus,
+            locks: OpLocks::default(),
+            prep_start,
+            prep_status,
+            prep_learned: Mutex::new((0, 0)),
+        }
     }
 
     /// `pn.op.instance.<op>`: record the input, then deploy — or, when this input's outcome
@@ -173,7 +196,22 @@ impl Deployer {
             Ok(d) => self.publish(&input, &d).await,
             Err(e) => Err(e),
         };
-        res.map_err(|e| self.handle_error(&input, op_id, e))
+        let transient = matches!(&res, Err(e) if e.is_transient());
+        if transient || rec.transient_failures > 0 {
+            // The attempt budget lives here: parks are deliveries too, so JetStream's count
+            // says nothing about how often this operation really failed.
+            rec.transient_failures = if transient { rec.transient_failures + 1 } else { 0 };
+            let _ = self.table.put_nowait(op_id, &rec);
+        }
+        match res {
+            Ok(()) => Ok(()),
+            Err(DeployError::Waiting { what, after }) => Err(HandleError::Park { reason: format!("waiting for {what}"), after }),
+            Err(e) if transient && i64::from(rec.transient_failures) >= self.settings.common.max_deliver.max(1) => {
+                let e = DeployError::StepFailed(format!("gave up after {} attempts: {e}", rec.transient_failures));
+                Err(self.handle_error(&input, op_id, e))
+            }
+            Err(e) => Err(self.handle_error(&input, op_id, e)),
+        }
     }
 
     /// Maps an error to the loop's verdict, with a complete, scrubbed `OpFailed`.
@@ -281,7 +319,7 @@ impl Deployer {
         if rec.prepared {
             tracing::info!(op = op_id, "OS prep already done on this instance; not re-run");
         } else {
-            self.step(op_id, rec, remote, "prep", &c.prep(), Some(&self.stack.prep_script), ssh.prep_timeout()).await?;
+            self.prep(op_id, rec, remote).await?;
             rec.prepared = true;
             self.save(op_id, rec).await?;
             remote.prepared().await;
@@ -313,6 +351,100 @@ impl Deployer {
         self.save(op_id, rec).await?;
         tracing::info!(op = op_id, node = env.node_name(), "stack up");
         Ok(d)
+    }
+
+    /// Runbook step 4 as a detached job: launch it (once; the launcher is idempotent), then
+    /// watch it on this session for `prep_inline_wait` — enough for a fast node — and past
+    /// that, park: `DeployError::Waiting` with the time of the next look. Returns when the
+    /// prep finished with 0. A failed prep is launched again up to `step_attempts` times.
+    async fn prep(&self, op_id: &str, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
+        let ssh = &self.settings.ssh;
+        let c = &self.cmds;
+        let inline_until = Instant::now() + ssh.prep_inline_wait();
+        let mut pause = Duration::from_millis(50);
+        let mut launch = rec.prep_started_at_ms.is_none();
+        loop {
+            if launch {
+                if rec.prep_launches >= ssh.step_attempts.max(1) {
+                    return Err(DeployError::StepFailed(format!("step `prep` was started {} times and did not succeed", rec.prep_launches)));
+                }
+                remote.run("prep-start", &c.prep(), Some(&self.prep_start), ssh.command_timeout()).await?;
+                rec.prep_launches += 1;
+                rec.prep_started_at_ms = Some(kit::now_ms());
+                rec.steps.insert("prep-start".into(), kit::now_ms());
+                // Flushed: a crash from here on finds the prep running, not a reason to start it.
+                self.save(op_id, rec).await?;
+                tracing::info!(op = op_id, launch = rec.prep_launches, "OS prep started on the node");
+            }
+            let out = remote.run("prep-status", &c.prep(), Some(&self.prep_status), ssh.command_timeout()).await?;
+            let status = prep::parse_status(&out.stdout_str()).map_err(|e| DeployError::Transient(format!("prep status: {e}")))?;
+            let since_start = rec.prep_started_at_ms.map(|t| (kit::now_ms() - t).max(0) as u64).unwrap_or(0);
+            match status {
+                PrepStatus::Done { rc: 0, ms, .. } => {
+                    self.learn_prep(ms);
+                    tracing::info!(op = op_id, prep_ms = ms, "OS prep finished");
+                    return Ok(());
+                }
+                PrepStatus::Done { rc, tail, .. } => {
+                    let tail: String = remote.scrub(&tail).chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+                    tracing::warn!(op = op_id, rc, launch = rec.prep_launches, "OS prep failed on the node");
+                    if rec.prep_launches >= ssh.step_attempts.max(1) {
+                        return Err(DeployError::StepFailed(format!("step `prep` exited {rc} after {} tries: {tail}", rec.prep_launches)));
+                    }
+                    launch = true;
+                    let backoff = ssh.retry_delay() * 2u32.saturating_pow(rec.prep_launches.saturating_sub(1)).min(8);
+                    if Instant::now() + backoff > inline_until {
+                        // Relaunch at the next delivery, after the pause.
+                        rec.prep_started_at_ms = None;
+                        self.save(op_id, rec).await?;
+                        return Err(DeployError::Waiting { what: "a new try of the OS prep".into(), after: backoff });
+                    }
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                PrepStatus::Absent => {
+                    // Started by us but gone (the node rebooted, or the launch never took).
+                    tracing::warn!(op = op_id, "no OS prep found on the node; starting it");
+                    launch = true;
+                    continue;
+                }
+                PrepStatus::Running { ms } => {
+                    launch = false;
+                    if since_start > ssh.prep_timeout_ms {
+                        return Err(DeployError::StepFailed(format!(
+                            "step `prep` still running after {} s (PN_SSH__PREP_TIMEOUT_MS)",
+                            since_start / 1000
+                        )));
+                    }
+                    if Instant::now() + pause < inline_until {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 3 / 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                    let after = Duration::from_millis(match self.expected_prep_ms() {
+                        Some(expected) => prep::next_check_ms(ms, expected, ssh.prep_poll_ms),
+                        // Nothing learned yet: look again after half the time it has run.
+                        None => (ms / 2).clamp(ssh.prep_poll_ms.max(100), ssh.prep_expected_ms.max(1000)),
+                    });
+                    return Err(DeployError::Waiting { what: "the OS prep on the node".into(), after });
+                }
+            }
+        }
+    }
+
+    /// Folds a finished prep's duration into the expectation: the mean of the first eight,
+    /// then a moving average (weight 1/8), so a fleet whose preps get slower is followed.
+    fn learn_prep(&self, ms: u64) {
+        let mut l = self.prep_learned.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, avg) = *l;
+        let k = (n + 1).min(8);
+        *l = (n + 1, (avg * (k - 1) + ms) / k);
+    }
+
+    /// How long a prep takes on this fleet, once some were seen finishing.
+    fn expected_prep_ms(&self) -> Option<u64> {
+        let l = self.prep_learned.lock().unwrap_or_else(|p| p.into_inner());
+        (l.0 > 0).then_some(l.1)
     }
 
     /// Runs one step and records when it last succeeded. The record is written without a

@@ -10,6 +10,7 @@ pub mod app;
 pub mod deploy;
 pub mod handlers;
 pub mod node_env;
+pub mod prep;
 pub mod record;
 pub mod remote;
 pub mod scrub;
@@ -18,3 +19,14 @@ pub mod stack;
 
 pub use app::App;
 pub use settings::Settings;
+
+/// The `svc-deployer` process: settings from `PN_*`, logging, then the service until SIGTERM/Ctrl-C.
+/// It builds its own multi-thread runtime (what `#[tokio::main]` would) so that both `main.rs`
+/// and the multi-call binary `pnp svc-deployer` can call it from a plain, synchronous `main`.
+pub fn main_entry() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+        let settings: Settings = kit::config::load()?;
+        kit::telemetry::init(settings.common.log_format);
+        App::build(settings).await?.run(kit::shutdown::signal()).await
+    })
+}

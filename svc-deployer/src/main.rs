@@ -1,8 +1,5 @@
-use svc_deployer::{App, Settings};
+//! `svc-deployer`: see the library. Configured only by `PN_*`; the same code runs as `pnp svc-deployer`.
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let settings: Settings = kit::config::load()?;
-    kit::telemetry::init(settings.common.log_format);
-    App::build(settings).await?.run(kit::shutdown::signal()).await
+fn main() -> anyhow::Result<()> {
+    svc_deployer::main_entry()
 }

@@ -25,6 +25,17 @@ pub struct DeployRecord {
     pub host_key: Option<String>,
     /// `provision-node.sh` finished with exit 0 on this instance.
     pub prepared: bool,
+    /// When the detached prep was (last) launched on this instance, ms since the epoch.
+    #[serde(default)]
+    pub prep_started_at_ms: Option<i64>,
+    /// Launches of the prep on this instance (a failed prep is launched again, up to
+    /// `ssh.step_attempts` times).
+    #[serde(default)]
+    pub prep_launches: u32,
+    /// Handler runs in a row that ended in a transient error; at `PN_MAX_DELIVER` the
+    /// operation fails (the consumer parks, so JetStream's own delivery count is no measure).
+    #[serde(default)]
+    pub transient_failures: u32,
     /// K2_NODE_SECRET, sealed, hex. Made once per operation so every run writes the same one.
     pub sealed_node_secret_hex: Option<String>,
     /// Handler runs that reached the node.
@@ -70,6 +81,8 @@ impl DeployRecord {
         if instance_id != self.instance_id {
             self.host_key = None;
             self.prepared = false;
+            self.prep_started_at_ms = None;
+            self.prep_launches = 0;
             self.instance_id = instance_id;
         }
         self.claim_attempt = input.op.as_ref().map(|o| o.claim_attempt).unwrap_or(0);

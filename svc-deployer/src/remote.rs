@@ -139,6 +139,11 @@ impl Remote {
         Remote { host: host.to_string(), user: cfg.user.clone(), key, cfg: cfg.clone(), pinned, prepared, live: None, scrub }
     }
 
+    /// `text` with the operation's secrets masked.
+    pub fn scrub(&self, text: &str) -> String {
+        self.scrub.clean(text)
+    }
+
     /// The pinned host key (learned on the first connect when none was given).
     pub fn host_key(&self) -> Option<&str> {
         self.pinned.as_deref()

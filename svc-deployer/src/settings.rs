@@ -65,8 +65,19 @@ pub struct SshSettings {
     pub connect_timeout_ms: u64,
     /// One ordinary command (mkdir, tee, chmod).
     pub command_timeout_ms: u64,
-    /// The OS prep script, and `docker compose pull` / `up -d` (image downloads take minutes).
+    /// The OS prep script (from its start on the node, parked waits included), and
+    /// `docker compose pull` / `up -d` (image downloads take minutes).
     pub prep_timeout_ms: u64,
+    /// How long a handler waits on the node for a started prep before it parks the operation
+    /// (releases session and slot; JetStream brings it back at the next check).
+    pub prep_inline_wait_ms: u64,
+    /// Until the deployer has seen preps finish (then it expects their average), a parked
+    /// prep is looked at again after half the time it has run, at most this long.
+    pub prep_expected_ms: u64,
+    /// Shortest pause between two looks at a running prep.
+    pub prep_poll_ms: u64,
+    /// Root-only directory on the node for the detached prep's script, log and exit status.
+    pub prep_state_dir: String,
     /// Total time to wait for a node to answer SSH (runbook 001: 60 × 5 s).
     pub reach_patience_ms: u64,
     /// Tries of one step (a dropped link, a non-zero exit) before the handler gives up.
@@ -86,6 +97,10 @@ impl Default for SshSettings {
             connect_timeout_ms: 10_000,
             command_timeout_ms: 60_000,
             prep_timeout_ms: 300_000,
+            prep_inline_wait_ms: 5_000,
+            prep_expected_ms: 120_000,
+            prep_poll_ms: 500,
+            prep_state_dir: "/var/lib/pnp/prep".into(),
             reach_patience_ms: 300_000,
             step_attempts: 4,
             retry_delay_ms: 1_000,
@@ -103,6 +118,9 @@ impl SshSettings {
     }
     pub fn prep_timeout(&self) -> Duration {
         Duration::from_millis(self.prep_timeout_ms.max(1))
+    }
+    pub fn prep_inline_wait(&self) -> Duration {
+        Duration::from_millis(self.prep_inline_wait_ms)
     }
     pub fn reach_patience(&self) -> Duration {
         Duration::from_millis(self.reach_patience_ms)
@@ -168,6 +186,10 @@ impl Settings {
         }
         if self.ssh.fresh_port == 0 || self.ssh.hardened_port == 0 {
             return Err(SettingsError("ssh.fresh_port and ssh.hardened_port must be set".into()));
+        }
+        let p = &self.ssh.prep_state_dir;
+        if !p.starts_with('/') || p.len() < 2 || p.contains("..") || p.bytes().any(|b| b.is_ascii_control()) {
+            return Err(SettingsError("ssh.prep_state_dir must be an absolute path".into()));
         }
         if self.sudo.bytes().any(|b| b.is_ascii_control()) {
             return Err(SettingsError("sudo must be one line".into()));

@@ -63,6 +63,8 @@ pub struct Host {
     pub listener: Option<Listener>,
     pub hardened: bool,
     pub prep_runs: u32,
+    /// The OS prep started detached (`# pnp:prep-start`), running on without a session.
+    pub prep_job: Option<PrepJob>,
     pub up_runs: u32,
     pub containers_up: bool,
     /// Whether the containers were ever created (for `docker logs`).
@@ -74,6 +76,20 @@ pub struct Host {
     pub nic: Nic,
     pub sidecar: Option<sidecar::SidecarRun>,
     pub usage: UsageTrack,
+}
+
+/// A detached OS prep: started at, and once finished its exit status, duration and output tail.
+#[derive(Debug, Clone)]
+pub struct PrepJob {
+    pub started: std::time::Instant,
+    pub result: Option<PrepResult>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrepResult {
+    pub rc: u32,
+    pub ms: u64,
+    pub tail: String,
 }
 
 pub fn new_host_key() -> PrivateKey {
@@ -93,6 +109,7 @@ impl Host {
             listener: None,
             hardened: false,
             prep_runs: 0,
+            prep_job: None,
             up_runs: 0,
             containers_up: false,
             containers_created: false,

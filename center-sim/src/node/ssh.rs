@@ -422,6 +422,12 @@ fn guard_command_line(sim: &Sim, id: &str, raw: &str, p: &Parsed) -> Option<Canc
     Some(life)
 }
 
+/// Marks the deployer's detached-prep launcher script (`bash -s` on stdin): start the prep in
+/// the background, or report the one already started, and return at once.
+pub const PREP_START_MARK: &str = "# pnp:prep-start";
+/// Marks the deployer's status script: report the detached prep's state.
+pub const PREP_STATUS_MARK: &str = "# pnp:prep-status";
+
 async fn prep(sim: &Sim, id: &str, root: bool, script: Vec<u8>, life: CancellationToken) -> Output {
     if script.iter().all(u8::is_ascii_whitespace) {
         return ok("");
@@ -429,6 +435,63 @@ async fn prep(sim: &Sim, id: &str, root: bool, script: Vec<u8>, life: Cancellati
     if !root {
         return fail(1, "provision-node.sh: must be run as root");
     }
+    let text = String::from_utf8_lossy(&script);
+    if text.lines().any(|l| l.trim_start().starts_with(PREP_STATUS_MARK)) {
+        return prep_status(sim, id);
+    }
+    if text.lines().any(|l| l.trim_start().starts_with(PREP_START_MARK)) {
+        return prep_start(sim, id, life);
+    }
+    run_prep(sim, id, life).await
+}
+
+/// Starts the prep as a job of the host (it outlives the session, ends with the instance).
+fn prep_start(sim: &Sim, id: &str, life: CancellationToken) -> Output {
+    {
+        let mut st = sim.st();
+        let Some(inst) = st.cloud.instances.get_mut(id).filter(|i| i.live()) else {
+            return fail(255, "connection to host lost");
+        };
+        match &inst.host.prep_job {
+            Some(j) if j.result.is_none() => return ok("pnp-prep: running\n"),
+            Some(j) if j.result.as_ref().is_some_and(|r| r.rc == 0) => return ok("pnp-prep: done\n"),
+            _ => {}
+        }
+        inst.host.prep_job = Some(super::PrepJob { started: std::time::Instant::now(), result: None });
+    }
+    let (sim, id) = (sim.clone(), id.to_string());
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let out = run_prep(&sim, &id, life).await;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        let mut st = sim.st();
+        if let Some(job) = st.cloud.instances.get_mut(&id).and_then(|i| i.host.prep_job.as_mut()) {
+            job.result = Some(super::PrepResult { rc: out.status, ms: started.elapsed().as_millis() as u64, tail });
+        }
+    });
+    ok("pnp-prep: started\n")
+}
+
+/// What the status script prints: `absent`, `running ms=N`, or `done rc=R ms=N` + the log tail.
+fn prep_status(sim: &Sim, id: &str) -> Output {
+    let st = sim.st();
+    let Some(inst) = st.cloud.instances.get(id).filter(|i| i.live()) else {
+        return fail(255, "connection to host lost");
+    };
+    match &inst.host.prep_job {
+        None => ok("pnp-prep: absent\n"),
+        Some(j) => match &j.result {
+            None => ok(format!("pnp-prep: running ms={}\n", j.started.elapsed().as_millis())),
+            Some(r) => ok(format!("pnp-prep: done rc={} ms={}\n{}\n", r.rc, r.ms, r.tail)),
+        },
+    }
+}
+
+/// The prep itself: the fault knobs' delay and failure, then SSH moves to the hardened port.
+async fn run_prep(sim: &Sim, id: &str, life: CancellationToken) -> Output {
     let (delay, fails, os) = {
         let mut st = sim.st();
         let delay = st.faults.prep_delay_ms;

@@ -67,6 +67,8 @@ pub struct Deployer {
     pub proc: Proc,
     pub log: PathBuf,
     pub data_dir: PathBuf,
+    /// Where its /metrics are served.
+    pub ops_port: u16,
 }
 
 pub struct DeployerConfig {
@@ -99,6 +101,7 @@ impl Deployer {
         std::fs::create_dir_all(&cfg.data_dir)?;
         let log = cfg.data_dir.join(format!("deployer-{}.log", rand_hex(3)));
         let out = std::fs::File::create(&log)?;
+        let ops_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_svc-deployer"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -109,7 +112,7 @@ impl Deployer {
             .env("PN_CENTER_URL", &cfg.center_url)
             .env("PN_CENTER_TOKEN", CENTER_TOKEN)
             .env("PN_SEAL_KEY", cfg.seal_hex.expose_secret())
-            .env("PN_OPS_LISTEN", "127.0.0.1:0")
+            .env("PN_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))
             .env("PN_SSH__RETRY_DELAY_MS", "200")
             .env("PN_SSH__CONNECT_TIMEOUT_MS", "3000")
             .env("PN_SSH__REACH_PATIENCE_MS", "30000");
@@ -117,11 +120,22 @@ impl Deployer {
             cmd.env(k, v);
         }
         let child = cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().context("spawn svc-deployer")?;
-        Ok(Deployer { proc: Proc { child, name: "svc-deployer".into() }, log, data_dir: cfg.data_dir.clone() })
+        Ok(Deployer { proc: Proc { child, name: "svc-deployer".into() }, log, data_dir: cfg.data_dir.clone(), ops_port })
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The sum of a metric's samples on the deployer's /metrics (0 when absent).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        kit::init_crypto();
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port)).await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     /// Fails (with the log) if the process exited.

@@ -158,7 +158,8 @@ async fn a_second_delivery_and_a_replay_keep_prep_and_secret() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deployer_killed_mid_prep_finishes_after_restart() {
     let s = Stack::start().await;
-    s.sim.faults(json!({"prepDelayMs": 60_000})).await.unwrap();
+    // Long enough that the kill lands while the prep runs on the node.
+    s.sim.faults(json!({"prepDelayMs": 6_000})).await.unwrap();
     let mut cfg = s.config();
     // A short AckWait so the unacked message comes back soon after the kill.
     cfg.set("PN_ACK_WAIT_MS", "2000");
@@ -176,7 +177,6 @@ async fn a_deployer_killed_mid_prep_finishes_after_restart() {
     .unwrap();
     d.proc.kill(); // SIGKILL, mid-prep
     let first_log = d.log_text();
-    s.sim.faults(json!({"prepDelayMs": 200})).await.unwrap();
 
     let mut d = Deployer::start(&cfg).unwrap();
     let nd = s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{first_log}\n---\n{}", d.log_text()));
@@ -186,9 +186,9 @@ async fn a_deployer_killed_mid_prep_finishes_after_restart() {
     let i = s.sim.instance(&inst.instance_id).await.unwrap();
     assert_eq!(i["hardened"], true);
     assert_eq!(i["containersUp"], true);
-    // The prep was never recorded as done, so the restarted deployer ran it again (it is
-    // idempotent); reaching the node on either port.
-    assert!(i["prepRuns"].as_u64() >= Some(2), "{i}");
+    // The prep runs detached on the node: it outlived the deployer, and the restarted one
+    // found it running (its start was recorded before the kill) instead of starting another.
+    assert_eq!(i["prepRuns"], 1, "{i}");
     eventually("operation done", PATIENCE, || async {
         let o = s.sim.operation(&op.operation_id).await.ok()?;
         (o["status"] == "done").then_some(())
@@ -277,4 +277,51 @@ async fn an_account_without_a_key_fails_at_once_and_unknown_replays_are_dropped(
     s.bus.wait_acked(subjects::REPLAY_STREAM, "svc-deployer-replay", seq, PATIENCE).await.unwrap();
     assert_eq!(s.bus.count(subjects::FAILED, &unknown).await, 0, "an unknown replay is dropped, not failed");
     d.assert_alive();
+}
+
+/// A slow prep parks the operation (no session or handler held: the deployer's metrics count
+/// the parks) and it is picked up again when the prep ends; the prep ran once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_prep_parks_the_operation_and_resumes_it() {
+    let s = Stack::start().await;
+    s.sim.faults(json!({"prepDelayMs": 3_000})).await.unwrap();
+    let mut cfg = s.config();
+    cfg.set("PN_SSH__PREP_INLINE_WAIT_MS", "300").set("PN_SSH__PREP_POLL_MS", "200");
+    let mut d = Deployer::start(&cfg).unwrap();
+    let (ir, claim) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+    let nd = s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    d.assert_alive();
+    let i = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(i["prepRuns"], 1, "{i}");
+    assert_eq!(i["containersUp"], true);
+    let parks = d.metric("pn_handler_parks_total").await.unwrap();
+    assert!(parks >= 1.0, "the operation never parked ({parks})");
+    let env = s.sim.node_env(&inst.name).unwrap();
+    assert_eq!(nd.node_secret_sha256, sha256_hex_text(&env["K2_NODE_SECRET"]));
+    s.assert_no_leaks(&d, &[claim.expose_secret(), &env["K2_NODE_SECRET"]]);
+}
+
+/// A prep that keeps failing is started `step_attempts` times, then the operation fails with
+/// the node's exit status and output tail; nothing is deployed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_prep_is_retried_then_fails_with_its_tail() {
+    let s = Stack::start().await;
+    s.sim.faults(json!({"prepFailRate": 1.0})).await.unwrap();
+    let mut cfg = s.config();
+    cfg.set("PN_SSH__STEP_ATTEMPTS", "3").set("PN_SSH__RETRY_DELAY_MS", "100");
+    let _d = Deployer::start(&cfg).unwrap();
+    let (ir, _claim) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+    let f = s.bus.wait_failed(&op.operation_id, PATIENCE).await.unwrap();
+    assert!(f.reason.contains("step `prep` exited 100 after 3 tries"), "{}", f.reason);
+    assert!(f.reason.contains("dpkg"), "the node's output tail is in the reason: {}", f.reason);
+    let i = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(i["prepRuns"], 3, "{i}");
+    assert_eq!(i["containersUp"], false);
+    assert_eq!(s.bus.count(subjects::DEPLOYED, &op.operation_id).await, 0);
 }

@@ -165,6 +165,7 @@ async fn deploys_over_real_openssh_without_secrets_on_any_command_line() {
     let prep = dir.join("prep-standin.sh");
     std::fs::write(&prep, format!("echo \"prep as uid $(id -u)\" >> {}\nsleep 1\n", prep_log.display())).unwrap();
 
+    let prep_state = dir.join("var/lib/pnp/prep");
     let sshd = start_sshd(dir, &admin.public, &bin);
     let deploy_dir = dir.join("apps/kaitu-slave");
     let nats = Nats::start().unwrap();
@@ -177,6 +178,11 @@ async fn deploys_over_real_openssh_without_secrets_on_any_command_line() {
         .set("PN_SSH__HARDENED_PORT", sshd.port.to_string())
         .set("PN_DEPLOY_DIR", deploy_dir.display().to_string())
         .set("PN_PREP_SCRIPT", prep.display().to_string())
+        .set("PN_SSH__PREP_STATE_DIR", prep_state.display().to_string())
+        // The stand-in prep takes 1 s: longer than this, so the operation parks, the session
+        // closes, and the prep must live on detached under real sshd.
+        .set("PN_SSH__PREP_INLINE_WAIT_MS", "300")
+        .set("PN_SSH__PREP_POLL_MS", "200")
         .set("PN_SUDO", "sudo");
     let sampler = CmdlineSampler::start();
     let mut d = Deployer::start(&cfg).unwrap();
@@ -242,6 +248,11 @@ async fn deploys_over_real_openssh_without_secrets_on_any_command_line() {
     // The prep ran once, as root; docker was called in the deploy dir with pull then up -d.
     let preps = std::fs::read_to_string(&prep_log).unwrap();
     assert_eq!(preps.lines().collect::<Vec<_>>(), vec!["prep as uid 0"]);
+    // It ran detached, from the launcher's root-only state dir, and finished with 0.
+    assert_eq!(std::fs::read_to_string(prep_state.join("rc")).unwrap().trim(), "0");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&prep_state).unwrap().permissions().mode() & 0o777, 0o700);
+    assert!(d.metric("pn_handler_parks_total").await.unwrap() >= 1.0, "the 1 s prep should have parked the operation");
     let dd = deploy_dir.display().to_string();
     let docker_calls = |n| {
         let text = std::fs::read_to_string(&docker_log).unwrap();
