@@ -416,17 +416,26 @@ impl Deployer {
                             since_start / 1000
                         )));
                     }
-                    if Instant::now() + pause < inline_until {
-                        tokio::time::sleep(pause).await;
+                    let expected = self.expected_prep_ms();
+                    let after = match expected {
+                        Some(e) => prep::next_check_ms(ms, e, ssh.prep_poll_ms),
+                        // Nothing learned yet: look again after half the time it has run.
+                        None => (ms / 2).clamp(ssh.prep_poll_ms.max(100), ssh.prep_expected_ms.max(1000)),
+                    };
+                    // Wait here only for a prep about to end: one expected within the inline
+                    // window (or, before anything was learned, any within it). A late prep or
+                    // a long one parks at once — a session held for it would be wasted.
+                    let nap = match expected {
+                        Some(e) if ms < e => Some(Duration::from_millis(e - ms).max(pause)),
+                        Some(_) => None,
+                        None => Some(pause),
+                    };
+                    if let Some(nap) = nap.filter(|n| Instant::now() + *n < inline_until) {
+                        tokio::time::sleep(nap).await;
                         pause = (pause * 3 / 2).min(Duration::from_secs(1));
                         continue;
                     }
-                    let after = Duration::from_millis(match self.expected_prep_ms() {
-                        Some(expected) => prep::next_check_ms(ms, expected, ssh.prep_poll_ms),
-                        // Nothing learned yet: look again after half the time it has run.
-                        None => (ms / 2).clamp(ssh.prep_poll_ms.max(100), ssh.prep_expected_ms.max(1000)),
-                    });
-                    return Err(DeployError::Waiting { what: "the OS prep on the node".into(), after });
+                    return Err(DeployError::Waiting { what: "the OS prep on the node".into(), after: Duration::from_millis(after) });
                 }
             }
         }

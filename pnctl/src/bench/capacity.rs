@@ -1,11 +1,12 @@
 //! The in-flight capacity part of `pnctl bench pipeline --realistic`: operations are parked in
-//! their longest wait (the OS prep, which the deployer waits out on an open SSH session) and
+//! their longest wait (the OS prep, which runs detached on the node while the deployer keeps
+//! the operation parked in JetStream — no session, no handler) and
 //! each process's RSS is measured at several in-flight levels; a least-squares line through
 //! (level, RSS) gives the memory per in-flight operation.
 //!
 //! It stops at the first level it cannot reach, or — before trying — at a level that would
-//! exhaust a process's open-file limit (the simulator holds a listener and a connection per
-//! parked node; the deployer a connection), and says which limit stopped it.
+//! exhaust a process's open-file limit (the simulator holds a listener per parked node), and
+//! says which limit stopped it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -201,7 +202,9 @@ pub async fn run(stack: &BenchStack, http: &reqwest::Client, opts: &CapacityOpts
             break;
         }
         let reached_in_ms = started.elapsed().as_millis() as u64;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The deployer watches a started prep on its session for PN_SSH__PREP_INLINE_WAIT_MS
+        // (5 s) before parking the operation: sample once the last ones have parked.
+        tokio::time::sleep(Duration::from_secs(8)).await;
         let l = Level { in_flight: level, rss_bytes: sample(http, &procs).await, open_fds: fds(&procs), reached_in_ms, load1: procfs::load1() };
         if !opts.json {
             let total: u64 = stack.services().iter().filter_map(|s| l.rss_bytes.get(&s.name)).sum();

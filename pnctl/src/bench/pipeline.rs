@@ -58,8 +58,8 @@ pub struct PipelineArgs {
     /// reports at once instead of at its next interval).
     #[arg(long)]
     pub customer_traffic: bool,
-    /// PN_MAX_IN_FLIGHT for the services (default 256; with --realistic enough for the
-    /// largest capacity level).
+    /// PN_MAX_IN_FLIGHT for the services (default 256, the services' own default: operations
+    /// waiting on a node's prep are parked, they hold no handler slot).
     #[arg(long)]
     pub max_in_flight: Option<usize>,
     /// With --realistic: the in-flight levels at which memory is measured.
@@ -165,8 +165,7 @@ pub async fn run(args: &PipelineArgs, data_dir: Option<PathBuf>) -> anyhow::Resu
     anyhow::ensure!(args.intents > 0, "--intents must be at least 1");
     anyhow::ensure!(args.scale > 0.0, "--scale must be positive");
     let capacity_on = args.realistic && !args.no_capacity;
-    let top_level = if capacity_on { args.levels.iter().copied().max().unwrap_or(0) } else { 0 };
-    let max_in_flight = args.max_in_flight.unwrap_or_else(|| 256.max(top_level + top_level / 5));
+    let max_in_flight = args.max_in_flight.unwrap_or(256);
     let mut env = vec![("PN_MAX_IN_FLIGHT".to_string(), max_in_flight.to_string())];
     if capacity_on {
         // The capacity phase parks operations in the OS prep far longer than its 5-minute
