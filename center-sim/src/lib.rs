@@ -15,7 +15,9 @@ pub mod node;
 pub mod sim;
 pub mod slave;
 
+use std::ffi::OsString;
 use std::future::Future;
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -67,10 +69,45 @@ pub struct Settings {
 impl Settings {
     /// Flags and `PN_SIM_*` (clap exits with usage on a bad flag), plus `PN_CENTER_TOKEN`.
     pub fn load() -> Settings {
-        let mut s = Settings::parse();
+        Settings::load_from(std::env::args_os())
+    }
+
+    /// As [`Settings::load`], with the flags from `args`, whose first item is the program name
+    /// (skipped, as argv[0] is): `pnp center-sim --listen …` passes `["center-sim", "--listen", …]`.
+    pub fn load_from<I, T>(args: I) -> Settings
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut s = Settings::parse_from(args);
         s.center_token = std::env::var("PN_CENTER_TOKEN").ok().map(SecretString::from);
         s
     }
+}
+
+/// The `center-sim` process: logging, settings from `args` (argv-shaped: program name first)
+/// and `PN_SIM_*`, then the first stdout line `center-sim listening on http://ADDR` (scripts
+/// and tests read it) and the simulator until SIGTERM/Ctrl-C. It builds its own multi-thread
+/// runtime so that `main.rs` and the multi-call binary `pnp center-sim` share it.
+pub fn main_entry<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+        let format = match std::env::var("PN_LOG_FORMAT").unwrap_or_default().as_str() {
+            "json" => kit::config::LogFormat::Json,
+            "human" => kit::config::LogFormat::Human,
+            _ => kit::config::LogFormat::Auto,
+        };
+        kit::telemetry::init(format);
+        let settings = Settings::load_from(args);
+        let app = App::build(settings).await?;
+        let mut out = std::io::stdout();
+        writeln!(out, "center-sim listening on {}", app.base_url())?;
+        out.flush()?;
+        app.run(kit::shutdown::signal()).await
+    })
 }
 
 /// A built simulator: bound, not yet serving.

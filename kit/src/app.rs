@@ -43,7 +43,7 @@ impl Runtime {
         let token = common.center_token()?;
         let bus = Bus::connect(&common.nats_url, service, Duration::from_secs(30)).await?;
         bus.ensure_streams_with(common.stream_replicas).await?;
-        let store = Store::open(&common.data_dir.join(service)).context("open state store")?;
+        let store = Store::open_with_cache(&common.data_dir.join(service), common.state_cache_mb).context("open state store")?;
         let center: Arc<dyn Center> =
             McpCenter::new(ClientConfig::new(&common.center_url, Duration::from_millis(common.center_timeout_ms)), token)?;
         let shutdown = CancellationToken::new();

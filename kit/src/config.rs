@@ -63,6 +63,8 @@ pub struct Common {
     /// Operations a stage may keep parked while they wait on something slow outside (a node's
     /// OS prep): each costs a stored record and a pending JetStream message, not a handler.
     pub max_parked: i64,
+    /// sled's page cache, MiB: how much of the stored records stays in memory.
+    pub state_cache_mb: u64,
     /// JetStream replicas for the streams this service creates (3 on a 3-server cluster).
     pub stream_replicas: usize,
 }
@@ -82,6 +84,7 @@ impl Default for Common {
             ack_wait_ms: 30_000,
             max_deliver: 8,
             max_parked: 20_000,
+            state_cache_mb: crate::state::DEFAULT_CACHE_MB,
             stream_replicas: 1,
         }
     }

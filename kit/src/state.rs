@@ -58,6 +58,9 @@ pub struct Store {
     flusher: mpsc::UnboundedSender<FlushWaiter>,
 }
 
+/// sled's page cache per service unless `PN_STATE_CACHE_MB` says otherwise.
+pub const DEFAULT_CACHE_MB: u64 = 8;
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
@@ -65,10 +68,19 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime.
+    /// Opens (or creates) the store in `dir` with the default page cache (`DEFAULT_CACHE_MB`).
+    /// Must be called inside a tokio runtime.
     pub fn open(dir: &Path) -> Result<Store, StateError> {
+        Store::open_with_cache(dir, DEFAULT_CACHE_MB)
+    }
+
+    /// Opens the store with sled's page cache capped at `cache_mb` MiB: the records of
+    /// operations nobody is working on (parked, done) leave memory for the disk beyond it, so
+    /// a service's memory does not grow with the operations it remembers.
+    pub fn open_with_cache(dir: &Path, cache_mb: u64) -> Result<Store, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| StateError::Store(format!("{}: {e}", dir.display())))?;
-        let db = sled::Config::new().path(dir.join("state.sled")).mode(sled::Mode::LowSpace).cache_capacity(32 * 1024 * 1024).open()?;
+        let cache = cache_mb.clamp(1, 1 << 16) * 1024 * 1024;
+        let db = sled::Config::new().path(dir.join("state.sled")).mode(sled::Mode::LowSpace).cache_capacity(cache).open()?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(flusher(db.clone(), rx));
         Ok(Store { db, flusher: tx })
@@ -186,9 +198,62 @@ impl<T: Record> Table<T> {
     }
 }
 
+/// `#[serde(with = "kit::state::b64")]` for a `Vec<u8>` field of a record: stored as one
+/// base64 string (4 bytes per 3) instead of a JSON array of numbers (up to 4 per byte) — a
+/// record's size is what an operation costs in memory while sled caches it. Reads either form,
+/// so records written before the switch still load.
+pub mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("base64 text or an array of bytes")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+                STANDARD.decode(v).map_err(|_| E::custom("invalid base64"))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq, Default)]
+    struct Blob {
+        #[serde(with = "super::b64", default)]
+        pb: Vec<u8>,
+    }
+
+    #[test]
+    fn bytes_are_stored_as_base64_and_old_arrays_still_read() {
+        let b = Blob { pb: vec![0, 1, 254, 255] };
+        let text = serde_json::to_string(&b).unwrap_or_default();
+        assert_eq!(text, r#"{"pb":"AAH+/w=="}"#);
+        assert_eq!(serde_json::from_str::<Blob>(&text).ok(), Some(Blob { pb: vec![0, 1, 254, 255] }));
+        assert_eq!(serde_json::from_str::<Blob>(r#"{"pb":[0,1,254,255]}"#).ok(), Some(Blob { pb: vec![0, 1, 254, 255] }));
+        assert_eq!(serde_json::from_str::<Blob>("{}").ok(), Some(Blob::default()));
+        assert!(serde_json::from_str::<Blob>(r#"{"pb":"not base64!"}"#).is_err());
+        assert!(serde_json::from_str::<Blob>(r#"{"pb":[256]}"#).is_err());
+    }
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
     struct Rec {

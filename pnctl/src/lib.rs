@@ -1,17 +1,20 @@
 //! pnctl, the operator's CLI: the dev stack (`up`, `down`, the supervisor and `stack.json`),
 //! the end-to-end `demo`, and the tools that read the pipeline — `status`, `tail`, `decode`,
-//! `replay`, `ledger`. One module per command; `main.rs` only parses arguments.
+//! `replay`, `ledger`. One module per command; `cli` parses the arguments (`main.rs` only calls
+//! it), and `multicall` is the `pnp` binary that runs every Pnp program from one executable.
 //!
 //! Invariant: pnctl never prints a secret. It generates the dev secrets, hands them to the
 //! children it starts through their environment, and otherwise only reads sealed or hashed
 //! forms from NATS.
 
 pub mod bench;
+pub mod cli;
 pub mod decode;
 pub mod demo;
 pub mod endpoints;
 pub mod events;
 pub mod ledger;
+pub mod multicall;
 pub mod replay;
 pub mod stack;
 pub mod status;

@@ -13,6 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -1024,7 +1025,10 @@ pub async fn up_detached(opts: &UpOptions) -> anyhow::Result<Detached> {
     let log_path = layout.log("pnctl");
     let log = OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("open {}", log_path.display()))?;
     let exe = std::env::current_exe().context("locate the pnctl executable")?;
+    // argv[0] "pnctl": the multi-call `pnp` (whose current_exe this may be) dispatches on it,
+    // and `down` recognises the supervisor by it (`is_supervisor`).
     let mut child = std::process::Command::new(exe)
+        .arg0("pnctl")
         .arg("up")
         .arg("--daemon")
         .arg("--data-dir")

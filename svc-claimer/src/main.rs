@@ -1,6 +1,5 @@
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let settings: svc_claimer::Settings = kit::config::load()?;
-    kit::telemetry::init(settings.common.log_format);
-    svc_claimer::App::build(settings).await?.run(kit::shutdown::signal()).await
+//! `svc-claimer`: see the library. Configured only by `PN_*`; the same code runs as `pnp svc-claimer`.
+
+fn main() -> anyhow::Result<()> {
+    svc_claimer::main_entry()
 }

@@ -11,6 +11,7 @@ pub struct OpRecord {
     pub claim_attempt: u32,
     pub lease_seconds: u32,
     /// The `pn.v1.Operation` as published (protobuf bytes; the claim token inside is sealed).
+    #[serde(with = "kit::state::b64", default)]
     pub op_pb: Vec<u8>,
     pub published: bool,
     pub instance_id: Option<String>,

@@ -1,6 +1,5 @@
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let settings: svc_cloud::Settings = kit::config::load()?;
-    kit::telemetry::init(settings.common.log_format);
-    svc_cloud::App::build(settings).await?.run(kit::shutdown::signal()).await
+//! `svc-cloud`: see the library. Configured only by `PN_*`; the same code runs as `pnp svc-cloud`.
+
+fn main() -> anyhow::Result<()> {
+    svc_cloud::main_entry()
 }

@@ -8,6 +8,7 @@ pub struct CloudRecord {
     pub operation_id: String,
     pub sub_id: String,
     /// The claimed `pn.v1.Operation` (protobuf; its claim token is sealed), for replay.
+    #[serde(with = "kit::state::b64", default)]
     pub op_pb: Vec<u8>,
     /// Set (and flushed) before the first create call: a crash after it means any
     /// `pn-<subId>` instance found later is this operation's own.

@@ -103,13 +103,14 @@ pub fn parse_status(stdout: &str) -> Result<PrepStatus, String> {
     }
 }
 
-/// When a parked operation's prep should be looked at again: when preps have been taking
-/// (`expected_ms`, learned) — one look for a prep on time — then, if it is late, after as long
-/// as it is late but at least an eighth of the expected time: the lateness doubles between
-/// looks, so an overdue prep is polled ever less often. Bounded by `[poll_ms, 5 min]`.
+/// When a parked operation's prep should be looked at again: just after preps have been
+/// taking (`expected_ms`, learned; a quarter poll late, so a look does not land a hair before
+/// the end) — one look for a prep on time — then, if it is late, after as long as it is late:
+/// the lateness doubles between looks (0.5, 1, 2, 4 … s), so an overdue prep is polled ever
+/// less often while a slightly late one costs little. Bounded by `[poll_ms, 5 min]`.
 pub fn next_check_ms(running_ms: u64, expected_ms: u64, poll_ms: u64) -> u64 {
     let poll = poll_ms.max(100);
-    let wait = if running_ms < expected_ms { expected_ms - running_ms } else { (running_ms - expected_ms).max(expected_ms / 8) };
+    let wait = if running_ms < expected_ms { expected_ms - running_ms + poll / 4 } else { running_ms - expected_ms };
     wait.clamp(poll, 300_000.max(poll))
 }
 
@@ -134,12 +135,12 @@ mod tests {
 
     #[test]
     fn the_next_check_comes_when_preps_end_then_backs_off() {
-        assert_eq!(next_check_ms(5_000, 120_000, 500), 115_000);
+        assert_eq!(next_check_ms(5_000, 120_000, 500), 115_125);
         assert_eq!(next_check_ms(119_900, 120_000, 500), 500);
-        assert_eq!(next_check_ms(124_000, 120_000, 500), 15_000);
+        assert_eq!(next_check_ms(120_100, 120_000, 500), 500);
+        assert_eq!(next_check_ms(124_000, 120_000, 500), 4_000);
         assert_eq!(next_check_ms(200_000, 120_000, 500), 80_000);
         assert_eq!(next_check_ms(10_000_000, 120_000, 500), 300_000);
-        assert_eq!(next_check_ms(9_000, 1_000, 500), 8_000);
     }
 
     #[test]

@@ -16,7 +16,11 @@ pub const TABLE: &str = "deploy";
 /// One operation's deploy state. Key: the operation id.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DeployRecord {
-    /// The `InstanceReady` this deploy works from, protobuf, hex.
+    /// The `InstanceReady` this deploy works from, protobuf (base64 in the stored JSON).
+    #[serde(with = "kit::state::b64", default)]
+    pub input: Vec<u8>,
+    /// The same, hex, in records written before `input` existed; read, never written.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub input_hex: String,
     pub claim_attempt: u32,
     /// The instance the host key and the prep belong to; a new instance resets both.
@@ -70,6 +74,9 @@ impl DeployRecord {
     }
 
     pub fn input(&self) -> Option<InstanceReady> {
+        if !self.input.is_empty() {
+            return InstanceReady::decode(self.input.as_slice()).ok();
+        }
         let bytes = hex::decode(&self.input_hex).ok()?;
         InstanceReady::decode(bytes.as_slice()).ok()
     }
@@ -86,7 +93,8 @@ impl DeployRecord {
             self.instance_id = instance_id;
         }
         self.claim_attempt = input.op.as_ref().map(|o| o.claim_attempt).unwrap_or(0);
-        self.input_hex = hex::encode(input.encode_to_vec());
+        self.input = input.encode_to_vec();
+        self.input_hex.clear();
     }
 
     /// The outcome is recorded for this input (same instance, same or newer claim).
@@ -107,6 +115,23 @@ mod tests {
             instance: Some(Instance { instance_id: instance.into(), ..Default::default() }),
             ready_at_ms: 1,
         }
+    }
+
+    #[test]
+    fn records_from_before_the_base64_input_still_load() {
+        let old = serde_json::json!({
+            "input_hex": hex::encode(ir("i-1", 3).encode_to_vec()), "claim_attempt": 3, "instance_id": "i-1",
+            "host_key": null, "prepared": true, "sealed_node_secret_hex": null, "runs": 1, "deployed": null, "updated_at_ms": 5
+        });
+        let r: DeployRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(r.input().unwrap(), ir("i-1", 3));
+        assert!(r.prepared && r.prep_started_at_ms.is_none());
+        let mut r = r;
+        r.set_input(&ir("i-1", 4));
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(!text.contains("input_hex"), "{text}");
+        let back: DeployRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.input().unwrap(), ir("i-1", 4));
     }
 
     #[test]

@@ -1,6 +1,5 @@
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let settings: svc_verifier::Settings = kit::config::load()?;
-    kit::telemetry::init(settings.common.log_format);
-    svc_verifier::App::build(settings).await?.run(kit::shutdown::signal()).await
+//! `svc-verifier`: see the library. Configured only by `PN_*`; the same code runs as `pnp svc-verifier`.
+
+fn main() -> anyhow::Result<()> {
+    svc_verifier::main_entry()
 }

@@ -5,7 +5,8 @@
 //! - `kubernetes-validate --strict` (PyPI, bundled schemas) checks every rendered document
 //!   against the Kubernetes 1.31 API;
 //! - `hadolint` lints `deploy/Dockerfile`, and the image rules the project sets are asserted
-//!   here too (pinned bases, distroless non-root runtime, no shell, every binary);
+//!   here too (pinned bases, distroless non-root runtime, no shell, the one multi-call binary
+//!   `pnp` that runs every program);
 //! - the rendered YAML is parsed and every workload is held to the restricted Pod Security
 //!   Standard plus the project's own rules (read-only root, writable only `/data` and `/tmp`,
 //!   secrets only by reference, drain time);
@@ -31,7 +32,11 @@ use serde_json::{Value, json};
 const NS: &str = "pn-system";
 const K8S_VERSION: &str = "1.31";
 const SERVICES: [&str; 5] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter"];
-const BINARIES: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter", "center-sim", "pnctl"];
+/// The programs of the workspace; the image runs each through its one binary, `pnp <program>`.
+const PROGRAMS: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter", "center-sim", "pnctl"];
+/// The image's one binary (pnctl/src/bin/pnp.rs, dispatch in pnctl/src/multicall.rs) and where it goes.
+const IMAGE_BINARY: &str = "pnp";
+const IMAGE_BINARY_PATH: &str = "/usr/local/bin/pnp";
 const SECRETS: [&str; 3] = ["pn-seal-key", "pn-center-token", "pn-ssh-admin-keys"];
 const NONROOT: i64 = 65532;
 /// The services that open SSH sessions to nodes: they alone hold the admin keys and reach port 22/1022.
@@ -307,10 +312,15 @@ fn dockerfile_passes_hadolint() {
 }
 
 #[test]
-fn dockerfile_builds_one_static_nonroot_image_with_every_binary() {
+fn dockerfile_builds_one_static_nonroot_image_with_the_multi_call_binary() {
     let ins = dockerfile();
-    let bins: BTreeSet<String> = BINARIES.iter().map(|s| s.to_string()).collect();
-    assert_eq!(workspace_binaries(), bins, "the image's binaries must be the workspace's binary crates");
+    let programs: BTreeSet<String> = PROGRAMS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(workspace_binaries(), programs, "the image's programs must be the workspace's binary crates");
+    // …and the multi-call binary must know each of them by its name.
+    let multicall = std::fs::read_to_string(root().join("pnctl/src/multicall.rs")).expect("pnctl/src/multicall.rs");
+    for p in PROGRAMS {
+        assert!(multicall.contains(&format!("\"{p}\"")), "pnp (pnctl/src/multicall.rs) does not dispatch {p}");
+    }
 
     // Global ARG defaults, for resolving ${…} in FROM lines.
     let mut args = BTreeMap::new();
@@ -362,26 +372,32 @@ fn dockerfile_builds_one_static_nonroot_image_with_every_binary() {
     assert!(uid == "65532" || uid == "nonroot", "runtime USER must be 65532 (nonroot), is {user}");
     if let Some(cmd) = final_stage.iter().rev().find(|i| i.op == "CMD") {
         assert!(cmd.args.starts_with('['), "CMD must be exec form (no shell at run time): {}", cmd.args);
+        assert!(cmd.args.contains(IMAGE_BINARY_PATH), "CMD runs something the image does not hold: {}", cmd.args);
     }
-    let copied: BTreeSet<String> = final_stage
-        .iter()
-        .filter(|i| i.op == "COPY" && i.args.contains("--from="))
-        .flat_map(|i| i.args.split_whitespace().filter(|w| !w.starts_with("--")).map(|w| w.rsplit('/').next().unwrap_or("").to_string()))
-        .collect();
-    for b in BINARIES {
-        assert!(copied.contains(b), "runtime stage does not copy {b}");
-    }
-    let copy_dest = final_stage.iter().find(|i| i.op == "COPY").unwrap().args.split_whitespace().last().unwrap().to_string();
-    assert_eq!(copy_dest, "/usr/local/bin/", "binaries go to /usr/local/bin (the manifests' commands use it)");
+    // Exactly one file is copied into the runtime stage: the multi-call binary, to the path the
+    // manifests' commands name.
+    let copies: Vec<&Instr> = final_stage.iter().filter(|i| i.op == "COPY").collect();
+    assert_eq!(copies.len(), 1, "the runtime stage copies one binary, not {}", copies.len());
+    let words: Vec<&str> = copies[0].args.split_whitespace().filter(|w| !w.starts_with("--")).collect();
+    assert!(copies[0].args.contains("--from="), "COPY --from the build stage: {}", copies[0].args);
+    assert_eq!(words.len(), 2, "COPY <one source> <destination>: {}", copies[0].args);
+    assert_eq!(words[0].rsplit('/').next(), Some(IMAGE_BINARY), "the runtime stage copies {IMAGE_BINARY}, not {}", words[0]);
+    let dest = if words[1].ends_with('/') { format!("{}{IMAGE_BINARY}", words[1]) } else { words[1].to_string() };
+    assert_eq!(dest, IMAGE_BINARY_PATH, "the binary goes to {IMAGE_BINARY_PATH} (the manifests' commands use it)");
 
-    // The build stage compiles every binary statically for musl, locked, in release mode.
+    // The build stage compiles only pnp, statically for musl, locked, with the size profile.
     let build_stage = &ins[..last];
     let build = build_stage.iter().find(|i| i.op == "RUN" && i.args.contains("cargo build")).expect("a cargo build");
-    for want in ["--release", "--locked", "--target"] {
+    for want in ["--profile image", "--locked", "--target", "-p pnctl --bin pnp"] {
         assert!(build.args.contains(want), "cargo build without {want}");
     }
-    for b in BINARIES {
-        assert!(build.args.contains(&format!("-p {b}")), "cargo build does not build {b}");
+    let cargo_build = build.args.split("cargo build").nth(1).and_then(|c| c.split("&&").next()).unwrap_or("");
+    assert_eq!(cargo_build.matches(" -p ").count(), 1, "cargo build builds one package (pnctl, for pnp): {cargo_build}");
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let profile = manifest.split("[profile.image]").nth(1).expect("[profile.image] in the root Cargo.toml");
+    let profile = profile.split("\n[").next().unwrap_or("");
+    for want in ["inherits = \"release\"", "lto = \"fat\"", "codegen-units = 1", "panic = \"abort\"", "strip = true"] {
+        assert!(profile.contains(want), "[profile.image] lacks {want}");
     }
     let target_arg = build_stage.iter().any(|i| i.op == "ARG" && i.args == "TARGET=x86_64-unknown-linux-musl");
     assert!(target_arg, "the build target must be x86_64-unknown-linux-musl");
@@ -550,7 +566,7 @@ fn services_run_as_the_contract_says() {
             let cs = arr(&w.spec()["containers"]);
             assert_eq!(cs.len(), 1, "{at}: one container");
             let c = &cs[0];
-            assert_eq!(c["command"], json!([format!("/usr/local/bin/{svc}")]), "{at}: the command names the binary");
+            assert_eq!(c["command"], json!([IMAGE_BINARY_PATH, svc]), "{at}: the command runs the service through the multi-call binary");
             assert!(c.get("args").is_none(), "{at}: configuration is environment only");
 
             let get = |v: &str| env_value(&r, c, v).unwrap_or_else(|| panic!("{at}: {v} not set"));

@@ -54,6 +54,11 @@ pub struct CapacityReport {
     pub r2: BTreeMap<String, f64>,
     /// Σ of the five services' slopes.
     pub services_bytes_per_op: f64,
+    /// The same fits without level 0: what one more parked operation costs once the stack
+    /// has run a level's burst — the first burst also raises each allocator's high-water mark
+    /// by up to PN_MAX_IN_FLIGHT busy handlers, a fixed cost, not one per operation.
+    pub marginal_bytes_per_op: BTreeMap<String, f64>,
+    pub services_marginal_bytes_per_op: f64,
     pub max_in_flight_reached: usize,
     /// Why it stopped where it did.
     pub stopped_because: String,
@@ -215,6 +220,7 @@ pub async fn run(stack: &BenchStack, http: &reqwest::Client, opts: &CapacityOpts
 
     let services: Vec<String> = stack.services().into_iter().map(|s| s.name).collect();
     let mut bytes_per_op = BTreeMap::new();
+    let mut marginal_bytes_per_op = BTreeMap::new();
     let mut r2 = BTreeMap::new();
     for p in &procs {
         let pts: Vec<(f64, f64)> =
@@ -222,14 +228,20 @@ pub async fn run(stack: &BenchStack, http: &reqwest::Client, opts: &CapacityOpts
         let (_, slope, fit) = linear_fit(&pts);
         bytes_per_op.insert(p.name.clone(), r3(slope));
         r2.insert(p.name.clone(), r3(fit));
+        let later: Vec<(f64, f64)> = pts.iter().copied().filter(|(x, _)| *x > 0.0).collect();
+        let marginal = if later.len() >= 2 { linear_fit(&later).1 } else { slope };
+        marginal_bytes_per_op.insert(p.name.clone(), r3(marginal));
     }
     let services_bytes_per_op = r3(services.iter().filter_map(|s| bytes_per_op.get(s)).sum());
+    let services_marginal_bytes_per_op = r3(services.iter().filter_map(|s| marginal_bytes_per_op.get(s)).sum());
     Ok(CapacityReport {
         max_in_flight_reached: levels.last().map(|l| l.in_flight).unwrap_or(0),
         levels,
         bytes_per_op,
         r2,
         services_bytes_per_op,
+        marginal_bytes_per_op,
+        services_marginal_bytes_per_op,
         stopped_because,
     })
 }
@@ -252,6 +264,9 @@ pub fn human(c: &CapacityReport) -> String {
     let mut slope = vec!["KiB/op".to_string()];
     slope.extend(names.iter().map(|n| format!("{:.2}", c.bytes_per_op.get(n).copied().unwrap_or(0.0) / 1024.0)));
     rows.push(slope);
+    let mut marginal = vec!["KiB/op, levels > 0".to_string()];
+    marginal.extend(names.iter().map(|n| format!("{:.2}", c.marginal_bytes_per_op.get(n).copied().unwrap_or(0.0) / 1024.0)));
+    rows.push(marginal);
     let mut fit = vec!["r²".to_string()];
     fit.extend(names.iter().map(|n| format!("{:.3}", c.r2.get(n).copied().unwrap_or(0.0))));
     rows.push(fit);
@@ -261,8 +276,9 @@ pub fn human(c: &CapacityReport) -> String {
     rows.push(files);
     out.push_str(&table(&rows));
     out.push_str(&format!(
-        "\nthe five services: {:.2} KiB per in-flight operation (goal < 4 KiB); reached {} in flight (goal 10,000); stopped: {}\n",
+        "\nthe five services: {:.2} KiB per in-flight operation (goal < 4 KiB; {:.2} KiB fitted over the levels above 0, without the first burst's fixed cost); reached {} in flight (goal 10,000); stopped: {}\n",
         c.services_bytes_per_op / 1024.0,
+        c.services_marginal_bytes_per_op / 1024.0,
         c.max_in_flight_reached,
         c.stopped_because
     ));

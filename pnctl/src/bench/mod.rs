@@ -67,7 +67,9 @@ impl BenchStack {
             None => (fresh_dir()?, true),
         };
         let exe = std::env::current_exe().context("locate the pnctl executable")?;
+        // argv[0] "pnctl" so that the multi-call `pnp` (whose current_exe this may be) runs pnctl.
         let out = tokio::process::Command::new(exe)
+            .arg0("pnctl")
             .args(["up", "--detach", "--json", "--data-dir"])
             .arg(&dir)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

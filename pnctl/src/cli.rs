@@ -1,0 +1,219 @@
+//! pnctl's command line: parses arguments and hands each command to its module. It owns only
+//! the argument grammar and the dispatch; it never implements a command itself.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::endpoints::Endpoints;
+use crate::parse_duration;
+use crate::stack::{self, UpOptions};
+
+/// The operator's CLI for Pnp: the dev stack, the demo, and tools to read the pipeline.
+#[derive(Debug, Parser)]
+#[command(name = "pnctl", version)]
+struct Cli {
+    /// Where the dev stack keeps everything (stack.json, secrets, logs, NATS store, sled).
+    #[arg(long, global = true, default_value = "./.pn")]
+    data_dir: PathBuf,
+    /// NATS URL (default: from <data-dir>/stack.json).
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// svc-meter's ingest/ledger URL (default: from stack.json).
+    #[arg(long, global = true)]
+    meter_url: Option<String>,
+    /// center-sim's URL (default: from stack.json).
+    #[arg(long, global = true)]
+    center_url: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start the dev stack (nats-server, center-sim, the five services) and supervise it.
+    Up {
+        /// Run the supervisor in the background; return once the stack is healthy.
+        #[arg(long)]
+        detach: bool,
+        /// (internal) the background supervisor started by --detach.
+        #[arg(long, hide = true)]
+        daemon: bool,
+        /// Fixed NATS port (default: a free one).
+        #[arg(long)]
+        nats_port: Option<u16>,
+        /// Fixed center-sim port (default: a free one).
+        #[arg(long)]
+        center_port: Option<u16>,
+        /// Fixed svc-meter ingest port (default: a free one).
+        #[arg(long)]
+        meter_port: Option<u16>,
+        /// How long the stack may take to become healthy.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        ready_timeout: Duration,
+        /// With --detach: print stack.json's content instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the stack started by `pnctl up --detach` (or a foreground one) and wait for it.
+    Down,
+    /// Run the whole pipeline: enqueue intents, follow them to verified and metered nodes.
+    Demo {
+        /// How many intents to enqueue.
+        #[arg(long, default_value_t = 5)]
+        intents: usize,
+        /// Print one JSON object instead of progress and a table.
+        #[arg(long)]
+        json: bool,
+        /// Give up on unfinished operations after this long.
+        #[arg(long, default_value = "180s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// One operation's history from PN_OPS, or one line per operation.
+    Status {
+        operation_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the decoded live events (pn.op.>, meter.>, pn.replay.>).
+    Tail {
+        #[arg(long)]
+        json: bool,
+        /// Start from the beginning of the streams instead of now.
+        #[arg(long)]
+        all: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Decode one pn.v1.Event body from stdin to JSON (a `nats --translate` command).
+    Decode {
+        /// Indented JSON.
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Ask a stage (claim|cloud|deploy|verify) to re-run an operation from its state.
+    Replay {
+        stage: String,
+        operation_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A node's quota ledger at the meter.
+    Ledger {
+        node: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks on a dev stack of their own: pipeline, footprint, meter.
+    Bench {
+        #[command(subcommand)]
+        what: crate::bench::BenchCmd,
+    },
+}
+
+/// The `pnctl` process: parses `args` (argv-shaped: the program name first; clap exits with
+/// usage on bad arguments), then runs the command on a multi-thread runtime of its own — what
+/// `#[tokio::main]` did — so that `main.rs` and the multi-call binary `pnp pnctl …` share it.
+pub fn main_entry<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = <Cli as clap::CommandFactory>::command().get_matches_from(args);
+    // `bench` runs on a fresh temporary stack unless --data-dir was given on purpose.
+    let data_dir_given = matches.value_source("data_dir") == Some(clap::parser::ValueSource::CommandLine);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pnctl: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        if std::env::var_os("RUST_LOG").is_some() {
+            kit::telemetry::init(kit::config::LogFormat::Human);
+        }
+        kit::init_crypto();
+        match run(cli, data_dir_given).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("pnctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn run(cli: Cli, data_dir_given: bool) -> anyhow::Result<ExitCode> {
+    let ep = || Endpoints::resolve(&cli.data_dir, cli.nats_url.clone(), cli.meter_url.clone(), cli.center_url.clone());
+    match &cli.cmd {
+        Cmd::Up { detach, daemon, nats_port, center_port, meter_port, ready_timeout, json } => {
+            let opts = UpOptions {
+                data_dir: cli.data_dir.clone(),
+                nats_port: *nats_port,
+                center_port: *center_port,
+                meter_port: *meter_port,
+                ready_timeout: *ready_timeout,
+            };
+            if *daemon {
+                stack::become_daemon();
+                stack::up(&opts, stack::stop_signal()).await?;
+            } else if *detach {
+                let d = stack::up_detached(&opts).await?;
+                if *json {
+                    println!("{}", serde_json::to_string(&d.stack)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                println!("Pnp dev stack is up in the background (supervisor pid {}):", d.stack.supervisor_pid);
+                for l in stack::summary_lines(&d.stack) {
+                    println!("{l}");
+                }
+                println!("Stop it with `pnctl down`.");
+            } else {
+                stack::up(&opts, stack::stop_signal()).await?;
+            }
+        }
+        Cmd::Down => println!("{}", stack::down(&cli.data_dir).await?),
+        Cmd::Demo { intents, json, timeout } => {
+            let opts = crate::demo::DemoOptions {
+                intents: *intents,
+                json: *json,
+                timeout: *timeout,
+                up: UpOptions::new(cli.data_dir.clone()),
+            };
+            let report = crate::demo::run(&opts).await?;
+            if *json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", crate::demo::table(&report));
+            }
+            if !report.all_ok() {
+                for o in report.operations.iter().filter(|o| o.error.is_some()) {
+                    eprintln!("pnctl: {} failed: {}", o.operation_id, o.error.as_deref().unwrap_or(""));
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Status { operation_id, json } => match operation_id {
+            Some(op) => crate::status::one(&ep(), op, *json).await?,
+            None => crate::status::all(&ep(), *json).await?,
+        },
+        Cmd::Tail { json, all, count } => {
+            let opts = crate::tail::TailOptions { all: *all, count: *count, json: *json };
+            crate::tail::run(&ep(), &opts).await?
+        }
+        Cmd::Decode { pretty } => println!("{}", crate::decode::decode(std::io::stdin().lock(), *pretty)?),
+        Cmd::Replay { stage, operation_id, json } => crate::replay::run(&ep(), stage, operation_id, *json).await?,
+        Cmd::Ledger { node, json } => crate::ledger::run(&ep(), node, *json).await?,
+        Cmd::Bench { what } => crate::bench::run(what, data_dir_given.then(|| cli.data_dir.clone())).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
