@@ -59,7 +59,7 @@ pub struct Store {
 }
 
 /// sled's page cache per service unless `PN_STATE_CACHE_MB` says otherwise.
-pub const DEFAULT_CACHE_MB: u64 = 8;
+pub const DEFAULT_CACHE_MB: u64 = 32;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -423,10 +423,12 @@ impl Deployer {
                         None => (ms / 2).clamp(ssh.prep_poll_ms.max(100), ssh.prep_expected_ms.max(1000)),
                     };
                     // Wait here only for a prep about to end: one expected within the inline
-                    // window (or, before anything was learned, any within it). A late prep or
-                    // a long one parks at once — a session held for it would be wasted.
+                    // window (or, before anything was learned, any within it), or one a little
+                    // late (by less than half the usual time). A long prep or a very late one
+                    // parks at once — a session held for it would be wasted.
                     let nap = match expected {
                         Some(e) if ms < e => Some(Duration::from_millis(e - ms).max(pause)),
+                        Some(e) if ms - e < (e / 2).max(100) => Some(pause),
                         Some(_) => None,
                         None => Some(pause),
                     };

@@ -1,8 +1,10 @@
 //! `pnctl bench footprint`: each service's idle RSS in a fresh dev stack, its start-to-ready
 //! time (spawn → `/readyz` 200, a second instance started against that stack with its own empty
 //! state dir and ops port), and the image size. There is no Docker engine and no musl target
-//! here, so the image size is an estimate: the stripped release binaries the image copies plus
-//! the distroless static base (≈ 2 MiB), and the report says so.
+//! here, so the image size is an estimate: the one binary the image copies — the multi-call
+//! `pnp`, as `cargo build --profile image -p pnctl --bin pnp` makes it (target/image/pnp; the
+//! release-profile `pnp` when that is missing, said so) — plus the distroless static base
+//! (≈ 2 MiB), and the report says so.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +18,7 @@ use serde::Serialize;
 use super::{BenchStack, bin_dir, mib, percentile, procfs, r3, table};
 use crate::stack::{self, SERVICES};
 
-/// The binaries deploy/Dockerfile copies into the image.
-const IMAGE_BINARIES: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter", "center-sim", "pnctl"];
+/// The one binary deploy/Dockerfile copies into the image.
 /// gcr.io/distroless/static-debian12 (no libc, no shell): about 2 MiB.
 const DISTROLESS_STATIC_BYTES: u64 = 2 << 20;
 
@@ -76,7 +77,7 @@ pub async fn main(args: &FootprintArgs, data_dir: Option<PathBuf>) -> anyhow::Re
     println!("\nbinaries in {} ({}):", r.bin_dir, if r.stripped { "all stripped" } else { "NOT all stripped" });
     println!("{}", table(&rows));
     println!(
-        "image size estimate: {} = the binaries + ≈2 MiB distroless static base (no Docker engine or musl target here: not a built image)",
+        "image size estimate: {} = the binary + ≈2 MiB distroless static base (no Docker engine or musl target here: not a built image)",
         mib(r.image_bytes_estimate)
     );
     let worst_rss = r.idle_rss_bytes.values().copied().max().unwrap_or(0);
@@ -101,15 +102,17 @@ pub async fn run(args: &FootprintArgs, data_dir: Option<PathBuf>) -> anyhow::Res
     let stopped = stack.stop(args.keep || res.is_err()).await;
     let (idle_rss_bytes, start_to_ready_ms, start_to_ready_max_ms) = res?;
     stopped?;
-    let dir = bin_dir()?;
+    let release = bin_dir()?;
+    // The image's profile puts `pnp` in target/image/, next to target/release/.
+    let image = release.parent().map(|t| t.join("image")).unwrap_or_else(|| release.clone());
+    let (dir, label) = if image.join("pnp").is_file() { (image, "pnp (image profile)") } else { (release, "pnp (release profile, NOT the image's)") };
     let mut binary_bytes = BTreeMap::new();
-    let mut stripped = true;
-    for b in IMAGE_BINARIES {
-        let p = dir.join(b);
-        let len = std::fs::metadata(&p).with_context(|| format!("{} (build it with `cargo build --release --workspace --bins`)", p.display()))?.len();
-        binary_bytes.insert(b.to_string(), len);
-        stripped &= !has_symtab(&p).unwrap_or(true);
-    }
+    let p = dir.join("pnp");
+    let len = std::fs::metadata(&p)
+        .with_context(|| format!("{} (build it with `cargo build --profile image -p pnctl --bin pnp`)", p.display()))?
+        .len();
+    binary_bytes.insert(label.to_string(), len);
+    let stripped = !has_symtab(&p).unwrap_or(true);
     let image_bytes_estimate = binary_bytes.values().sum::<u64>() + DISTROLESS_STATIC_BYTES;
     Ok(FootprintReport {
         idle_rss_bytes,
