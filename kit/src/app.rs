@@ -99,3 +99,19 @@ impl Runtime {
         }
     }
 }
+
+/// The whole process of a `PN_*` service: its own multi-thread runtime (what `#[tokio::main]`
+/// would build), settings from the environment, logging in `log_format(&settings)`, then
+/// `run(settings)` — which builds the service and runs it until shutdown. Each service's
+/// `main_entry` is this call, so its `main.rs` and `pnp <service>` start it the same way.
+pub fn service_main<S, Fut>(log_format: fn(&S) -> crate::config::LogFormat, run: impl FnOnce(S) -> Fut) -> anyhow::Result<()>
+where
+    S: serde::de::DeserializeOwned,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+        let settings: S = crate::config::load()?;
+        crate::telemetry::init(log_format(&settings));
+        run(settings).await
+    })
+}

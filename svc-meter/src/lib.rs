@@ -27,9 +27,5 @@ pub use settings::{CountMode, Settings};
 /// It builds its own multi-thread runtime (what `#[tokio::main]` would) so that both `main.rs`
 /// and the multi-call binary `pnp svc-meter` can call it from a plain, synchronous `main`.
 pub fn main_entry() -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
-        let settings: Settings = kit::config::load()?;
-        kit::telemetry::init(settings.common.log_format);
-        App::build(settings).await?.run(kit::shutdown::signal()).await
-    })
+    kit::app::service_main(|s: &Settings| s.common.log_format, |s| async move { App::build(s).await?.run(kit::shutdown::signal()).await })
 }

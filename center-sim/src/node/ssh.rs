@@ -435,11 +435,13 @@ async fn prep(sim: &Sim, id: &str, root: bool, script: Vec<u8>, life: Cancellati
     if !root {
         return fail(1, "provision-node.sh: must be run as root");
     }
-    let text = String::from_utf8_lossy(&script);
-    if text.lines().any(|l| l.trim_start().starts_with(PREP_STATUS_MARK)) {
+    // The deployer's scripts carry their mark as the first line; only that line is read.
+    let first = script.split(|b| *b == b'\n').find(|l| !l.iter().all(u8::is_ascii_whitespace)).unwrap_or_default();
+    let first = String::from_utf8_lossy(first);
+    if first.trim_start().starts_with(PREP_STATUS_MARK) {
         return prep_status(sim, id);
     }
-    if text.lines().any(|l| l.trim_start().starts_with(PREP_START_MARK)) {
+    if first.trim_start().starts_with(PREP_START_MARK) {
         return prep_start(sim, id, life);
     }
     run_prep(sim, id, life).await
