@@ -256,8 +256,12 @@ pub struct McpCenter {
     cfg: ClientConfig,
     token: SecretString,
     next_id: AtomicU64,
-    session: tokio::sync::Mutex<Option<String>>,
+    /// The MCP session id (empty when the server keeps none) and the negotiated protocol version.
+    session: tokio::sync::Mutex<Option<(String, String)>>,
 }
+
+/// MCP protocol versions this client speaks, newest first (the transport spec of each).
+pub const PROTOCOL_VERSIONS: [&str; 2] = ["2025-06-18", "2025-03-26"];
 
 impl std::fmt::Debug for McpCenter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -280,7 +284,13 @@ impl McpCenter {
         Ok(Arc::new(McpCenter { http, cfg, token, next_id: AtomicU64::new(1), session: tokio::sync::Mutex::new(None) }))
     }
 
-    async fn post(&self, tool: &'static str, body: &Value, session: Option<&str>) -> Result<(Option<String>, Value), CenterError> {
+    async fn post(
+        &self,
+        tool: &'static str,
+        body: &Value,
+        session: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<(Option<String>, Value), CenterError> {
         let url = format!("{}/mcp", self.cfg.base_url);
         let mut req = self
             .http
@@ -290,6 +300,10 @@ impl McpCenter {
             .json(body);
         if let Some(s) = session {
             req = req.header("Mcp-Session-Id", s);
+        }
+        // Required on every request after `initialize` (transport spec 2025-06-18).
+        if let Some(v) = version {
+            req = req.header("MCP-Protocol-Version", v);
         }
         let resp = req.send().await.map_err(|e| CenterError::Transient {
             tool,
@@ -319,34 +333,35 @@ impl McpCenter {
         Ok((sid, v))
     }
 
-    async fn ensure_session(&self) -> Result<Option<String>, CenterError> {
+    /// The session id (`None` when the server keeps none) and the negotiated protocol version.
+    async fn ensure_session(&self) -> Result<(Option<String>, String), CenterError> {
         let mut guard = self.session.lock().await;
-        if let Some(s) = guard.as_ref() {
-            return Ok(Some(s.clone()));
+        if let Some((s, v)) = guard.as_ref() {
+            return Ok((Some(s.clone()).filter(|s| !s.is_empty()), v.clone()));
         }
         let init = json!({
             "jsonrpc": "2.0", "id": 0, "method": "initialize",
             "params": {
-                "protocolVersion": "2025-06-18",
+                "protocolVersion": PROTOCOL_VERSIONS[0],
                 "capabilities": {},
                 "clientInfo": {"name": "pnp", "version": env!("CARGO_PKG_VERSION")}
             }
         });
-        let (sid, v) = self.post("initialize", &init, None).await?;
-        if v.get("error").is_some() {
-            return Err(CenterError::Permanent { tool: "initialize", msg: clip(&v["error"].to_string()) });
-        }
-        let _ = self.post("initialize", &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}), sid.as_deref()).await;
-        *guard = Some(sid.clone().unwrap_or_default());
-        Ok(sid)
+        let (sid, v) = self.post("initialize", &init, None, None).await?;
+        let version = negotiated_version(&v)?;
+        let sid = sid.filter(|s| !s.is_empty());
+        let _ = self
+            .post("initialize", &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}), sid.as_deref(), Some(&version))
+            .await;
+        *guard = Some((sid.clone().unwrap_or_default(), version.clone()));
+        Ok((sid, version))
     }
 
     async fn call_once(&self, tool: &'static str, args: &Value) -> Result<Value, CenterError> {
-        let sid = self.ensure_session().await?;
-        let sid = sid.filter(|s| !s.is_empty());
+        let (sid, version) = self.ensure_session().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}});
-        let (_, v) = match self.post(tool, &body, sid.as_deref()).await {
+        let (_, v) = match self.post(tool, &body, sid.as_deref(), Some(&version)).await {
             Err(CenterError::Permanent { msg, .. }) if msg.starts_with("HTTP 404") && sid.is_some() => {
                 // The server forgot our session: start a new one next time.
                 *self.session.lock().await = None;
@@ -398,6 +413,22 @@ impl McpCenter {
     }
 }
 
+/// The protocol version the server answered `initialize` with; one this client does not speak
+/// (or an `initialize` error) is a permanent error: talking past each other is worse than stopping.
+pub fn negotiated_version(init_answer: &Value) -> Result<String, CenterError> {
+    if let Some(e) = init_answer.get("error") {
+        return Err(CenterError::Permanent { tool: "initialize", msg: clip(&e.to_string()) });
+    }
+    match init_answer.pointer("/result/protocolVersion").and_then(Value::as_str) {
+        Some(v) if PROTOCOL_VERSIONS.contains(&v) => Ok(v.to_string()),
+        Some(v) => Err(CenterError::Permanent {
+            tool: "initialize",
+            msg: format!("server speaks MCP protocol {}, this client {}", clip(v), PROTOCOL_VERSIONS.join(" or ")),
+        }),
+        None => Err(CenterError::Malformed { tool: "initialize", msg: "no protocolVersion in the initialize result".into() }),
+    }
+}
+
 /// The JSON-RPC message in an HTTP body: plain JSON, or the last `data:` line of an SSE stream.
 pub fn parse_body(tool: &'static str, text: &str, is_sse: bool) -> Result<Value, CenterError> {
     let json_text = if is_sse {
@@ -421,12 +452,19 @@ pub fn interpret(tool: &'static str, v: &Value) -> Result<Value, CenterError> {
         .and_then(Value::as_array)
         .and_then(|c| c.iter().find_map(|item| item.get("text").and_then(Value::as_str)))
         .ok_or_else(|| CenterError::Malformed { tool, msg: "no text content".into() })?;
-    let payload: Value = serde_json::from_str(text).map_err(|e| CenterError::Malformed { tool, msg: e.to_string() })?;
+    let is_error = result.get("isError").and_then(Value::as_bool) == Some(true);
+    let payload: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        // The official SDKs report a tool that raised as `isError: true` with the exception's
+        // message as plain text: keep the message and classify it.
+        Err(_) if is_error => return Err(classify_plain_error(tool, text)),
+        Err(e) => return Err(CenterError::Malformed { tool, msg: e.to_string() }),
+    };
     if let Some(err) = payload.get("error").filter(|e| !e.is_null()) {
         return Err(classify_tool_error(tool, err));
     }
-    if result.get("isError").and_then(Value::as_bool) == Some(true) {
-        return Err(CenterError::Permanent { tool, msg: clip(text) });
+    if is_error {
+        return Err(classify_plain_error(tool, text));
     }
     payload.get("data").cloned().ok_or_else(|| CenterError::Malformed { tool, msg: "no data".into() })
 }
@@ -438,6 +476,24 @@ fn without_url(e: &reqwest::Error) -> String {
         s = s.replace(u.as_str(), "<center>");
     }
     s
+}
+
+/// A tool error given as plain text (`isError: true`, as the MCP SDKs raise it): the message
+/// is kept; its kind is read from the words and status codes Center's errors use. Anything not
+/// recognised is permanent, so a refusal is never retried forever.
+pub fn classify_plain_error(tool: &'static str, text: &str) -> CenterError {
+    let msg = clip(text.trim());
+    let lower = msg.to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| lower.contains(w));
+    if has(&["409", "conflict", "already claimed", "not the holder", "held by", "not found", "404", "gone", "410"]) {
+        CenterError::Conflict { tool, msg }
+    } else if has(&["400", "422", "invalid", "rejected", "not allowed", "must be", "unknown argument", "required"]) {
+        CenterError::Rejected { tool, msg }
+    } else if has(&["503", "502", "504", "429", "timeout", "timed out", "unavailable", "try again", "temporarily", "rate limit"]) {
+        CenterError::Transient { tool, msg }
+    } else {
+        CenterError::Permanent { tool, msg }
+    }
 }
 
 fn classify_tool_error(tool: &'static str, err: &Value) -> CenterError {
@@ -589,8 +645,30 @@ mod tests {
         assert!(matches!(e(401), Some(CenterError::Permanent { .. })));
         assert_eq!(interpret("t", &wrap(r#"{"data": {"x": 1}}"#)), Ok(json!({"x": 1})));
         assert!(matches!(interpret("t", &wrap("not json")), Err(CenterError::Malformed { .. })));
+        // The SDK way: isError with the exception's text; the message survives, typed.
+        let sdk = |text: &str| json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": text}], "isError": true}});
+        match interpret("update_node_operation", &sdk("Error executing tool update_node_operation: 409 lease held by another holder")) {
+            Err(CenterError::Conflict { msg, .. }) => assert!(msg.contains("lease held by another holder"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(interpret("t", &sdk("invalid status: done")), Err(CenterError::Rejected { .. })));
+        assert!(matches!(interpret("t", &sdk("service temporarily unavailable")), Err(CenterError::Transient { .. })));
+        match interpret("t", &sdk("something odd happened")) {
+            Err(CenterError::Permanent { msg, .. }) => assert_eq!(msg, "something odd happened"),
+            other => panic!("{other:?}"),
+        }
         let sse = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
         assert!(parse_body("t", sse, true).is_ok());
+    }
+
+    #[test]
+    fn the_protocol_version_is_checked() {
+        let init = |v: &str| json!({"jsonrpc": "2.0", "id": 0, "result": {"protocolVersion": v, "capabilities": {}}});
+        assert_eq!(negotiated_version(&init("2025-06-18")), Ok("2025-06-18".to_string()));
+        assert_eq!(negotiated_version(&init("2025-03-26")), Ok("2025-03-26".to_string()));
+        assert!(matches!(negotiated_version(&init("1999-01-01")), Err(CenterError::Permanent { .. })));
+        assert!(matches!(negotiated_version(&json!({"result": {}})), Err(CenterError::Malformed { .. })));
+        assert!(matches!(negotiated_version(&json!({"error": {"code": -32602}})), Err(CenterError::Permanent { .. })));
     }
 
     proptest! {

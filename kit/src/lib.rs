@@ -15,6 +15,7 @@ pub mod shutdown;
 pub mod ssh;
 pub mod state;
 pub mod telemetry;
+pub mod world;
 
 pub use secrecy;
 

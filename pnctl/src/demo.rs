@@ -346,7 +346,7 @@ fn on_event(op: &mut Op, body: &Body, plain_lines: bool) {
             advance(op, Stage::Verified, &detail, plain_lines)
         }
         Body::Failed(e) => fail(op, format!("{} stage: {}", e.stage, e.reason), plain_lines),
-        Body::Usage(_) | Body::Quota(_) => {}
+        Body::Usage(_) | Body::Quota(_) | Body::Degraded(_) => {}
     }
 }
 

@@ -61,6 +61,7 @@ pub fn op_id(body: &Body) -> &str {
         Body::Deployed(e) => e.op.as_ref().map(|o| o.operation_id.as_str()).unwrap_or(""),
         Body::Verified(e) => e.op.as_ref().map(|o| o.operation_id.as_str()).unwrap_or(""),
         Body::Failed(e) => e.operation_id.as_str(),
+        Body::Degraded(e) => e.op.as_ref().map(|o| o.operation_id.as_str()).unwrap_or(""),
         Body::Usage(_) | Body::Quota(_) => "",
     }
 }
@@ -72,6 +73,7 @@ pub fn sub_id(body: &Body) -> &str {
         Body::Instance(e) => e.op.as_ref(),
         Body::Deployed(e) => e.op.as_ref(),
         Body::Verified(e) => e.op.as_ref(),
+        Body::Degraded(e) => e.op.as_ref(),
         Body::Failed(e) => return e.sub_id.as_str(),
         Body::Usage(_) | Body::Quota(_) => None,
     };
@@ -94,6 +96,7 @@ pub fn node(body: &Body) -> Option<&str> {
     let n = match body {
         Body::Deployed(e) => e.node_name.as_str(),
         Body::Verified(e) => e.node_name.as_str(),
+        Body::Degraded(e) => e.node_name.as_str(),
         Body::Usage(e) => e.node.as_str(),
         Body::Quota(e) => e.node.as_str(),
         _ => "",
@@ -149,6 +152,14 @@ pub fn summary(body: &Body) -> String {
         Body::Failed(e) => {
             parts.push(format!("stage={}", e.stage));
             parts.push(format!("attempt={}", e.attempt));
+            if !e.instance_id.is_empty() {
+                parts.push(format!("instance={}", e.instance_id));
+            }
+            parts.push(format!("reason={:?}", e.reason));
+        }
+        Body::Degraded(e) => {
+            parts.push(format!("node={}", e.node_name));
+            parts.push(format!("stage={}", e.stage));
             if !e.instance_id.is_empty() {
                 parts.push(format!("instance={}", e.instance_id));
             }

@@ -10,7 +10,7 @@ pub mod subjects;
 
 pub use pb::event::Body;
 pub use pb::{
-    Event, Instance, InstanceReady, NodeDeployed, NodeVerified, OpClaimed, OpFailed, Operation,
+    Event, Instance, InstanceReady, NodeDeployed, NodeVerified, OpClaimed, OpDegraded, OpFailed, Operation,
     QuotaChanged, QuotaState, UsageRecorded,
 };
 
@@ -82,6 +82,7 @@ impl Body {
             Body::Failed(_) => "pn.v1.OpFailed",
             Body::Usage(_) => "pn.v1.UsageRecorded",
             Body::Quota(_) => "pn.v1.QuotaChanged",
+            Body::Degraded(_) => "pn.v1.OpDegraded",
         }
     }
 
@@ -95,6 +96,7 @@ impl Body {
             Body::Failed(_) => subjects::FAILED,
             Body::Usage(_) => "usage",
             Body::Quota(_) => "quota",
+            Body::Degraded(_) => subjects::DEGRADED,
         }
     }
 }
@@ -180,6 +182,7 @@ mod tests {
             }),
             Body::Verified(NodeVerified { tunnel_count: 1, ..Default::default() }),
             Body::Failed(OpFailed { stage: "cloud".into(), reason: "no plan".into(), ..Default::default() }),
+            Body::Degraded(OpDegraded { stage: "verify".into(), reason: "usage: none seen".into(), ..Default::default() }),
             Body::Usage(UsageRecorded { node: "pn-a".into(), delta_bytes: 3, ..Default::default() }),
             Body::Quota(QuotaChanged {
                 node: "pn-a".into(),

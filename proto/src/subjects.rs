@@ -16,6 +16,8 @@ pub const INSTANCE: &str = "instance";
 pub const DEPLOYED: &str = "deployed";
 pub const VERIFIED: &str = "verified";
 pub const FAILED: &str = "failed";
+/// An activated node whose later check did not hold: a warning, never a failure.
+pub const DEGRADED: &str = "degraded";
 
 /// `pn.op.<event>.<operationId>`
 pub fn op_event(event: &str, operation_id: &str) -> String {

@@ -34,6 +34,10 @@ struct Report {
     outcomes: BTreeMap<String, u32>,
     reasons: BTreeMap<String, u32>,
     invariants: Vec<(String, bool, String)>,
+    /// Forged `pn.op.failed` events for verified operations.
+    forged_failures: u32,
+    /// Instances of activated nodes that were deleted (must be 0).
+    live_deleted: usize,
     elapsed: Duration,
 }
 
@@ -46,6 +50,7 @@ impl Report {
         println!("── resilience report: {} (seed {}) in {:.1}s", self.scenario, self.seed, self.elapsed.as_secs_f64());
         println!("   faults: kills {:?}, nats restarts {}, duplicated events {}, sim faults {}", self.kills, self.nats_restarts, self.duplicates, self.faults);
         println!("   outcomes: {:?}", self.outcomes);
+        println!("   forged pn.op.failed for verified operations: {}; live nodes deleted: {}", self.forged_failures, self.live_deleted);
         for (r, n) in &self.reasons {
             println!("   failed ×{n}: {r}");
         }
@@ -146,6 +151,19 @@ async fn check_invariants(stack: &Stack, ops: &[(String, String)], states: &Hash
     r.check("no instance without an operation", strangers == 0, format!("{strangers}"));
     let orphans = failed_names.iter().filter(|n| live.get(*n).copied().unwrap_or(0) > 0).count();
     r.check("no orphan VPS after a failure", orphans == 0, format!("{orphans} live after failure"));
+    // Activation is final: no instance of a node that registered at Center (or whose operation
+    // is done) is ever deleted — whatever failed, was duplicated or was forged afterwards.
+    let registered: Vec<String> =
+        stack.items("/admin/nodes").await.unwrap_or_default().iter().filter_map(|n| n["name"].as_str().map(str::to_string)).collect();
+    let live_deleted: Vec<String> = inst
+        .iter()
+        .filter(|i| i["status"] == "deleted")
+        .filter_map(|i| i["name"].as_str())
+        .filter(|n| registered.iter().any(|r| r == n) || done_names.iter().any(|d| d == n))
+        .map(str::to_string)
+        .collect();
+    r.live_deleted = live_deleted.len();
+    r.check("0 live nodes deleted", live_deleted.is_empty(), format!("{live_deleted:?}"));
     let created_twice = ever.values().filter(|n| **n > 1).count();
     r.check("one create per subscription (no-IP fail path aside)", created_twice == 0, format!("{created_twice}"));
     // No double usage: the meter never bills more than the node's NIC counters reported. A node
@@ -201,6 +219,31 @@ async fn check_invariants(stack: &Stack, ops: &[(String, String)], states: &Hash
     r.check("no guardrail violation", violations.is_empty(), format!("{violations:?}"));
     let findings = stack.secret_findings().await.unwrap_or_else(|e| vec![format!("scan failed: {e}")]);
     r.check("no secret in logs (trace), streams or state files", findings.is_empty(), format!("{findings:?}"));
+}
+
+/// Publishes a forged `pn.op.failed` (right attempt, right instance id) for up to `n`
+/// operations that are `done`, as a stray or hostile event would. Returns how many.
+async fn forge_failures(stack: &Stack, ops: &[(String, String)], states: &HashMap<String, Value>, n: usize) -> u32 {
+    let bus = Bus::connect(&stack.nats.url(), "forger", Duration::from_secs(10)).await.unwrap();
+    let mut forged = 0;
+    for (op, sub) in ops.iter().filter(|(op, _)| states.get(op).is_some_and(|v| v["status"] == "done")).take(n) {
+        let instance_id = states[op]["result"]["instanceId"].as_str().unwrap_or("").to_string();
+        let claims = states[op]["claims"].as_u64().unwrap_or(1) as u32;
+        let f = proto::OpFailed {
+            operation_id: op.clone(),
+            sub_id: sub.clone(),
+            stage: "verify".into(),
+            reason: "forged by the resilience suite".into(),
+            attempt: claims.max(1),
+            failed_at_ms: kit::now_ms(),
+            instance_id,
+            holder: String::new(),
+        };
+        if bus.publish_failed(f).await.is_ok() {
+            forged += 1;
+        }
+    }
+    forged
 }
 
 /// Republishes every PN_OPS message once more with a new Msg-Id while `stop` is unset.
@@ -316,6 +359,9 @@ async fn center_storms_and_ssh_drops_complete_or_fail_with_a_reason() {
     // Deadlines: verifier 45 s after deploy; everything must be terminal well within 4 min.
     let states = settle(&stack, &ops, Duration::from_secs(240)).await;
     stack.faults(json!({"centerErrorRate": 0.0, "centerLatencyMs": 0, "sshDropRate": 0.0})).await.unwrap();
+    r.forged_failures = forge_failures(&stack, &ops, &states, 3).await;
+    // Past the reap grace (1 s in tests) and a few reaper passes.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     check_invariants(&stack, &ops, &states, &mut r).await;
     r.elapsed = started.elapsed();
     r.assert_held();
