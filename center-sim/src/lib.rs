@@ -171,7 +171,7 @@ impl App {
             }
         });
         let router = Router::new()
-            .route("/mcp", post(mcp::handle))
+            .route("/mcp", post(mcp::handle).delete(mcp::end_session))
             .route("/healthz", get(|| async { "ok" }))
             .merge(slave::routes())
             .merge(admin::routes())

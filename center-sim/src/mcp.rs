@@ -51,7 +51,10 @@ impl ToolError {
 
 type ToolResult = Result<Value, ToolError>;
 
-const PROTOCOL_VERSION: &str = "2025-06-18";
+/// MCP protocol versions this server implements, newest first. `initialize` answers the
+/// client's version when it is one of these, else the newest (the client then decides).
+const PROTOCOL_VERSIONS: [&str; 2] = ["2025-06-18", "2025-03-26"];
+const PROTOCOL_VERSION: &str = PROTOCOL_VERSIONS[0];
 const DEFAULT_PAGE_SIZE: u64 = 20;
 const MAX_PAGE_SIZE: u64 = 100;
 const MAX_SESSIONS: usize = 10_000;
@@ -98,7 +101,8 @@ pub async fn handle(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> 
             }
             st.sessions.insert(sid.clone());
         }
-        let version = params.get("protocolVersion").and_then(Value::as_str).unwrap_or(PROTOCOL_VERSION).to_string();
+        let asked = params.get("protocolVersion").and_then(Value::as_str).unwrap_or("");
+        let version = PROTOCOL_VERSIONS.iter().find(|v| **v == asked).copied().unwrap_or(PROTOCOL_VERSION).to_string();
         let mut resp = rpc_result(
             &id,
             json!({
@@ -116,6 +120,14 @@ pub async fn handle(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> 
         && !sim.st().sessions.contains(sid)
     {
         return rpc_error(StatusCode::NOT_FOUND, &id, -32001, "session not found");
+    }
+    // Transport spec 2025-06-18: after initialize the client sends the negotiated version; an
+    // invalid or unsupported one is 400 (a missing one means 2025-03-26, which we implement).
+    if let Some(v) = headers.get("mcp-protocol-version") {
+        let v = v.to_str().unwrap_or("");
+        if !PROTOCOL_VERSIONS.contains(&v) {
+            return rpc_error(StatusCode::BAD_REQUEST, &id, -32600, "unsupported MCP-Protocol-Version");
+        }
     }
     match method {
         "ping" => rpc_result(&id, json!({})),
@@ -139,6 +151,66 @@ pub async fn handle(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> 
     }
 }
 
+/// `DELETE /mcp` with `Mcp-Session-Id`: the client ends its session (transport spec). `GET /mcp`
+/// (a server-initiated SSE stream) is not offered: 405, as the spec allows.
+pub async fn end_session(State(sim): State<Sim>, headers: HeaderMap) -> Response {
+    if !authorized(&sim, &headers) {
+        return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "unauthorized"}))).into_response();
+    }
+    let Some(sid) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "Mcp-Session-Id required"}))).into_response();
+    };
+    if sim.st().sessions.remove(sid) { StatusCode::OK.into_response() } else { StatusCode::NOT_FOUND.into_response() }
+}
+
+/// The input schema of a tool: the argument names runbook 000 shows (its steps 1–3, 7, 8), with
+/// their JSON types; `required` as Center needs them.
+fn input_schema(tool: &str) -> Value {
+    let s = |d: &str| json!({"type": "string", "description": d});
+    let paging = [("page", json!({"type": "integer", "minimum": 1})), ("pageSize", json!({"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE}))];
+    let (props, required): (Vec<(&str, Value)>, Vec<&str>) = match tool {
+        "list_node_operations" => {
+            (vec![("action", s("provision | …")), ("status", s("queued | in_progress | done | failed")), ("id", s("one operation"))], vec![])
+        }
+        "claim_node_operation" => (
+            vec![("id", s("operation id")), ("holder", s("the agent's id")), ("leaseSeconds", json!({"type": "integer", "minimum": 1, "maximum": MAX_LEASE_SECONDS}))],
+            vec!["id", "holder"],
+        ),
+        "update_node_operation" => (
+            vec![
+                ("id", s("operation id")),
+                ("holder", s("the lease holder")),
+                ("status", json!({"type": "string", "enum": ["in_progress", "failed"]})),
+                ("result", json!({"type": "object", "description": "{instanceId, ipv4}"})),
+                ("error", s("concise reason; never a secret")),
+            ],
+            vec!["id", "status"],
+        ),
+        "list_cloud_accounts" => (vec![], vec![]),
+        "list_cloud_regions" => (vec![("account_name", s("cloud account"))], vec!["account_name"]),
+        "list_cloud_plans" | "list_cloud_images" => (vec![("account_name", s("cloud account")), ("region", s("region id"))], vec!["account_name", "region"]),
+        "create_cloud_instance" => (
+            vec![("account_name", s("cloud account")), ("region", s("region id")), ("plan", s("plan id")), ("image_id", s("image id")), ("name", s("pn-<subId>"))],
+            vec!["account_name", "region", "plan", "image_id", "name"],
+        ),
+        "list_cloud_instances" => (vec![("name", s("exact name"))], vec![]),
+        "get_cloud_instance" | "delete_cloud_instance" => (vec![("id", s("instance id"))], vec!["id"]),
+        "list_nodes" => (vec![("name", s("exact node name"))], vec![]),
+        "update_node" => (vec![("name", s("node name")), ("hidden", json!({"type": "boolean"}))], vec!["name", "hidden"]),
+        _ => (vec![], vec![]),
+    };
+    let mut properties = serde_json::Map::new();
+    for (k, v) in props {
+        properties.insert(k.to_string(), v);
+    }
+    if tool.starts_with("list_") && tool != "list_cloud_accounts" {
+        for (k, v) in paging {
+            properties.insert(k.to_string(), v);
+        }
+    }
+    json!({"type": "object", "properties": properties, "required": required})
+}
+
 /// (name, description)
 const TOOLS: &[(&str, &str)] = &[
     ("list_node_operations", "List node operations (filters: action, status, id; paging: page, pageSize)."),
@@ -157,7 +229,7 @@ const TOOLS: &[(&str, &str)] = &[
 ];
 
 fn tool_list() -> Vec<Value> {
-    TOOLS.iter().map(|(name, desc)| json!({"name": name, "description": desc, "inputSchema": {"type": "object"}})).collect()
+    TOOLS.iter().map(|(name, desc)| json!({"name": name, "description": desc, "inputSchema": input_schema(name)})).collect()
 }
 
 // ---------- argument helpers (both camelCase and snake_case accepted) ----------
@@ -228,7 +300,9 @@ fn to_value<T: Serialize>(v: T) -> Value {
 async fn call_tool(sim: &Sim, name: &str, args: &Value) -> ToolResult {
     let (latency, fails) = {
         let mut st = sim.st();
-        (st.faults.center_latency_ms, st.dice_roll(|f| f.center_error_rate))
+        let fails = st.dice_roll(|f| f.center_error_rate)
+            || (name == "update_node_operation" && st.dice_roll(|f| f.update_operation_error_rate));
+        (st.faults.center_latency_ms, fails)
     };
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
