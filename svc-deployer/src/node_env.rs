@@ -47,19 +47,12 @@ impl IpType {
     }
 }
 
-/// `K2_NODE_TRAFFIC_LIMIT_GB` = bytes / 1024³ (display and load reporting only — the quota
-/// itself travels exactly, as bytes, in `NodeDeployed.sold_bytes`). Whole GiB print as an
-/// integer (`950`); otherwise the value is rounded to two decimals with trailing zeros cut
-/// (`1.5`, `0.01`), never below `0.01` for a non-zero quota.
+/// `K2_NODE_TRAFFIC_LIMIT_GB` as runbook 000 derives it: `trafficTotalBytes / 1024³`, a whole
+/// number of GiB (integer division). It is display and load reporting only — the quota itself
+/// travels exactly, as bytes, in `NodeDeployed.sold_bytes`, and the meter enforces bytes — so a
+/// quota below 1 GiB shows as `1` rather than an impossible `0`.
 pub fn traffic_gb(bytes: u64) -> String {
-    const GIB: u128 = 1 << 30;
-    let b = u128::from(bytes);
-    if b % GIB == 0 {
-        return (b / GIB).to_string();
-    }
-    let hundredths = ((b * 100 + GIB / 2) / GIB).max(1);
-    let s = format!("{}.{:02}", hundredths / 100, hundredths % 100);
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
+    (bytes >> 30).max(1).to_string()
 }
 
 /// What compose's `env_file` takes literally in an unquoted value: printable ASCII without
@@ -277,19 +270,18 @@ mod tests {
     fn traffic_in_gib() {
         assert_eq!(traffic_gb(950 * (1 << 30)), "950");
         assert_eq!(traffic_gb(1 << 40), "1024");
-        assert_eq!(traffic_gb(3 * (1 << 29)), "1.5");
-        assert_eq!(traffic_gb(1), "0.01");
-        assert_eq!(traffic_gb(1_000_000_000_000), "931.32");
-        assert_eq!(traffic_gb(u64::MAX), "17179869184");
+        assert_eq!(traffic_gb(3 * (1 << 29)), "1");
+        assert_eq!(traffic_gb(1), "1");
+        assert_eq!(traffic_gb(1_000_000_000_000), "931");
+        assert_eq!(traffic_gb(u64::MAX), "17179869183");
     }
 
     proptest! {
         #[test]
-        fn traffic_is_close_to_the_exact_value(bytes in 1u64..u64::MAX) {
+        fn traffic_is_a_whole_number_of_gib_at_most_the_quota(bytes in 1u64..u64::MAX) {
             let s = traffic_gb(bytes);
-            let v: f64 = s.parse().unwrap();
-            let exact = bytes as f64 / (1u64 << 30) as f64;
-            prop_assert!((v - exact).abs() <= 0.0051 || (exact < 0.01 && v == 0.01), "{bytes} → {s}");
+            let v: u64 = s.parse().unwrap();
+            prop_assert!(v >= 1 && (v << 30 <= bytes || v == 1) && (v + 1) << 30 > bytes, "{bytes} → {s}");
         }
 
         #[test]

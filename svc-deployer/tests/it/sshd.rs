@@ -231,7 +231,7 @@ async fn deploys_over_real_openssh_without_secrets_on_any_command_line() {
     assert_eq!(env["K2_PRIVATE_CLAIM"], claim.expose_secret());
     assert_eq!(env["K2_CENTER_URL"], "https://center.example");
     assert_eq!(env["K2_DOMAIN"], "node.example.com");
-    assert_eq!(env["K2_NODE_TRAFFIC_LIMIT_GB"], "1.5");
+    assert_eq!(env["K2_NODE_TRAFFIC_LIMIT_GB"], "1", "runbook: trafficTotalBytes / 1024³, a whole number");
     assert_eq!(env["K2_NODE_NAME"], format!("pn-{sub}"));
     assert_eq!(env["K2_NODE_REGION"], "jp");
     assert_eq!(env["K2_IP_TYPE"], "non_residential");
