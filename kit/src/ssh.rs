@@ -21,6 +21,21 @@ pub enum SshError {
     Timeout { what: String, secs: u64 },
     #[error("ssh: {0}")]
     Protocol(String),
+    /// The command printed more than `OUTPUT_CAP` bytes on one stream: a node that floods us
+    /// is hostile or broken; what came is truncated and the step fails (never retried).
+    #[error("ssh: `{what}` printed more than {cap} bytes; output truncated")]
+    OutputTooLarge { what: String, cap: usize },
+}
+
+/// The most a command's stdout (and, separately, its stderr) may carry back. Everything the
+/// deployer and the verifier read is a few KiB; a status line, a log grep, a tail.
+pub const OUTPUT_CAP: usize = 1 << 20;
+
+/// Appends `data` to `buf` up to `cap` bytes in all; false when something had to be cut.
+pub fn append_capped(buf: &mut Vec<u8>, data: &[u8], cap: usize) -> bool {
+    let room = cap.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() <= room
 }
 
 impl SshError {
@@ -180,10 +195,21 @@ impl Session {
             ch.eof().await.map_err(|e| SshError::Protocol(e.to_string()))?;
             let mut out = Output { status: u32::MAX, stdout: Vec::new(), stderr: Vec::new() };
             let mut got_status = false;
+            let too_large = || SshError::OutputTooLarge { what: format!("`{what}`"), cap: OUTPUT_CAP };
             while let Some(msg) = ch.wait().await {
                 match msg {
-                    ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
-                    ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+                    ChannelMsg::Data { data } => {
+                        if !append_capped(&mut out.stdout, &data, OUTPUT_CAP) {
+                            let _ = ch.close().await;
+                            return Err(too_large());
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        if !append_capped(&mut out.stderr, &data, OUTPUT_CAP) {
+                            let _ = ch.close().await;
+                            return Err(too_large());
+                        }
+                    }
                     ChannelMsg::ExitStatus { exit_status } => {
                         out.status = exit_status;
                         got_status = true;
@@ -226,5 +252,21 @@ impl AdminKeys {
         let path = self.0.get(account).ok_or_else(|| format!("no admin SSH key is configured for cloud account {account}"))?;
         let pem = std::fs::read_to_string(path).map_err(|e| format!("admin SSH key for account {account} unreadable: {}", e.kind()))?;
         parse_private_key(&pem).map(Arc::new).map_err(|_| format!("admin SSH key for account {account} is not an OpenSSH private key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_capped() {
+        let mut buf = Vec::new();
+        assert!(append_capped(&mut buf, b"abc", 5));
+        assert!(!append_capped(&mut buf, b"defg", 5));
+        assert_eq!(buf, b"abcde");
+        assert!(!append_capped(&mut buf, b"h", 5));
+        assert_eq!(buf.len(), 5);
+        assert!(append_capped(&mut buf, b"", 5));
     }
 }

@@ -59,7 +59,7 @@ impl From<RemoteError> for DeployError {
             RemoteError::HostKeyChanged(m) => DeployError::HostKeyChanged(m),
             RemoteError::AuthRefused(m) => DeployError::AuthRefused(m),
             RemoteError::Transient(m) => DeployError::Transient(m),
-            f @ RemoteError::Failed { .. } => DeployError::StepFailed(f.to_string()),
+            f @ (RemoteError::Failed { .. } | RemoteError::OutputTooLarge(_)) => DeployError::StepFailed(f.to_string()),
         }
     }
 }

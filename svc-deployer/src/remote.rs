@@ -93,6 +93,9 @@ pub enum RemoteError {
     /// Not reachable within the patience, or the link kept dropping.
     #[error("{0}")]
     Transient(String),
+    /// The node sent more output than `kit::ssh::OUTPUT_CAP`: the step fails, never retried.
+    #[error("{0}")]
+    OutputTooLarge(String),
     /// The command ran and kept failing.
     #[error("step `{step}` exited {status} after {tries} tries{}", if .tail.is_empty() { String::new() } else { format!(": {}", .tail) })]
     Failed { step: String, status: u32, tries: u32, tail: String },
@@ -104,6 +107,7 @@ impl RemoteError {
         match e {
             SshError::HostKeyChanged { .. } => RemoteError::HostKeyChanged(text),
             SshError::AuthRefused { .. } => RemoteError::AuthRefused(text),
+            SshError::OutputTooLarge { .. } => RemoteError::OutputTooLarge(text),
             _ => RemoteError::Transient(text),
         }
     }
@@ -259,7 +263,8 @@ impl Remote {
                     RemoteError::from_ssh(&e, &self.scrub)
                 }
             };
-            if matches!(err, RemoteError::HostKeyChanged(_)) {
+            // A changed host key, or a node that floods us with output, is not retried.
+            if matches!(err, RemoteError::HostKeyChanged(_) | RemoteError::OutputTooLarge(_)) {
                 return Err(err);
             }
             match delays.next() {

@@ -291,3 +291,39 @@ async fn deploys_over_real_openssh_without_secrets_on_any_command_line() {
     let hits = files_containing(&dir.join("data/svc-deployer"), &[claim.expose_secret(), &secret]);
     assert!(hits.is_empty(), "plaintext secret in the deployer's state: {hits:?}");
 }
+
+/// A node that floods us: a command's output is captured up to `kit::ssh::OUTPUT_CAP`, then cut
+/// and the command fails with `OutputTooLarge` (the deployer fails the step, never retries it).
+#[tokio::test]
+async fn a_flood_of_output_is_cut_at_the_cap() {
+    let user = must_be_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let admin = AdminKey::create(dir).unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let sshd = start_sshd(dir, &admin.public, &bin);
+    let key = Arc::new(kit::ssh::parse_private_key(&std::fs::read_to_string(&admin.private_path).unwrap()).unwrap());
+    let target = kit::ssh::Target {
+        host: "127.0.0.1".into(),
+        port: sshd.port,
+        user,
+        key,
+        pinned: Some(sshd.host_public.clone()),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let s = kit::ssh::connect(&target).await.unwrap();
+    let small = s.exec("head -c 1000 /dev/zero | tr '\\0' x", None, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(small.stdout.len(), 1000);
+    let cap = kit::ssh::OUTPUT_CAP;
+    for cmd in [format!("head -c {} /dev/zero", cap * 3), format!("head -c {} /dev/zero >&2", cap + 1)] {
+        match s.exec(&cmd, None, Duration::from_secs(60)).await {
+            Err(kit::ssh::SshError::OutputTooLarge { cap: c, .. }) => assert_eq!(c, cap),
+            other => panic!("{cmd}: expected OutputTooLarge, got {:?}", other.map(|o| (o.status, o.stdout.len(), o.stderr.len()))),
+        }
+    }
+    // Exactly the cap is still fine, and the session keeps serving after a cut.
+    let at_cap = s.exec(&format!("head -c {cap} /dev/zero"), None, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(at_cap.stdout.len(), cap);
+    let _ = std::fs::read_to_string(&sshd.log);
+}
