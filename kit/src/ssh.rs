@@ -198,17 +198,14 @@ impl Session {
             let too_large = || SshError::OutputTooLarge { what: format!("`{what}`"), cap: OUTPUT_CAP };
             while let Some(msg) = ch.wait().await {
                 match msg {
-                    ChannelMsg::Data { data } => {
-                        if !append_capped(&mut out.stdout, &data, OUTPUT_CAP) {
-                            let _ = ch.close().await;
-                            return Err(too_large());
-                        }
+                    // The guards append (up to the cap); only a cut reaches the arm's body.
+                    ChannelMsg::Data { data } if !append_capped(&mut out.stdout, &data, OUTPUT_CAP) => {
+                        let _ = ch.close().await;
+                        return Err(too_large());
                     }
-                    ChannelMsg::ExtendedData { data, ext: 1 } => {
-                        if !append_capped(&mut out.stderr, &data, OUTPUT_CAP) {
-                            let _ = ch.close().await;
-                            return Err(too_large());
-                        }
+                    ChannelMsg::ExtendedData { data, ext: 1 } if !append_capped(&mut out.stderr, &data, OUTPUT_CAP) => {
+                        let _ = ch.close().await;
+                        return Err(too_large());
                     }
                     ChannelMsg::ExitStatus { exit_status } => {
                         out.status = exit_status;
