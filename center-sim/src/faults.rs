@@ -18,6 +18,10 @@ pub struct Faults {
     pub center_error_rate: f64,
     /// Added to every `tools/call`.
     pub center_latency_ms: u64,
+    /// Probability that Center's node ingress (`/slave/register`, `/slave/usage`) answers a
+    /// transient 503 before doing anything: a Center outage as the nodes see it (the ingress in
+    /// front still mirrors `/slave/usage` to the meter).
+    pub slave_error_rate: f64,
     /// Probability that a claim of a queued operation answers 409 anyway.
     pub claim_conflict_rate: f64,
     /// Probability that a new SSH connection, or an exec on one, is dropped (nothing runs).
@@ -55,6 +59,7 @@ impl Default for Faults {
             boot_delay_ms: 500,
             registration_delay_ms: 200,
             never_register: false,
+            slave_error_rate: 0.0,
             prep_delay_ms: 300,
             usage_interval_ms: 2000,
             operation_timeout_ms: 1_800_000,
@@ -105,6 +110,7 @@ impl Faults {
             if !(0.0..=1.0).contains(&r) {
                 return Err(FaultsError::RateOutOfRange(name));
             }
+            ("slaveErrorRate", self.slave_error_rate),
         }
         if self.usage_interval_ms < 10 {
             return Err(FaultsError::IntervalTooSmall);

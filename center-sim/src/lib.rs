@@ -10,6 +10,7 @@ pub mod admin;
 pub mod center;
 pub mod cloud;
 pub mod faults;
+pub mod ingress;
 pub mod mcp;
 pub mod node;
 pub mod sim;
@@ -42,9 +43,11 @@ pub struct Settings {
     /// The nodes' disks: `<DIR>/<instance-name>/.env` etc.
     #[arg(long, env = "PN_SIM_DATA_DIR", default_value = "./.pn/sim")]
     pub data_dir: PathBuf,
-    /// Where `POST /slave/usage` is forwarded (the meter's base URL).
-    #[arg(long, env = "PN_SIM_METER_URL")]
-    pub meter_url: Option<String>,
+    /// The URL handed out as the claim's `identity.centerUrl` (the nodes' `K2_CENTER_URL`):
+    /// the ingress in front of this Center (`pn-ingress`, which mirrors `/slave/usage` to the
+    /// meter). Default: this process's own address.
+    #[arg(long, env = "PN_SIM_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// OpenSSH public key of the account's default keypair; without it one is generated into
     /// `<data-dir>/.admin/id_ed25519` (+ `.pub`).
     #[arg(long, env = "PN_SIM_ADMIN_PUBLIC_KEY_FILE")]
@@ -138,10 +141,14 @@ impl App {
             addr.set_ip(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST));
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().context("http client")?;
+        let public_url = match settings.public_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => u.trim_end_matches('/').to_string(),
+            Some(_) => bail!("--public-url must be an http(s) URL"),
+            None => format!("http://{addr}"),
+        };
         let cfg = SimConfig {
-            base_url: format!("http://{addr}"),
+            base_url: public_url,
             data_dir: settings.data_dir.clone(),
-            meter_url: settings.meter_url.clone().filter(|u| !u.trim().is_empty()),
             ssh_port_fresh: settings.ssh_port_fresh,
             ssh_port_hardened: settings.ssh_port_hardened,
         };
@@ -153,7 +160,13 @@ impl App {
         self.addr
     }
 
+    /// Where this process listens (`http://ADDR`; the first stdout line names it).
     pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What the claims hand out as `centerUrl` (`--public-url`, else [`App::base_url`]).
+    pub fn public_url(&self) -> String {
         self.sim.cfg.base_url.clone()
     }
 

@@ -5,7 +5,7 @@
 //!
 //! Never: hold the lock across an `.await`, or log a secret.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::ops::Deref;
 use std::path::PathBuf;
@@ -24,10 +24,10 @@ use crate::rfc3339;
 /// What the parts need from the settings, resolved at start.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// This Center's own URL (`identity.centerUrl`).
+    /// The URL this Center hands out as `identity.centerUrl` (the nodes' `K2_CENTER_URL`):
+    /// `--public-url` (the ingress in front of it), else its own address.
     pub base_url: String,
     pub data_dir: PathBuf,
-    pub meter_url: Option<String>,
     pub ssh_port_fresh: u16,
     pub ssh_port_hardened: u16,
 }
@@ -40,7 +40,7 @@ pub struct Inner {
     /// The account's default keypair: the only key the nodes accept.
     pub admin_key: PublicKey,
     pub center_token: SecretString,
-    /// For forwarding `/slave/usage` to the meter.
+    /// An HTTP client for the simulator's own outbound calls.
     pub http: reqwest::Client,
     /// Cancelled at shutdown; every instance's tasks hang below it.
     pub root: CancellationToken,
@@ -68,6 +68,7 @@ impl Sim {
             ops: Operations::default(),
             cloud: Cloud::new(ip_start),
             nodes: BTreeMap::new(),
+            node_by_ip: HashMap::new(),
             violations: Vec::new(),
             node_secrets: Vec::new(),
             node_secret_set: HashSet::new(),
@@ -115,6 +116,10 @@ pub struct NodeRec {
     pub usage_reports: u32,
     /// The node's credential (`ipv4:secret`); never serialized here.
     pub secret: String,
+    /// Center's own usage ledger of this node (`/slave/usage`).
+    pub usage: crate::slave::NodeUsage,
+    /// Center's own cut-off (≥ 95 % of the sold quota): hidden, new device auth gets 402.
+    pub quota_cutoff: bool,
 }
 
 impl NodeRec {
@@ -125,7 +130,8 @@ impl NodeRec {
             region: self.region.clone(),
             class: self.class.clone(),
             ip_type: self.ip_type.clone(),
-            hidden: self.hidden,
+            // Hidden by `update_node` (the meter) or by Center's own cut-off.
+            hidden: self.hidden || self.quota_cutoff,
             tunnels: vec![kit::center::Tunnel { domain: self.domain.clone(), port: 443 }],
         }
     }
@@ -145,6 +151,8 @@ impl NodeRec {
             registered_at: rfc3339(self.registered_ms),
             registrations: self.registrations,
             usage_reports: self.usage_reports,
+            traffic_used_bytes: self.usage.used_bytes,
+            quota_cutoff: self.quota_cutoff,
         }
     }
 }
@@ -165,6 +173,10 @@ pub struct AdminNode {
     pub registered_at: String,
     pub registrations: u32,
     pub usage_reports: u32,
+    /// Center's ledger: billable bytes (rx + tx) since the node's first report.
+    pub traffic_used_bytes: u64,
+    /// Center's own cut-off reached (≥ 95 % of the sold quota).
+    pub quota_cutoff: bool,
 }
 
 /// A guardrail breach the simulator saw. `detail` never holds a secret.
@@ -203,6 +215,8 @@ pub struct State {
     pub cloud: Cloud,
     /// Registered nodes by name.
     pub nodes: BTreeMap<String, NodeRec>,
+    /// Registered nodes by address (the Basic `ipv4:` of `/slave/usage`).
+    pub node_by_ip: HashMap<Ipv4Addr, String>,
     pub violations: Vec<Violation>,
     /// Every node secret seen (in a `.env` or a registration), in order, no duplicates.
     pub node_secrets: Vec<String>,

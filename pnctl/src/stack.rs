@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 pub const SERVICES: [&str; 5] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter"];
 pub const NATS: &str = "nats-server";
 pub const CENTER_SIM: &str = "center-sim";
+/// The dev stack's ingress at Center's host: forwards to center-sim, mirrors `/slave/usage`
+/// to the meter (Traefik's mirroring in production).
+pub const INGRESS: &str = "pn-ingress";
 
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -54,7 +57,10 @@ pub struct StackFile {
     pub nats_pid: Option<u32>,
     pub center_url: String,
     pub meter_url: String,
-    /// The five services and center-sim, by name.
+    /// `pn-ingress`, Center's public host as the nodes see it (their `K2_CENTER_URL`).
+    #[serde(default)]
+    pub ingress_url: String,
+    /// The five services, center-sim and pn-ingress, by name.
     pub services: BTreeMap<String, ServiceEntry>,
     /// How many times each child (services, center-sim, nats-server) was restarted.
     pub restarts: BTreeMap<String, u32>,
@@ -380,6 +386,7 @@ struct Ports {
     nats: u16,
     center: u16,
     meter: u16,
+    ingress: u16,
     ssh_fresh: u16,
     ssh_hardened: u16,
     ops: BTreeMap<&'static str, u16>,
@@ -405,13 +412,14 @@ impl Ports {
         let nats = take(opts.nats_port, "nats")?;
         let center = take(opts.center_port, "center-sim")?;
         let meter = take(opts.meter_port, "svc-meter ingest")?;
+        let ingress = take(None, "pn-ingress")?;
         let ssh_fresh = take(None, "sim ssh (fresh)")?;
         let ssh_hardened = take(None, "sim ssh (hardened)")?;
         let mut ops = BTreeMap::new();
         for s in SERVICES {
             ops.insert(s, take(None, s)?);
         }
-        Ok(Ports { nats, center, meter, ssh_fresh, ssh_hardened, ops })
+        Ok(Ports { nats, center, meter, ingress, ssh_fresh, ssh_hardened, ops })
     }
 }
 
@@ -696,6 +704,7 @@ fn build_specs(layout: &Layout, secrets: &Secrets, ports: &Ports) -> anyhow::Res
     let nats_url = format!("nats://127.0.0.1:{}", ports.nats);
     let center_url = format!("http://127.0.0.1:{}", ports.center);
     let meter_url = format!("http://127.0.0.1:{}", ports.meter);
+    let ingress_url = format!("http://127.0.0.1:{}", ports.ingress);
 
     let mut specs = vec![
         ChildSpec {
@@ -716,8 +725,10 @@ fn build_specs(layout: &Layout, secrets: &Secrets, ports: &Ports) -> anyhow::Res
                 format!("127.0.0.1:{}", ports.center),
                 "--data-dir".into(),
                 layout.sim.display().to_string(),
-                "--meter-url".into(),
-                meter_url.clone(),
+                // The claims hand the nodes the ingress's URL: their reports pass it, and it
+                // mirrors them to the meter.
+                "--public-url".into(),
+                ingress_url.clone(),
                 "--admin-public-key-file".into(),
                 secrets.admin_pub.display().to_string(),
                 "--ssh-port-fresh".into(),
@@ -730,6 +741,24 @@ fn build_specs(layout: &Layout, secrets: &Secrets, ports: &Ports) -> anyhow::Res
             log: layout.log(CENTER_SIM),
             ports: vec![(ports.center, "center-sim".into())],
             health: Health::Http(vec![format!("{center_url}/admin/faults")]),
+        },
+        ChildSpec {
+            name: INGRESS.into(),
+            program: find_bin(INGRESS)?,
+            args: vec![
+                "--listen".into(),
+                format!("127.0.0.1:{}", ports.ingress),
+                "--upstream".into(),
+                center_url.clone(),
+                "--mirror".into(),
+                meter_url.clone(),
+            ],
+            env: vec![("PN_LOG_FORMAT".into(), "json".into())],
+            secret_env: vec![],
+            log: layout.log(INGRESS),
+            ports: vec![(ports.ingress, "pn-ingress".into())],
+            // Forwarded to center-sim: the router and what is behind it answer.
+            health: Health::Http(vec![format!("{ingress_url}/healthz"), format!("{ingress_url}/_pn_ingress/stats")]),
         },
     ];
     for name in SERVICES {
@@ -819,7 +848,7 @@ impl Supervisor {
         }
     }
 
-    /// Services first, then center-sim, then NATS (the services drain while NATS is up).
+    /// Services first, then the ingress, center-sim, then NATS (the services drain while NATS is up).
     async fn stop(&mut self) {
         while let Some((token, mut set)) = self.tiers.pop() {
             token.cancel();
@@ -907,11 +936,13 @@ pub async fn up(opts: &UpOptions, shutdown: impl std::future::Future<Output = ()
         nats_pid: None,
         center_url: format!("http://127.0.0.1:{}", ports.center),
         meter_url: format!("http://127.0.0.1:{}", ports.meter),
+        ingress_url: format!("http://127.0.0.1:{}", ports.ingress),
         supervisor_pid: std::process::id(),
         state: StackState::Starting,
         ..Default::default()
     };
     file.services.insert(CENTER_SIM.into(), ServiceEntry { pid: None, ops_url: file.center_url.clone() });
+    file.services.insert(INGRESS.into(), ServiceEntry { pid: None, ops_url: file.ingress_url.clone() });
     for s in SERVICES {
         let port = ports.ops.get(s).copied().unwrap_or(0);
         file.services.insert(s.into(), ServiceEntry { pid: None, ops_url: format!("http://127.0.0.1:{port}") });
@@ -964,8 +995,9 @@ pub async fn up(opts: &UpOptions, shutdown: impl std::future::Future<Output = ()
 
 async fn start_all(sup: &mut Supervisor, specs: Vec<ChildSpec>, deadline: Instant) -> anyhow::Result<()> {
     let mut specs = specs.into_iter();
-    // NATS and center-sim first: the services need both to become ready.
-    for _ in 0..2 {
+    // NATS, center-sim and the ingress in front of it first: the services need the first two
+    // to become ready, and the nodes they deploy report through the third.
+    for _ in 0..3 {
         let Some(spec) = specs.next() else { break };
         let tier = sup.start_tier(vec![spec])?;
         sup.wait_healthy(&tier, deadline).await?;
@@ -982,6 +1014,9 @@ pub fn summary_lines(s: &StackFile) -> Vec<String> {
         v.push(format!("  {:<13} {:<28} pid {}", name, e.ops_url, pid(e.pid)));
     }
     v.push(format!("  {:<13} {}", "meter ingest", s.meter_url));
+    if !s.ingress_url.is_empty() {
+        v.push(format!("  {:<13} {} (Center's host for the nodes; /slave/usage mirrored to the meter)", "ingress", s.ingress_url));
+    }
     v
 }
 
@@ -1019,7 +1054,7 @@ pub async fn up_detached(opts: &UpOptions) -> anyhow::Result<Detached> {
     check_not_running(&layout.root)?;
     // Fail here, with the clear message, rather than in a log file nobody reads.
     find_nats_server()?;
-    for b in std::iter::once(CENTER_SIM).chain(SERVICES) {
+    for b in [CENTER_SIM, INGRESS].into_iter().chain(SERVICES) {
         find_bin(b)?;
     }
     let log_path = layout.log("pnctl");
@@ -1108,6 +1143,7 @@ mod tests {
             nats_pid: Some(7),
             center_url: "http://127.0.0.1:2".into(),
             meter_url: "http://127.0.0.1:3".into(),
+            ingress_url: "http://127.0.0.1:5".into(),
             supervisor_pid: 9,
             state: StackState::Ready,
             ..Default::default()
@@ -1115,7 +1151,7 @@ mod tests {
         s.services.insert("svc-cloud".into(), ServiceEntry { pid: Some(8), ops_url: "http://127.0.0.1:4".into() });
         s.restarts.insert("svc-cloud".into(), 1);
         let v = serde_json::to_value(&s).unwrap_or_default();
-        for k in ["natsUrl", "natsPid", "centerUrl", "meterUrl", "services", "restarts", "supervisorPid", "state"] {
+        for k in ["natsUrl", "natsPid", "centerUrl", "meterUrl", "ingressUrl", "services", "restarts", "supervisorPid", "state"] {
             assert!(v.get(k).is_some(), "{k} missing in {v}");
         }
         assert_eq!(v["services"]["svc-cloud"]["opsUrl"], "http://127.0.0.1:4");

@@ -55,6 +55,11 @@ impl StackBuilder {
 pub struct Stack {
     pub nats: Nats,
     pub sim: Proc,
+    /// `pn-ingress` in front of center-sim: Center's public host as the nodes see it (every
+    /// request to center-sim, `POST /slave/usage` also mirrored to the meter).
+    pub ingress: Proc,
+    /// The router's URL: the claims' `centerUrl`, so the nodes' `K2_CENTER_URL`.
+    pub ingress_url: String,
     pub procs: BTreeMap<String, Proc>,
     pub dir: tempfile::TempDir,
     pub center_url: String,
@@ -92,11 +97,13 @@ impl Stack {
         let meter_url = format!("http://127.0.0.1:{meter_port}");
         let fresh_port = free_port();
         let hardened_port = free_port();
+        let ingress_port = free_port();
+        let ingress_url = format!("http://127.0.0.1:{ingress_port}");
         let ip_start = format!("127.{}.{}.1", 10 + rand::random::<u8>() % 240, rand::random::<u8>() % 250);
         let mut cmd = Command::new(bin("center-sim")?);
         cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("sim"))
-            .args(["--meter-url", &meter_url, "--admin-public-key-file"])
+            .args(["--public-url", &ingress_url, "--admin-public-key-file"])
             .arg(secrets.join("ssh-admin-key.pub"))
             .args(["--ssh-port-fresh", &fresh_port.to_string(), "--ssh-port-hardened", &hardened_port.to_string()])
             .args(["--ip-start", &ip_start, "--seed", "7"])
@@ -121,9 +128,12 @@ impl Stack {
         if !center_url.starts_with("http://") {
             bail!("center-sim's first line is not its address: {first}");
         }
+        let ingress = spawn_ingress(dir.path(), ingress_port, &center_url, &meter_url)?;
         let mut stack = Stack {
             nats,
             sim,
+            ingress,
+            ingress_url,
             procs: BTreeMap::new(),
             dir,
             center_url,
@@ -142,6 +152,13 @@ impl Stack {
             stack.wait_ready(s).await?;
         }
         Ok(stack)
+    }
+
+    /// The router's counters (`GET /_pn_ingress/stats`): `forwarded`, `mirrorQueued`,
+    /// `mirrorOk`, `mirrorDropped`, `mirrorFailed`, …
+    pub async fn ingress_stats(&self) -> Result<Value> {
+        let r = self.http.get(format!("{}/_pn_ingress/stats", self.ingress_url)).send().await?;
+        Ok(r.json().await?)
     }
 
     /// The environment a service starts with.
@@ -329,6 +346,35 @@ impl Stack {
         }
         s
     }
+}
+
+/// Starts `pn-ingress` on `port` in front of `upstream`, mirroring `/slave/usage` to `mirror`,
+/// and waits for its address line.
+fn spawn_ingress(dir: &Path, port: u16, upstream: &str, mirror: &str) -> Result<Proc> {
+    let mut child = Command::new(bin("pn-ingress")?)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", upstream, "--mirror", mirror])
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env("PN_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file(dir, "pn-ingress")?)
+        .spawn()
+        .context("spawn pn-ingress")?;
+    let stdout = child.stdout.take().context("pn-ingress stdout")?;
+    let proc = Proc { child, name: "pn-ingress".into() };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(first)) = lines.next() {
+            let _ = tx.send(first);
+        }
+        for _ in lines {}
+    });
+    let first = rx.recv_timeout(Duration::from_secs(20)).context("pn-ingress printed no address")?;
+    if !first.starts_with("pn-ingress listening on http://") {
+        bail!("pn-ingress's first line is not its address: {first}");
+    }
+    Ok(proc)
 }
 
 fn write_600(path: &Path, content: &str) -> Result<()> {

@@ -1,6 +1,6 @@
 //! center-sim against its real binary: Center's tools through kit's MCP client, the nodes
-//! through plain russh client calls (kit::ssh), the usage path through a test HTTP receiver
-//! standing in for the meter. Run `cargo build -p center-sim` first (nextest builds it too).
+//! through plain russh client calls (kit::ssh), the usage path through the real `pn-ingress`
+//! in front of the sim, mirroring to a test HTTP receiver standing in for the meter. Run `cargo build -p center-sim` first (nextest builds it too).
 //! `TEST_LOG=1` shows the simulator's log.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -27,6 +27,8 @@ const CMD_TIMEOUT: Duration = Duration::from_secs(20);
 struct TestSim {
     _proc: Proc,
     _stdout: BufReader<ChildStdout>,
+    /// `pn-ingress` in front of the sim (claims hand out its URL), when a mirror was given.
+    _ingress: Option<(Proc, BufReader<ChildStdout>)>,
     url: String,
     token: String,
     dir: tempfile::TempDir,
@@ -37,7 +39,8 @@ struct TestSim {
 }
 
 /// Starts the real binary on a free port, with its own data dir, admin key, SSH ports and
-/// loopback range, and fast timings.
+/// loopback range, and fast timings. With `meter_url`, the real `pn-ingress` runs in front of
+/// it (mirroring `/slave/usage` there) and the claims hand out the ingress's URL.
 fn spawn_sim(meter_url: Option<&str>) -> TestSim {
     kit::init_crypto();
     let dir = tempfile::tempdir().unwrap();
@@ -63,8 +66,9 @@ fn spawn_sim(meter_url: Option<&str>) -> TestSim {
         } else {
             Stdio::from(std::fs::File::create(dir.path().join("sim.log")).unwrap())
         });
-    if let Some(m) = meter_url {
-        cmd.args(["--meter-url", m]);
+    let ingress_port = free_port();
+    if meter_url.is_some() {
+        cmd.args(["--public-url", &format!("http://127.0.0.1:{ingress_port}")]);
     }
     let mut child = cmd.spawn().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -73,7 +77,20 @@ fn spawn_sim(meter_url: Option<&str>) -> TestSim {
     stdout.read_line(&mut line).unwrap();
     let url = line.trim().strip_prefix("center-sim listening on ").unwrap_or_else(|| panic!("first line: {line:?}")).to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    TestSim { _proc: proc, _stdout: stdout, url, token, dir, admin_pem, fresh, hardened, http: reqwest::Client::new() }
+    let ingress = meter_url.map(|m| {
+        let mut child = Command::new(testkit::bin("pn-ingress").unwrap())
+            .args(["--listen", &format!("127.0.0.1:{ingress_port}"), "--upstream", &url, "--mirror", m])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(dir.path().join("ingress.log")).unwrap()))
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), format!("pn-ingress listening on http://127.0.0.1:{ingress_port}"));
+        (Proc { child, name: "pn-ingress".into() }, out)
+    });
+    TestSim { _proc: proc, _stdout: stdout, _ingress: ingress, url, token, dir, admin_pem, fresh, hardened, http: reqwest::Client::new() }
 }
 
 impl TestSim {
@@ -436,7 +453,7 @@ async fn a_node_goes_from_prep_to_registered_private_and_metered() {
     .await
     .unwrap();
 
-    // Usage reaches the meter with the node's credentials.
+    // Usage reaches the meter (the ingress's copy) with the node's credentials, unchanged.
     let want_auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{ip}:{secret}")));
     let first = eventually("a usage post", PATIENCE, || async { seen.lock().unwrap().first().cloned() }).await.unwrap();
     assert_eq!(first.0, want_auth);
@@ -456,6 +473,10 @@ async fn a_node_goes_from_prep_to_registered_private_and_metered() {
     })
     .await
     .unwrap();
+    // Center's own ledger, in its admin view too (the first report was the baseline).
+    let n = &sim.get("/admin/nodes").await["items"][0];
+    assert!(n["trafficUsedBytes"].as_u64().unwrap() >= 1_000_000_000, "{n}");
+    assert_eq!(n["quotaCutoff"], false, "1 GB of a large quota: {n}");
 
     // Re-running up -d is idempotent.
     let again = run(&s, "cd /apps/kaitu-slave && sudo docker compose -f docker-compose.yml up -d", None).await;

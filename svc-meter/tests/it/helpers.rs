@@ -17,7 +17,8 @@ use testkit::stack::Stack;
 // ---------- the meter in a stack ----------
 
 /// The real `svc-meter` binary in a testkit stack: a real nats-server and the real center-sim
-/// (Center's MCP tools, its `/slave/usage` ingress forwarding to the meter, its admin API).
+/// (Center's MCP tools, its own `/slave/usage` ledger behind `pn-ingress`, which mirrors the
+/// reports to the meter, its admin API).
 pub struct Meter {
     pub stack: Stack,
     pub bus: Bus,
@@ -123,14 +124,22 @@ impl Meter {
         Ok(v)
     }
 
-    /// A report sent the way nodes send it: to Center's `/slave/usage`, which forwards it.
+    /// A report sent the way nodes send it: to Center's host (`pn-ingress`), which answers
+    /// with Center's own answer and mirrors the report to the meter. Returns the meter's view
+    /// of it once its copy is in the ledger: `{outcome, deltaBytes, usedBytes}`.
     pub async fn ok_via_center(&self, node: &TestNode, rx: u64, tx: u64, boot: &str, at_s: i64) -> Result<Value> {
         let body = json!({"rxBytes": rx, "txBytes": tx, "bootId": boot, "at": at(at_s)}).to_string();
-        let (s, text) = self.post_to(&self.stack.center_url, Some(&node.auth()), body).await?;
+        let (s, text) = self.post_to(&self.stack.ingress_url, Some(&node.auth()), body).await?;
         if s != 200 {
-            bail!("report via center answered {s}: {text}");
+            bail!("report via Center's host answered {s}: {text}");
         }
-        Ok(serde_json::from_str(&text)?)
+        testkit::eventually("the mirrored report reaches the meter's ledger", Duration::from_secs(20), || async {
+            let u = self.usage(&node.name).await.ok()?;
+            let last = &u["lastReport"];
+            (last["rxBytes"] == rx && last["txBytes"] == tx && last["bootId"] == boot)
+                .then(|| json!({"outcome": last["outcome"], "deltaBytes": last["deltaBytes"], "usedBytes": u["usedBytes"]}))
+        })
+        .await
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
