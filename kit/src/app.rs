@@ -39,6 +39,13 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Connects everything. Fails with a clear, secret-free message when something is missing.
     pub async fn start(service: &'static str, common: &Common) -> anyhow::Result<Runtime> {
+        Runtime::start_with(service, common, axum::Router::new()).await
+    }
+
+    /// Like `start`, with the service's own HTTP routes (`extra`) on its ops listener beside
+    /// `/healthz`, `/readyz` and `/metrics` (svc-cloud's `/v1/reap/…`). The routes exist
+    /// before the service's state does: a handler that needs it answers 503 until it is set.
+    pub async fn start_with(service: &'static str, common: &Common, extra: axum::Router) -> anyhow::Result<Runtime> {
         crate::init_crypto();
         let token = common.center_token()?;
         let bus = Bus::connect(&common.nats_url, service, Duration::from_secs(30)).await?;
@@ -47,9 +54,10 @@ impl Runtime {
         let center: Arc<dyn Center> =
             McpCenter::new(ClientConfig::new(&common.center_url, Duration::from_millis(common.center_timeout_ms)), token)?;
         let shutdown = CancellationToken::new();
-        let ops_addr = crate::ops::spawn(common.ops_listen, crate::ops::bus_ready(bus.clone()), shutdown.clone().cancelled_owned())
+        let ops_addr = crate::ops::spawn_with(common.ops_listen, crate::ops::bus_ready(bus.clone()), extra, shutdown.clone().cancelled_owned())
             .await
             .context("ops endpoints")?;
+        crate::ops::build_info(service);
         tracing::info!(service, ops = %ops_addr, nats = %common.nats_url, "started");
         Ok(Runtime { service, bus, store, center, common: common.clone(), ops_addr, shutdown })
     }

@@ -1,5 +1,6 @@
 //! The ops HTTP endpoints every service serves: `/healthz` (the process runs), `/readyz`
 //! (its dependencies answer: NATS connected, streams present) and Prometheus `/metrics`.
+//! A service may add its own routes (`spawn_with`), e.g. svc-cloud's operator reap commands.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,9 +17,55 @@ pub type ReadyFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + 
 
 static PROM: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// The process-wide Prometheus recorder (installed on first use).
+/// Bucket bounds (seconds) of every `*_seconds` histogram: from a handler's milliseconds to a
+/// node's minutes-long prep and boot. Histograms (not summaries) so that Prometheus can sum
+/// them across pods and compute quantiles of the whole.
+pub const SECONDS_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+
+/// Every series Pnp exports, with its HELP text. A series not named here still exports, without
+/// HELP; the ops test checks that none is missing.
+pub const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("pn_build_info", "Always 1; the service and version as labels."),
+    ("pn_center_call_seconds", "Time of one Center tool call, retries included, by tool."),
+    ("pn_center_errors_total", "Center tool calls that failed after their retries, by tool."),
+    ("pn_claimed_in_flight", "Operations this claimer holds: claimed and not yet terminal."),
+    ("pn_failed_for_activated_total", "pn.op.failed events that arrived for an activated operation (not reported to Center)."),
+    ("pn_handler_parks_total", "Messages parked (nak with a delay) while waiting on the outside world, by stage."),
+    ("pn_handler_retries_total", "Handler runs that asked for a retry, by stage."),
+    ("pn_handler_seconds", "Time a handler ran on one message, by stage."),
+    ("pn_handler_terminated_total", "Messages a report-only consumer terminated without failing the operation, by stage."),
+    ("pn_lease_not_extended_total", "Lease renewals Center answered without extending the lease."),
+    ("pn_meter_billed_bytes_total", "Bytes billed to nodes' ledgers."),
+    ("pn_meter_reports_total", "Usage reports received, by outcome."),
+    ("pn_meter_usage_published_total", "meter.usage.<node> messages published."),
+    ("pn_ops_degraded", "Activated operations whose later checks do not hold (degraded), now."),
+    ("pn_ops_degraded_total", "Operations that became degraded."),
+    ("pn_reap_decisions_total", "The reaper's decisions, by decision."),
+    ("pn_reap_pending", "VPSes of failed operations kept because their death is not proven; waiting for an operator."),
+    ("pn_stage_pickup_seconds", "From an event's publication to the next stage starting on it, by stage."),
+    ("pn_verify_watch_ended_total", "Degraded operations the verifier stopped watching."),
+];
+
+/// The process-wide Prometheus recorder (installed on first use), with histogram buckets and
+/// the HELP texts.
 pub fn prometheus() -> Option<PrometheusHandle> {
-    PROM.get_or_init(|| PrometheusBuilder::new().install_recorder().ok()).clone()
+    PROM.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .ok()?;
+        let handle = builder.install_recorder().ok()?;
+        for (name, help) in DESCRIPTIONS {
+            metrics::describe_gauge!(*name, *help);
+        }
+        Some(handle)
+    })
+    .clone()
+}
+
+/// Sets `pn_build_info{service, version} 1`.
+pub fn build_info(service: &'static str) {
+    metrics::gauge!("pn_build_info", "service" => service, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// A readiness check from a bus: connected and the streams exist.
@@ -55,11 +102,22 @@ pub async fn spawn(
     ready: ReadyFn,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SocketAddr> {
+    spawn_with(listen, ready, Router::new(), shutdown).await
+}
+
+/// Like `spawn`, with the service's own routes (`extra`) served beside the ops endpoints on
+/// the same listener. `extra` must not route `/healthz`, `/readyz` or `/metrics`.
+pub async fn spawn_with(
+    listen: SocketAddr,
+    ready: ReadyFn,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("ops listen {listen}: {e}")))?;
     let addr = listener.local_addr()?;
-    let app = router(ready);
+    let app = router(ready).merge(extra);
     // The exporter's summaries roll their windows only on upkeep; without it quantiles drift.
     if let Some(prom) = prometheus() {
         tokio::spawn(async move {
@@ -73,4 +131,55 @@ pub async fn spawn(
         let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     });
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_have_buckets_and_every_series_has_help() {
+        let Some(prom) = prometheus() else { panic!("the recorder could not be installed") };
+        metrics::histogram!("pn_handler_seconds", "stage" => "test").record(0.3);
+        metrics::counter!("pn_handler_retries_total", "stage" => "test").increment(1);
+        build_info("test");
+        let text = prom.render();
+        assert!(text.contains("pn_handler_seconds_bucket{stage=\"test\",le=\"0.5\"} 1"), "{text}");
+        assert!(!text.contains("quantile="), "summaries cannot be aggregated: {text}");
+        assert!(text.contains("pn_build_info{service=\"test\",version="), "{text}");
+        for name in ["pn_handler_seconds", "pn_handler_retries_total", "pn_build_info"] {
+            assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}: {text}");
+        }
+    }
+
+    #[test]
+    fn every_metric_the_code_names_is_described() {
+        // Every `metrics::…!("pn_…"` in the workspace's sources has a DESCRIPTIONS entry.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let mut missing = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().to_string();
+                if p.is_dir() {
+                    if !matches!(name.as_str(), "target" | ".git" | ".tools" | ".pn" | "tests") {
+                        stack.push(p);
+                    }
+                } else if name.ends_with(".rs") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    for part in text.split("metrics::").skip(1) {
+                        let Some(rest) = ["counter!(", "gauge!(", "histogram!("].iter().find_map(|m| part.strip_prefix(m)) else { continue };
+                        let rest = rest.trim_start().trim_start_matches('"');
+                        let metric: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                        if metric.starts_with("pn_") && !DESCRIPTIONS.iter().any(|(n, _)| *n == metric) {
+                            missing.push(format!("{metric} ({})", p.display()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "metrics without a HELP text in kit::ops::DESCRIPTIONS: {missing:?}");
+    }
 }
