@@ -46,6 +46,9 @@ pub struct Faults {
     pub create_fail_rate: f64,
     /// Probability that an instance reaches `running` without an ipv4.
     pub no_ip_rate: f64,
+    /// Extra lines the emulated k2s and k2-sidecar log right after their start-up lines (so
+    /// `server ready` is far out of any `docker logs --tail`). At most 10,000,000.
+    pub log_noise_lines: u64,
 }
 
 impl Default for Faults {
@@ -66,6 +69,7 @@ impl Default for Faults {
             seed: 0,
             create_fail_rate: 0.0,
             no_ip_rate: 0.0,
+            log_noise_lines: 0,
         }
     }
 }
@@ -80,6 +84,8 @@ pub enum FaultsError {
     RateOutOfRange(&'static str),
     #[error("usageIntervalMs must be at least 10")]
     IntervalTooSmall,
+    #[error("logNoiseLines must be at most 10000000")]
+    TooMuchNoise,
 }
 
 impl Faults {
@@ -114,6 +120,9 @@ impl Faults {
         }
         if self.usage_interval_ms < 10 {
             return Err(FaultsError::IntervalTooSmall);
+        }
+        if self.log_noise_lines > 10_000_000 {
+            return Err(FaultsError::TooMuchNoise);
         }
         Ok(())
     }

@@ -11,7 +11,8 @@ pub enum Activation {
     Active { why: String },
     /// Center failed the operation and no node of that name is registered.
     Failed { error: String },
-    /// `queued` or `in_progress` (possibly under a newer claim attempt): someone is working on it.
+    /// `queued`, `claimed` or `in_progress` (possibly under a newer claim attempt): someone is
+    /// working on it.
     InFlight { status: String },
     /// Center could not be asked, or does not know the operation: nothing may be concluded.
     Unknown { why: String },
@@ -24,18 +25,23 @@ impl Activation {
 }
 
 /// Asks Center for the operation's status and for a registered node named `node_name`
-/// (`pn-<subId>`). A node that is registered wins over any status: the node's self-registration
-/// is what activates it. When Center ignores the `id` filter (the full list comes back), the
-/// operation is picked from the list by id; when it is absent from that list too, the answer is
-/// `Unknown`, never `Failed`.
+/// (`pn-<subId>`). A node that is registered with the claim (class `private`) wins over any
+/// status: the node's self-registration is what activates it. When Center ignores the `id`
+/// filter (the full list comes back), the operation is picked from the list by id; when it is
+/// absent from that list too, the answer is `Unknown`, never `Failed`.
 pub async fn activation(center: &dyn Center, operation_id: &str, node_name: &str) -> Activation {
     let nodes = match center.list_nodes(Some(node_name)).await {
         Ok(n) => n,
         Err(e) => return Activation::Unknown { why: format!("center: list_nodes failed ({})", short(&e)) },
     };
-    if nodes.iter().any(|n| n.name == node_name) {
+    let named: Vec<_> = nodes.iter().filter(|n| n.name == node_name).collect();
+    // Registered *with the claim*: Center flips the node's class to private (runbook 000). A
+    // node of that name registered as another class (the claim never reached its sidecar)
+    // activated nothing; a Center that names no class is taken at its word that it is registered.
+    if named.iter().any(|n| n.class.is_empty() || n.class.eq_ignore_ascii_case("private")) {
         return Activation::Active { why: format!("{node_name} is registered at Center") };
     }
+    let unclaimed = named.first().map(|n| n.class.clone());
     let f = OpFilter { action: Some("provision".into()), status: None, id: Some(operation_id.to_string()) };
     let ops = match center.list_node_operations(&f).await {
         Ok(o) => o,
@@ -46,8 +52,12 @@ pub async fn activation(center: &dyn Center, operation_id: &str, node_name: &str
     };
     match op.status.as_str() {
         "done" => Activation::Active { why: "operation is done at Center".into() },
+        // Failed, yet a node of that name is registered (without the claim): not provably dead.
+        "failed" if unclaimed.is_some() => Activation::Unknown {
+            why: format!("center: operation failed, but {node_name} is registered (class {:?}, without the claim)", unclaimed.unwrap_or_default()),
+        },
         "failed" => Activation::Failed { error: op.error.clone().unwrap_or_default().chars().take(160).collect() },
-        "queued" | "in_progress" => Activation::InFlight { status: op.status.clone() },
+        "queued" | "claimed" | "in_progress" => Activation::InFlight { status: op.status.clone() },
         other => Activation::Unknown { why: format!("center: operation status {other:?} not understood") },
     }
 }

@@ -84,6 +84,8 @@ struct Op {
     usage_bytes: u64,
     quota_state: String,
     error: Option<String>,
+    /// Why it is degraded (activated at Center, a check still not holding), until verified.
+    degraded: Option<String>,
     /// The last stage reached before a failure.
     reached: Stage,
     traffic_pushed: Option<Instant>,
@@ -112,6 +114,9 @@ pub struct OpReport {
     pub quota_state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set while the operation is degraded: activated at Center, a check still not holding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
     /// The last stage reached before a failure (for the table).
     #[serde(skip)]
     pub reached: String,
@@ -222,6 +227,7 @@ async fn drive(stack: &StackFile, opts: &DemoOptions) -> anyhow::Result<Report> 
                 usage_bytes: 0,
                 quota_state: String::new(),
                 error: None,
+                degraded: None,
                 reached: Stage::Queued,
                 traffic_pushed: None,
                 bar,
@@ -279,6 +285,7 @@ async fn drive(stack: &StackFile, opts: &DemoOptions) -> anyhow::Result<Report> 
                 usage_bytes: o.usage_bytes,
                 quota_state: o.quota_state.clone(),
                 error: o.error.clone(),
+                degraded: o.degraded.clone(),
                 reached: o.reached.label().into(),
             })
             .collect(),
@@ -317,6 +324,19 @@ fn fail(op: &mut Op, reason: String, plain_lines: bool) {
     op.stage = Stage::Failed;
 }
 
+/// Activated at Center but a check did not hold in time: shown, never a failure; a later
+/// `verified` moves it on as usual.
+fn degrade(op: &mut Op, reason: &str, plain_lines: bool) {
+    if op.stage.done() || op.stage >= Stage::Verified {
+        return;
+    }
+    if plain_lines {
+        eprintln!("{}: degraded (activated, not failed): {reason}", op.operation_id);
+    }
+    op.bar.set_message(format!("⚠ degraded: {reason}"));
+    op.degraded = Some(reason.to_string());
+}
+
 fn on_event(op: &mut Op, body: &Body, plain_lines: bool) {
     if let Some(ip) = crate::events::ipv4(body) {
         op.ipv4 = ip.to_string();
@@ -343,10 +363,12 @@ fn on_event(op: &mut Op, body: &Body, plain_lines: bool) {
             op.time_to_active_ms =
                 if e.time_to_active_ms > 0 { e.time_to_active_ms } else { op.enqueued.elapsed().as_millis() as i64 };
             let detail = format!("{} {} in {}", op.node, op.domain, human_ms(op.time_to_active_ms));
+            op.degraded = None;
             advance(op, Stage::Verified, &detail, plain_lines)
         }
         Body::Failed(e) => fail(op, format!("{} stage: {}", e.stage, e.reason), plain_lines),
-        Body::Usage(_) | Body::Quota(_) | Body::Degraded(_) => {}
+        Body::Degraded(e) => degrade(op, &e.reason, plain_lines),
+        Body::Usage(_) | Body::Quota(_) => {}
     }
 }
 
@@ -424,9 +446,10 @@ pub fn table(r: &Report) -> String {
             if o.time_to_active_ms > 0 { human_ms(o.time_to_active_ms) } else { "-".into() },
             if o.usage_bytes > 0 { human_bytes(o.usage_bytes) } else { "-".into() },
             dash(&o.quota_state),
-            match &o.error {
-                None => "ok".into(),
-                Some(_) => format!("FAILED after {}", o.reached),
+            match (&o.error, &o.degraded) {
+                (Some(_), _) => format!("FAILED after {}", o.reached),
+                (None, Some(_)) => "DEGRADED".into(),
+                (None, None) => "ok".into(),
             },
         ]);
     }
@@ -466,6 +489,7 @@ mod tests {
             usage_bytes: 0,
             quota_state: String::new(),
             error: None,
+            degraded: None,
             reached: Stage::Queued,
             traffic_pushed: None,
             bar: ProgressBar::hidden(),
@@ -478,6 +502,32 @@ mod tests {
         assert_eq!(op.stage, Stage::Failed);
         assert_eq!(op.reached, Stage::Deployed);
         assert_eq!(op.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn a_degraded_operation_is_shown_not_failed_and_clears_when_verified() {
+        let mut op = Op {
+            operation_id: "op-1".into(),
+            sub_id: "s".into(),
+            stage: Stage::Deployed,
+            enqueued: Instant::now(),
+            node: "pn-s".into(),
+            ipv4: String::new(),
+            domain: String::new(),
+            time_to_active_ms: 0,
+            usage_bytes: 0,
+            quota_state: String::new(),
+            error: None,
+            degraded: None,
+            reached: Stage::Queued,
+            traffic_pushed: None,
+            bar: ProgressBar::hidden(),
+        };
+        let g = proto::OpDegraded { reason: "usage: none".into(), ..Default::default() };
+        on_event(&mut op, &Body::Degraded(g), false);
+        assert_eq!((op.stage, op.degraded.as_deref(), op.error.as_deref()), (Stage::Deployed, Some("usage: none"), None));
+        on_event(&mut op, &Body::Verified(proto::NodeVerified { domain: "d".into(), ..Default::default() }), false);
+        assert_eq!((op.stage, op.degraded.as_deref()), (Stage::Verified, None));
     }
 
     #[test]
@@ -494,6 +544,7 @@ mod tests {
                 usage_bytes: 5,
                 quota_state: "ok".into(),
                 error: None,
+                degraded: None,
                 reached: String::new(),
             }],
         };

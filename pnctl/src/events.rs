@@ -265,6 +265,22 @@ mod tests {
     }
 
     #[test]
+    fn a_degraded_event_names_its_node_and_reason() {
+        let op = Operation { operation_id: "op-1".into(), sub_id: "s-1".into(), ..Default::default() };
+        let b = Body::Degraded(proto::OpDegraded {
+            op: Some(op),
+            node_name: "pn-s-1".into(),
+            stage: "verify".into(),
+            reason: "usage: none".into(),
+            ..Default::default()
+        });
+        assert_eq!((op_id(&b), sub_id(&b), node(&b)), ("op-1", "s-1", Some("pn-s-1")));
+        let line = summary(&b);
+        assert!(line.starts_with("degraded") && line.contains("node=pn-s-1") && line.contains("reason=\"usage: none\""), "{line}");
+        assert_eq!(to_json(&b)["body"]["reason"], "usage: none");
+    }
+
+    #[test]
     fn sizes_and_durations_read_well() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1 << 40), "1.0 TiB");

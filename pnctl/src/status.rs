@@ -96,6 +96,9 @@ struct Summary {
     ipv4: String,
     domain: String,
     error: String,
+    /// Why the operation is degraded (activated at Center, a check still not holding): set by
+    /// `pn.op.degraded`, cleared by a later `pn.op.verified`.
+    degraded: String,
     updated_ms: i64,
     events: usize,
 }
@@ -116,6 +119,10 @@ impl Summary {
         }
         if let Body::Verified(v) = b {
             self.domain = v.domain.clone();
+            self.degraded.clear();
+        }
+        if let Body::Degraded(g) = b {
+            self.degraded = g.reason.clone();
         }
         if let Body::Failed(f) = b {
             self.error = format!("{}: {}", f.stage, f.reason);
@@ -134,6 +141,20 @@ impl Summary {
         }
     }
 
+    /// The stage as a person reads it: `degraded` while a degradation stands.
+    fn shown_stage(&self) -> &str {
+        if self.degraded.is_empty() || self.stage == "failed" { &self.stage } else { "degraded" }
+    }
+
+    /// The REASON column: the failure, or why it is degraded.
+    fn reason(&self) -> String {
+        match (self.error.is_empty(), self.degraded.is_empty()) {
+            (false, _) => self.error.clone(),
+            (true, false) => format!("degraded: {}", self.degraded),
+            (true, true) => String::new(),
+        }
+    }
+
     fn to_json(&self) -> Value {
         events::object(vec![
             ("operationId", json!(self.operation_id)),
@@ -143,6 +164,7 @@ impl Summary {
             ("ipv4", json!(self.ipv4)),
             ("domain", json!(self.domain)),
             ("error", json!(self.error)),
+            ("degraded", json!(self.degraded)),
             ("events", json!(self.events)),
             ("updatedAt", json!(events::rfc3339_ms(self.updated_ms))),
         ])
@@ -177,7 +199,8 @@ pub async fn one(ep: &Endpoints, operation_id: &str, json_out: bool) -> anyhow::
         return Ok(());
     }
     let sub = if s.sub_id.is_empty() { String::new() } else { format!(" (sub {})", s.sub_id) };
-    println!("operation {operation_id}{sub}: {}", s.stage);
+    let degraded = if s.degraded.is_empty() { String::new() } else { format!(" — degraded: {}", s.degraded) };
+    println!("operation {operation_id}{sub}: {}{degraded}", s.stage);
     for r in &records {
         println!("  {}", r.line());
     }
@@ -230,11 +253,11 @@ pub async fn all(ep: &Endpoints, json_out: bool) -> anyhow::Result<()> {
         println!(
             "{:<38} {:<9} {:<28} {:<15} {:<24} {}",
             s.operation_id,
-            s.stage,
+            s.shown_stage(),
             if s.node.is_empty() { "-" } else { &s.node },
             if s.ipv4.is_empty() { "-" } else { &s.ipv4 },
             events::rfc3339_ms(s.updated_ms),
-            s.error
+            s.reason()
         );
     }
     Ok(())
@@ -243,7 +266,7 @@ pub async fn all(ep: &Endpoints, json_out: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::{NodeVerified, OpClaimed, OpFailed, Operation};
+    use proto::{NodeDeployed, NodeVerified, OpClaimed, OpDegraded, OpFailed, Operation};
 
     fn rec(seq: u64, body: Body) -> Record {
         Record { seq, subject: format!("pn.op.{}.op-1", body.event_name()), published_ms: seq as i64, body: Ok(body) }
@@ -262,5 +285,23 @@ mod tests {
         assert_eq!(s.stage, "verified");
         assert!(s.error.is_empty());
         assert_eq!(s.to_json()["events"], 3);
+    }
+
+    #[test]
+    fn a_degraded_operation_shows_as_such_until_verified() {
+        let op = Operation { operation_id: "op-1".into(), sub_id: "s-1".into(), ..Default::default() };
+        let mut s = Summary::default();
+        s.apply(&rec(1, Body::Deployed(NodeDeployed { op: Some(op.clone()), node_name: "pn-s-1".into(), ..Default::default() })));
+        let reason = "not verified within 4s: usage: none";
+        s.apply(&rec(2, Body::Degraded(OpDegraded { op: Some(op.clone()), reason: reason.into(), stage: "verify".into(), ..Default::default() })));
+        assert_eq!(s.stage, "deployed", "the stage is kept");
+        assert_eq!(s.shown_stage(), "degraded");
+        assert_eq!(s.reason(), format!("degraded: {reason}"));
+        let j = s.to_json();
+        assert_eq!((j["stage"].as_str(), j["degraded"].as_str(), j["node"].as_str()), (Some("deployed"), Some(reason), Some("pn-s-1")));
+        assert!(j.get("error").is_none());
+        s.apply(&rec(3, Body::Verified(NodeVerified { op: Some(op), domain: "d".into(), ..Default::default() })));
+        assert_eq!((s.stage.as_str(), s.shown_stage()), ("verified", "verified"));
+        assert!(s.to_json().get("degraded").is_none());
     }
 }

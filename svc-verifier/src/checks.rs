@@ -1,6 +1,11 @@
-//! The checks of runbook step 7, in order. A check that held stays held (log lines scroll
-//! away); a round reports the first check that does not hold yet, or a fatal finding (host
+//! One round of the runbook step-7 checks, in order. A check that held stays held (the record
+//! keeps it); a round reports the first check that does not hold yet, or a fatal finding (host
 //! key changed, the sidecar says it is not a private node, Center failed the operation).
+//!
+//! The logs are read whole and filtered on the node — `docker logs <c> 2>&1 | grep -F -m 1 -e
+//! '<line>'`, one bounded answer per line looked for — so a line that scrolled out of the last
+//! N lines still counts. An SSH session is opened only while a log check is pending, and closed
+//! at the end of the round: nothing is held between rounds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +15,9 @@ use kit::ssh::{self, SshError};
 use proto::{Body, Event, NodeDeployed, subjects};
 
 use crate::Ctx;
+use crate::record::Held;
 
+/// What the checks saw once every one held.
 pub struct Seen {
     pub domain: String,
     pub tunnels: u32,
@@ -22,34 +29,33 @@ pub enum Round {
     Fatal(String),
 }
 
-pub struct Prober<'a> {
+/// The log lines looked for (fixed strings, no single quote: they go into `'…'` on the node).
+pub const K2S_READY: &str = "server ready";
+pub const REGISTERED: &str = "Registration completed";
+pub const REPORTER_START: &str = "usage-reporter-start";
+pub const REPORTER_DISABLED: &str = "Usage reporter disabled";
+
+pub const K2S: &str = "k2s";
+pub const SIDECAR: &str = "k2-sidecar";
+
+/// `[sudo ]docker logs <container> 2>&1 | grep -F -m 1 -e '<line>'`: the first line of the
+/// container's whole log containing `line` (exit 0), or nothing (exit 1).
+pub fn grep_command(sudo: &str, container: &str, line: &str) -> String {
+    let sudo = if sudo.is_empty() { String::new() } else { format!("{sudo} ") };
+    format!("{sudo}docker logs {container} 2>&1 | grep -F -m 1 -e '{line}'")
+}
+
+/// The node's logs over at most one SSH session, opened on first use.
+struct NodeLogs<'a> {
     ctx: &'a Arc<Ctx>,
     d: &'a NodeDeployed,
     session: Option<ssh::Session>,
-    k2s_ready: bool,
-    registered_log: bool,
-    reporter: bool,
-    listed: Option<Seen>,
-    done: bool,
 }
 
-impl<'a> Prober<'a> {
-    pub fn new(ctx: &'a Arc<Ctx>, d: &'a NodeDeployed) -> Prober<'a> {
-        Prober { ctx, d, session: None, k2s_ready: false, registered_log: false, reporter: !d.private_node, listed: None, done: false }
-    }
-
-    fn expected_domain(&self) -> String {
-        let op = self.d.op.clone().unwrap_or_default();
-        if !op.domain.is_empty() {
-            return op.domain;
-        }
-        let ip = self.d.instance.as_ref().map(|i| i.ipv4.clone()).unwrap_or_default();
-        format!("{}.sslip.io", ip.replace('.', "-"))
-    }
-
-    async fn logs(&mut self, container: &str, tail: u32) -> Result<String, Round> {
-        let s = &self.ctx.settings;
+impl<'a> NodeLogs<'a> {
+    async fn session(&mut self) -> Result<&ssh::Session, Round> {
         if self.session.is_none() {
+            let s = &self.ctx.settings;
             let inst = self.d.instance.clone().unwrap_or_default();
             let key = self.ctx.keys.load(&inst.account).map_err(Round::Fatal)?;
             let target = ssh::Target {
@@ -66,105 +72,149 @@ impl<'a> Prober<'a> {
                 Err(e) => return Err(Round::Pending(format!("ssh: node unreachable for log checks ({e})"))),
             }
         }
-        let Some(sess) = self.session.as_ref() else { return Err(Round::Pending("ssh: no session".into())) };
-        let sudo = if s.sudo.is_empty() { String::new() } else { format!("{} ", s.sudo) };
-        let cmd = format!("{sudo}docker logs --tail {tail} {container} 2>&1");
-        match sess.exec(&cmd, None, Duration::from_millis(s.ssh.command_timeout_ms)).await {
-            Ok(out) => Ok(out.stdout_str()),
+        self.session.as_ref().ok_or_else(|| Round::Pending("ssh: no session".into()))
+    }
+
+    /// Whether `container`'s log holds a line containing `line`.
+    async fn has(&mut self, container: &str, line: &str) -> Result<bool, Round> {
+        let cmd = grep_command(&self.ctx.settings.sudo, container, line);
+        let timeout = Duration::from_millis(self.ctx.settings.ssh.command_timeout_ms);
+        let res = self.session().await?.exec(&cmd, None, timeout).await;
+        match res {
+            Ok(out) if out.status == 0 => Ok(out.stdout_str().contains(line)),
+            // grep: no line matched (also what a missing container or docker looks like).
+            Ok(out) if out.status == 1 => Ok(false),
+            Ok(out) => Err(Round::Pending(format!(
+                "ssh: reading `docker logs {container}` exited {} ({})",
+                out.status,
+                out.stderr_tail().chars().take(200).collect::<String>()
+            ))),
             Err(e) => {
-                self.session = None;
-                Err(Round::Pending(format!("ssh: `docker logs {container}` failed ({e})")))
+                if let Some(s) = self.session.take() {
+                    s.close().await;
+                }
+                Err(Round::Pending(format!("ssh: reading `docker logs {container}` failed ({e})")))
             }
         }
     }
 
-    pub async fn round(&mut self) -> Round {
-        match self.round_inner().await {
-            Ok(seen) => Round::AllHeld(seen),
-            Err(r) => r,
+    async fn close(mut self) {
+        if let Some(s) = self.session.take() {
+            s.close().await;
         }
     }
+}
 
-    async fn round_inner(&mut self) -> Result<Seen, Round> {
-        let node = self.d.node_name.clone();
-        if !self.k2s_ready {
-            let l = self.logs("k2s", 20).await?;
-            if !l.contains("server ready") {
-                return Err(Round::Pending("k2s: no `server ready` in `docker logs --tail 20 k2s`".into()));
-            }
-            self.k2s_ready = true;
-        }
-        if !self.registered_log || !self.reporter {
-            let l = self.logs("k2-sidecar", 80).await?;
-            if l.contains("Registration completed") {
-                self.registered_log = true;
-            }
-            if self.d.private_node {
-                if l.contains("Usage reporter disabled") {
-                    return Err(Round::Fatal(
-                        "usage reporter: the sidecar logged `Usage reporter disabled (not a private node)` — K2_PRIVATE_CLAIM did not reach it".into(),
-                    ));
-                }
-                if l.contains("usage-reporter-start") {
-                    self.reporter = true;
-                }
-            }
-            if !self.registered_log {
-                return Err(Round::Pending("registration: the sidecar has not logged `Registration completed`".into()));
-            }
-            if !self.reporter {
-                return Err(Round::Pending("usage reporter: no `usage-reporter-start` in the sidecar's log".into()));
-            }
-        }
-        let center = &self.ctx.rt.center;
-        if self.listed.is_none() {
-            let nodes = center.list_nodes(Some(&node)).await.map_err(|e| Round::Pending(format!("center: list_nodes failed ({e})")))?;
-            let mine: Vec<_> = nodes.iter().filter(|n| n.name == node).collect();
-            let expected = self.expected_domain();
-            match mine.as_slice() {
-                [] => return Err(Round::Pending(format!("registration: {node} is not listed at Center"))),
-                [n] => {
-                    if n.tunnels.len() != 1 {
-                        return Err(Round::Pending(format!("tunnels: {node} has {} tunnel entries, expected 1", n.tunnels.len())));
-                    }
-                    if n.tunnels[0].domain != expected {
-                        return Err(Round::Pending(format!("domain: {node} lists {}, expected {expected}", n.tunnels[0].domain)));
-                    }
-                    self.listed = Some(Seen { domain: n.tunnels[0].domain.clone(), tunnels: 1 });
-                }
-                more => return Err(Round::Pending(format!("registration: {node} is listed {} times at Center", more.len()))),
-            }
-        }
-        if !self.done {
-            let id = self.d.op.as_ref().map(|o| o.operation_id.clone()).unwrap_or_default();
-            let f = OpFilter { action: Some("provision".into()), status: None, id: Some(id.clone()) };
-            let ops = center.list_node_operations(&f).await.map_err(|e| Round::Pending(format!("center: list_node_operations failed ({e})")))?;
-            match ops.iter().find(|o| o.id == id) {
-                Some(o) if o.status == "done" => self.done = true,
-                Some(o) if o.status == "failed" => {
-                    let why: String = o.error.clone().unwrap_or_default().chars().take(160).collect();
-                    return Err(Round::Fatal(format!("operation: Center marked it failed ({why})")));
-                }
-                Some(o) => return Err(Round::Pending(format!("operation: status is {} at Center, not done", o.status))),
-                None => return Err(Round::Pending("operation: not found at Center".into())),
-            }
-        }
-        if self.d.private_node {
-            let used = self.usage(&node).await;
-            if used == 0 {
-                return Err(Round::Pending(format!("usage: the meter has recorded no usage for {node} after its first report")));
-            }
-        }
-        Ok(Seen { domain: self.listed.as_ref().map(|s| s.domain.clone()).unwrap_or_default(), tunnels: 1 })
+fn expected_domain(d: &NodeDeployed) -> String {
+    let op = d.op.clone().unwrap_or_default();
+    if !op.domain.is_empty() {
+        return op.domain;
     }
+    let ip = d.instance.as_ref().map(|i| i.ipv4.clone()).unwrap_or_default();
+    format!("{}.sslip.io", ip.replace('.', "-"))
+}
 
-    /// Bytes the meter has recorded for `node` (the last `meter.usage.<node>`), 0 when none.
-    async fn usage(&self, node: &str) -> u64 {
-        let Ok(stream) = self.ctx.rt.bus.js.get_stream(subjects::METER_STREAM).await else { return 0 };
-        let Ok(m) = stream.get_last_raw_message_by_subject(&subjects::meter_usage(node)).await else { return 0 };
-        match Event::from_bytes(&m.payload) {
-            Ok(Body::Usage(u)) => u.used_bytes,
-            _ => 0,
+/// Runs the checks not yet held, in order, updating `held`; no session outlives the round.
+pub async fn round(ctx: &Arc<Ctx>, d: &NodeDeployed, held: &mut Held) -> Round {
+    let mut logs = NodeLogs { ctx, d, session: None };
+    let res = round_inner(ctx, d, held, &mut logs).await;
+    logs.close().await;
+    match res {
+        Ok(seen) => Round::AllHeld(seen),
+        Err(r) => r,
+    }
+}
+
+async fn round_inner(ctx: &Arc<Ctx>, d: &NodeDeployed, held: &mut Held, logs: &mut NodeLogs<'_>) -> Result<Seen, Round> {
+    let node = d.node_name.clone();
+    if !held.k2s_ready {
+        if !logs.has(K2S, K2S_READY).await? {
+            return Err(Round::Pending(format!("k2s: no `{K2S_READY}` in `docker logs {K2S}`")));
         }
+        held.k2s_ready = true;
+    }
+    if !held.registered_log && logs.has(SIDECAR, REGISTERED).await? {
+        held.registered_log = true;
+    }
+    if d.private_node && !held.reporter {
+        if logs.has(SIDECAR, REPORTER_START).await? {
+            held.reporter = true;
+        } else if logs.has(SIDECAR, REPORTER_DISABLED).await? {
+            return Err(Round::Fatal(
+                "usage reporter: the sidecar logged `Usage reporter disabled (not a private node)` — K2_PRIVATE_CLAIM did not reach it".into(),
+            ));
+        }
+    }
+    if !held.registered_log {
+        return Err(Round::Pending(format!("registration: the sidecar has not logged `{REGISTERED}`")));
+    }
+    if d.private_node && !held.reporter {
+        return Err(Round::Pending(format!("usage reporter: no `{REPORTER_START}` in the sidecar's log")));
+    }
+    let center = &ctx.rt.center;
+    if held.listed_domain.is_none() {
+        let nodes = center.list_nodes(Some(&node)).await.map_err(|e| Round::Pending(format!("center: list_nodes failed ({e})")))?;
+        let mine: Vec<_> = nodes.iter().filter(|n| n.name == node).collect();
+        let expected = expected_domain(d);
+        match mine.as_slice() {
+            [] => return Err(Round::Pending(format!("registration: {node} is not listed at Center"))),
+            [n] => {
+                if n.tunnels.len() != 1 {
+                    return Err(Round::Pending(format!("tunnels: {node} has {} tunnel entries, expected 1", n.tunnels.len())));
+                }
+                if n.tunnels[0].domain != expected {
+                    return Err(Round::Pending(format!("domain: {node} lists {}, expected {expected}", n.tunnels[0].domain)));
+                }
+                held.listed_domain = Some(n.tunnels[0].domain.clone());
+            }
+            more => return Err(Round::Pending(format!("registration: {node} is listed {} times at Center", more.len()))),
+        }
+    }
+    // Once seen `done`, the status is not asked again: activation is final, so "Center marked
+    // it failed" can only be found before it.
+    if !held.done {
+        let id = d.op.as_ref().map(|o| o.operation_id.clone()).unwrap_or_default();
+        let f = OpFilter { action: Some("provision".into()), status: None, id: Some(id.clone()) };
+        let ops = center.list_node_operations(&f).await.map_err(|e| Round::Pending(format!("center: list_node_operations failed ({e})")))?;
+        match ops.iter().find(|o| o.id == id) {
+            Some(o) if o.status == "done" => held.done = true,
+            Some(o) if o.status == "failed" => {
+                let why: String = o.error.clone().unwrap_or_default().chars().take(160).collect();
+                return Err(Round::Fatal(format!("operation: Center marked it failed ({why})")));
+            }
+            Some(o) => return Err(Round::Pending(format!("operation: status is {} at Center, not done", o.status))),
+            None => return Err(Round::Pending("operation: not found at Center".into())),
+        }
+    }
+    if d.private_node && !held.usage {
+        if usage(ctx, &node).await == 0 {
+            return Err(Round::Pending(format!("usage: the meter has recorded no usage for {node} after its first report")));
+        }
+        held.usage = true;
+    }
+    Ok(Seen { domain: held.listed_domain.clone().unwrap_or_default(), tunnels: 1 })
+}
+
+/// Bytes the meter has recorded for `node` (the last `meter.usage.<node>`), 0 when none.
+async fn usage(ctx: &Ctx, node: &str) -> u64 {
+    let Ok(stream) = ctx.rt.bus.js.get_stream(subjects::METER_STREAM).await else { return 0 };
+    let Ok(m) = stream.get_last_raw_message_by_subject(&subjects::meter_usage(node)).await else { return 0 };
+    match Event::from_bytes(&m.payload) {
+        Ok(Body::Usage(u)) => u.used_bytes,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_commands_are_bounded_and_quote_safe() {
+        for line in [K2S_READY, REGISTERED, REPORTER_START, REPORTER_DISABLED] {
+            assert!(!line.contains('\'') && !line.contains('\\'), "{line}");
+        }
+        assert_eq!(grep_command("sudo", K2S, K2S_READY), "sudo docker logs k2s 2>&1 | grep -F -m 1 -e 'server ready'");
+        assert_eq!(grep_command("", SIDECAR, REGISTERED), "docker logs k2-sidecar 2>&1 | grep -F -m 1 -e 'Registration completed'");
     }
 }

@@ -1,21 +1,89 @@
-//! svc-verifier's per-operation record: the deadline survives restarts.
+//! svc-verifier's per-operation record: everything a round needs, so no round holds anything
+//! between messages — the deadline (kept across restarts), the checks that held (log lines
+//! scroll away; a restarted verifier keeps what it saw), when to look next, and the outcome:
+//! verified, failed, or degraded (activated at Center, a check still not holding).
 
 use kit::state::Record;
 use proto::NodeVerified;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct VerifyRecord {
     pub operation_id: String,
     pub claim_attempt: u32,
     /// The `NodeDeployed` event (protobuf; holds no secret), for replay.
+    #[serde(with = "kit::state::b64")]
     pub deployed_pb: Vec<u8>,
     pub started_ms: i64,
     pub deadline_ms: i64,
+    /// The first check that did not hold in the last round.
     pub last_unmet: String,
-    #[serde(with = "verified_pb", default)]
+    /// The checks that held (each stays held).
+    pub held: Held,
+    /// Rounds run so far (the back-off between rounds grows with them).
+    pub rounds: u32,
+    /// When the next round is due (epoch ms); a message delivered earlier parks until then.
+    pub next_check_ms: i64,
+    /// Consecutive times Center could not say whether the operation is activated.
+    pub unknown_looks: u32,
+    /// Set by a `pn.replay.verify` that took the operation over: the `pn.op.deployed` message
+    /// then leaves it to the replay.
+    pub replay_driven: bool,
+    #[serde(with = "verified_pb")]
     pub verified: Option<NodeVerified>,
     pub failed: Option<String>,
+    pub degraded: Option<Degraded>,
+    /// Why the verifier stopped looking without an outcome (the watch ran out).
+    pub gave_up: Option<String>,
+}
+
+/// Runbook step-7 checks that held.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Held {
+    /// k2s logged `server ready`.
+    pub k2s_ready: bool,
+    /// The sidecar logged `Registration completed`.
+    pub registered_log: bool,
+    /// The sidecar logged `usage-reporter-start` (private nodes).
+    pub reporter: bool,
+    /// The node is listed at Center with one tunnel on this domain.
+    pub listed_domain: Option<String>,
+    /// Center reported the operation `done`.
+    pub done: bool,
+    /// The meter recorded usage.
+    pub usage: bool,
+}
+
+impl Held {
+    /// Whether a check that reads the node's logs over SSH is still pending.
+    pub fn needs_logs(&self, private_node: bool) -> bool {
+        !self.k2s_ready || !self.registered_log || (private_node && !self.reporter)
+    }
+}
+
+/// The operation is activated at Center but a check did not hold by the deadline.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Degraded {
+    pub reason: String,
+    /// What Center said (why the operation counts as activated).
+    pub activation: String,
+    pub since_ms: i64,
+    /// `pn.op.degraded` was published (it is published once).
+    pub published: bool,
+    /// The slow watch ends here (`since_ms + degraded_watch_ms`).
+    pub watch_until_ms: i64,
+    /// The round it degraded at (the slow pauses grow with the rounds since).
+    pub at_round: u32,
+}
+
+impl VerifyRecord {
+    /// Still being watched while degraded (counts in the `pn_ops_degraded` gauge).
+    pub fn degraded_open(&self) -> bool {
+        self.degraded.is_some() && self.verified.is_none() && self.gave_up.is_none()
+    }
 }
 
 impl Record for VerifyRecord {
@@ -36,5 +104,35 @@ mod verified_pb {
             Some(b) => prost::Message::decode(b.as_slice()).map(Some).map_err(serde::de::Error::custom),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn a_record_keeps_what_was_seen_and_old_records_still_load() {
+        let r = VerifyRecord {
+            operation_id: "op-1".into(),
+            deployed_pb: vec![1, 2, 3],
+            held: Held { k2s_ready: true, registered_log: true, reporter: true, listed_domain: Some("d".into()), done: true, usage: false },
+            degraded: Some(Degraded { reason: "usage".into(), since_ms: 5, published: true, ..Default::default() }),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains(r#""deployed_pb":"AQID""#), "{text}");
+        let back: VerifyRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.held, r.held);
+        assert_eq!(back.degraded, r.degraded);
+        assert!(back.degraded_open());
+        assert!(!back.held.needs_logs(true));
+        // A record written before these fields existed (bytes as a number array).
+        let old = r#"{"operation_id":"op-1","claim_attempt":1,"deployed_pb":[1,2],"started_ms":1,"deadline_ms":2,"last_unmet":"x","verified":null,"failed":null}"#;
+        let back: VerifyRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(back.deployed_pb, vec![1, 2]);
+        assert_eq!(back.held, Held::default());
+        assert!(back.held.needs_logs(false));
     }
 }

@@ -19,7 +19,11 @@ use crate::sim::{State, Violation};
 
 pub const DEPLOY_DIR: &str = "/apps/kaitu-slave";
 pub const ENV_PATH: &str = "/apps/kaitu-slave/.env";
+/// Entries of a container's log kept from its end (`docker logs --tail` reads these).
 const LOG_LINES: usize = 2000;
+/// Entries kept from a container's start (its start-up lines stay findable, as in docker's
+/// json-file log, however long the container runs).
+const LOG_HEAD: usize = 64;
 
 /// The sshd's current listener.
 pub struct Listener {
@@ -71,8 +75,8 @@ pub struct Host {
     pub containers_created: bool,
     pub files: BTreeMap<String, Vec<u8>>,
     pub dirs: BTreeSet<String>,
-    pub k2s_log: VecDeque<String>,
-    pub sidecar_log: VecDeque<String>,
+    pub k2s_log: ContainerLog,
+    pub sidecar_log: ContainerLog,
     pub nic: Nic,
     pub sidecar: Option<sidecar::SidecarRun>,
     pub usage: UsageTrack,
@@ -115,8 +119,8 @@ impl Host {
             containers_created: false,
             files: BTreeMap::new(),
             dirs,
-            k2s_log: VecDeque::new(),
-            sidecar_log: VecDeque::new(),
+            k2s_log: ContainerLog::default(),
+            sidecar_log: ContainerLog::default(),
             nic: Nic::default(),
             sidecar: None,
             usage: UsageTrack::default(),
@@ -150,19 +154,110 @@ impl Host {
     }
 
     pub fn log_k2s(&mut self, line: &str) {
-        push_log(&mut self.k2s_log, line);
+        self.k2s_log.push(line);
     }
 
     pub fn log_sidecar(&mut self, line: &str) {
-        push_log(&mut self.sidecar_log, line);
+        self.sidecar_log.push(line);
     }
 }
 
-fn push_log(log: &mut VecDeque<String>, line: &str) {
-    let ts = crate::rfc3339(kit::now_ms());
-    log.push_back(format!("{ts} {line}"));
-    while log.len() > LOG_LINES {
-        log.pop_front();
+/// One entry of a container's log: a line, or a run of `count` filler lines (the
+/// `logNoiseLines` fault) kept as one entry and printed line by line.
+#[derive(Debug, Clone)]
+enum LogEntry {
+    Line(String),
+    Noise { ts: String, count: u64 },
+}
+
+impl LogEntry {
+    fn lines(&self) -> u64 {
+        match self {
+            LogEntry::Line(_) => 1,
+            LogEntry::Noise { count, .. } => *count,
+        }
+    }
+}
+
+/// What `docker logs <container>` shows: every line since the container was first created,
+/// timestamped. Bounded: the first `LOG_HEAD` entries and the last `LOG_LINES` are kept (a
+/// noise run is one entry), so a long-running node's start-up lines stay in its log.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerLog {
+    head: Vec<LogEntry>,
+    tail: VecDeque<LogEntry>,
+}
+
+impl ContainerLog {
+    pub fn push(&mut self, line: &str) {
+        let ts = crate::rfc3339(kit::now_ms());
+        self.add(LogEntry::Line(format!("{ts} {line}")));
+    }
+
+    /// `count` filler lines (no-op for 0).
+    pub fn noise(&mut self, count: u64) {
+        if count > 0 {
+            self.add(LogEntry::Noise { ts: crate::rfc3339(kit::now_ms()), count });
+        }
+    }
+
+    fn add(&mut self, e: LogEntry) {
+        if self.head.len() < LOG_HEAD {
+            self.head.push(e);
+            return;
+        }
+        self.tail.push_back(e);
+        while self.tail.len() > LOG_LINES {
+            self.tail.pop_front();
+        }
+    }
+
+    /// How many lines `docker logs` would print.
+    pub fn len(&self) -> u64 {
+        self.head.iter().chain(self.tail.iter()).map(LogEntry::lines).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.head.is_empty() && self.tail.is_empty()
+    }
+
+    /// Calls `f` with each line from the `skip`-th on, oldest first, until it returns false.
+    /// A noise run is expanded only as far as it is read.
+    pub fn visit(&self, mut skip: u64, mut f: impl FnMut(&str) -> bool) {
+        for e in self.head.iter().chain(self.tail.iter()) {
+            let n = e.lines();
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            match e {
+                LogEntry::Line(l) => {
+                    if !f(l) {
+                        return;
+                    }
+                }
+                LogEntry::Noise { ts, count } => {
+                    for i in skip..*count {
+                        if !f(&format!("{ts} DEBUG conn keepalive ok (filler {}/{count})", i + 1)) {
+                            return;
+                        }
+                    }
+                }
+            }
+            skip = 0;
+        }
+    }
+
+    /// The last `n` lines (all of them for `None`), each ending in a newline.
+    pub fn tail_text(&self, n: Option<u64>) -> String {
+        let skip = n.map(|n| self.len().saturating_sub(n)).unwrap_or(0);
+        let mut out = String::new();
+        self.visit(skip, |l| {
+            out.push_str(l);
+            out.push('\n');
+            true
+        });
+        out
     }
 }
 

@@ -56,6 +56,15 @@ fn log(sim: &Sim, id: &str, line: &str) {
     }
 }
 
+/// The `logNoiseLines` fault: filler lines right after the sidecar's start-up lines.
+fn noise(sim: &Sim, id: &str) {
+    let mut st = sim.st();
+    let n = st.faults.log_noise_lines;
+    if let Some(inst) = st.cloud.instances.get_mut(id) {
+        inst.host.sidecar_log.noise(n);
+    }
+}
+
 async fn run(sim: Sim, id: String, ip: Ipv4Addr, env: BTreeMap<String, String>, stop: CancellationToken, wake: Arc<Notify>) {
     let (delay, never) = {
         let st = sim.st();
@@ -116,9 +125,11 @@ async fn run(sim: Sim, id: String, ip: Ipv4Addr, env: BTreeMap<String, String>, 
     }
     if claim.is_empty() {
         log(&sim, &id, "Usage reporter disabled (not a private node)");
+        noise(&sim, &id);
         return;
     }
     log(&sim, &id, "DIAG: usage-reporter-start");
+    noise(&sim, &id);
     loop {
         let snapshot = {
             let mut guard = sim.st();

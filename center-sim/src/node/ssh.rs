@@ -58,9 +58,25 @@ pub enum Command {
     Logs {
         tail: Option<usize>,
         container: String,
+        /// `| grep -F -m N -e PAT…`: only the matching lines, at most `max`.
+        grep: Option<Grep>,
     },
     /// Not understood; holds the first word for the error message.
     Unknown(String),
+}
+
+/// The one filter `docker logs` may be piped into: `grep -F -m N -e PAT [-e PAT…]` (fixed
+/// strings, at most `max` matching lines; exit 1 when none matched).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grep {
+    pub max: usize,
+    pub patterns: Vec<String>,
+}
+
+impl Grep {
+    fn matches(&self, line: &str) -> bool {
+        self.patterns.iter().any(|p| line.contains(p.as_str()))
+    }
 }
 
 /// A parsed command line.
@@ -104,10 +120,22 @@ pub fn parse(raw: &str) -> Parsed {
         p.cwd = Some(t[1].clone());
         segs.remove(0);
     }
-    let Some(tokens) = (segs.len() == 1).then(|| tokenize(segs[0])).flatten() else {
+    let Some(mut tokens) = (segs.len() == 1).then(|| tokenize(segs[0])).flatten() else {
         p.cmd = unknown(line.split_whitespace().next().unwrap_or(""));
         return p;
     };
+    // One pipe, and only `docker logs … | grep -F -m N -e PAT…` (checked below).
+    let mut grep = None;
+    if let Some(bar) = tokens.iter().position(|t| t == "|") {
+        let right = tokens.split_off(bar);
+        match parse_grep(&right[1..]) {
+            Some(g) => grep = Some(g),
+            None => {
+                p.cmd = unknown("|");
+                return p;
+            }
+        }
+    }
     let mut words: Vec<String> = Vec::new();
     let mut it = tokens.into_iter();
     while let Some(t) = it.next() {
@@ -160,7 +188,29 @@ pub fn parse(raw: &str) -> Parsed {
         [first, ..] => unknown(first),
         [] => unknown(""),
     };
+    if let Some(g) = grep {
+        match &mut p.cmd {
+            Command::Logs { grep, .. } => *grep = Some(g),
+            _ => p.cmd = unknown("|"),
+        }
+    }
     p
+}
+
+/// `grep -F -m N -e PAT [-e PAT…]`, exactly: every flag required, nothing else accepted.
+fn parse_grep(words: &[String]) -> Option<Grep> {
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let ["grep", "-F", "-m", n, rest @ ..] = w.as_slice() else { return None };
+    let max: usize = n.parse().ok().filter(|m| *m >= 1)?;
+    let mut patterns = Vec::new();
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        match (*flag, it.next()) {
+            ("-e", Some(pat)) if !pat.is_empty() => patterns.push(pat.to_string()),
+            _ => return None,
+        }
+    }
+    (!patterns.is_empty()).then_some(Grep { max, patterns })
 }
 
 fn parse_compose(args: &[&str]) -> Command {
@@ -222,7 +272,7 @@ fn parse_logs(args: &[&str]) -> Command {
         }
     }
     match container {
-        Some(container) => Command::Logs { tail, container },
+        Some(container) => Command::Logs { tail, container, grep: None },
         None => unknown("docker"),
     }
 }
@@ -403,7 +453,7 @@ pub async fn execute(sim: &Sim, id: &str, user: &str, raw: &str, stdin: Vec<u8>)
         Command::Compose { project_dir, file, action } => {
             compose(sim, id, p.sudo, project_dir.as_deref().unwrap_or(&cwd), file.as_deref(), action)
         }
-        Command::Logs { tail, container } => logs(sim, id, p.sudo, *tail, container),
+        Command::Logs { tail, container, grep } => logs(sim, id, p.sudo, *tail, container, grep.as_ref()),
         Command::Unknown(w) => fail(127, format!("bash: line 1: {w}: command not found")),
     }
 }
@@ -667,6 +717,7 @@ fn docker_missing(sudo: bool) -> Output {
 
 fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, action: &ComposeAction) -> Output {
     let mut st = sim.st();
+    let noise = st.faults.log_noise_lines;
     let Some(inst) = st.cloud.instances.get_mut(id) else { return fail(255, "connection to host lost") };
     if !inst.host.hardened {
         return docker_missing(sudo);
@@ -686,6 +737,7 @@ fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, actio
                 inst.host.containers_created = true;
                 inst.host.log_k2s("k2s starting");
                 inst.host.log_k2s("server ready listen=:443");
+                inst.host.k2s_log.noise(noise);
                 super::sidecar::start(sim, inst, env);
                 " Container k2s  Started\n Container k2-sidecar  Started\n"
             } else if inst.host.sidecar.as_ref().is_some_and(|s| s.env != env) {
@@ -694,6 +746,7 @@ fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, actio
                 inst.host.containers_up = true;
                 inst.host.log_k2s("k2s starting");
                 inst.host.log_k2s("server ready listen=:443");
+                inst.host.k2s_log.noise(noise);
                 super::sidecar::start(sim, inst, env);
                 " Container k2s  Recreated\n Container k2-sidecar  Recreated\n Container k2s  Started\n Container k2-sidecar  Started\n"
             } else {
@@ -710,20 +763,39 @@ fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, actio
     }
 }
 
-fn logs(sim: &Sim, id: &str, sudo: bool, tail: Option<usize>, container: &str) -> Output {
+fn logs(sim: &Sim, id: &str, sudo: bool, tail: Option<usize>, container: &str, grep: Option<&Grep>) -> Output {
     let st = sim.st();
     let Some(inst) = st.cloud.instances.get(id) else { return fail(255, "connection to host lost") };
-    if !inst.host.hardened {
-        return docker_missing(sudo);
-    }
     let log = match container {
-        "k2s" if inst.host.containers_created => &inst.host.k2s_log,
-        "k2-sidecar" if inst.host.containers_created => &inst.host.sidecar_log,
-        _ => return fail(1, format!("Error response from daemon: No such container: {container}")),
+        _ if !inst.host.hardened => None,
+        "k2s" if inst.host.containers_created => Some(&inst.host.k2s_log),
+        "k2-sidecar" if inst.host.containers_created => Some(&inst.host.sidecar_log),
+        _ => None,
     };
-    let skip = tail.map(|n| log.len().saturating_sub(n)).unwrap_or(0);
-    let out: String = log.iter().skip(skip).map(|l| format!("{l}\n")).collect();
-    ok(out)
+    let Some(log) = log else {
+        let err = if inst.host.hardened {
+            fail(1, format!("Error response from daemon: No such container: {container}"))
+        } else {
+            docker_missing(sudo)
+        };
+        // docker's complaint goes to grep's stdin (`2>&1`), which finds nothing in it.
+        return match grep {
+            Some(_) => Output { status: 1, ..Output::default() },
+            None => err,
+        };
+    };
+    let skip = tail.map(|n| log.len().saturating_sub(n as u64)).unwrap_or(0);
+    let Some(g) = grep else { return ok(log.tail_text(tail.map(|n| n as u64))) };
+    let (mut out, mut found) = (String::new(), 0);
+    log.visit(skip, |l| {
+        if g.matches(l) {
+            out.push_str(l);
+            out.push('\n');
+            found += 1;
+        }
+        found < g.max
+    });
+    Output { stdout: out.into_bytes(), stderr: Vec::new(), status: if found > 0 { 0 } else { 1 } }
 }
 
 // ---------- the server ----------
@@ -934,9 +1006,68 @@ mod tests {
             Command::Compose { project_dir: None, file: Some("docker-compose.yml".into()), action: ComposeAction::Down }
         );
         assert!(matches!(cmd("docker-compose down"), Command::Compose { action: ComposeAction::Down, .. }));
-        assert_eq!(cmd("sudo docker logs --tail 20 k2s 2>&1"), Command::Logs { tail: Some(20), container: "k2s".into() });
-        assert_eq!(cmd("docker logs --tail=80 k2-sidecar"), Command::Logs { tail: Some(80), container: "k2-sidecar".into() });
-        assert_eq!(cmd("docker logs k2s"), Command::Logs { tail: None, container: "k2s".into() });
+        assert_eq!(cmd("sudo docker logs --tail 20 k2s 2>&1"), Command::Logs { tail: Some(20), container: "k2s".into(), grep: None });
+        assert_eq!(cmd("docker logs --tail=80 k2-sidecar"), Command::Logs { tail: Some(80), container: "k2-sidecar".into(), grep: None });
+        assert_eq!(cmd("docker logs k2s"), Command::Logs { tail: None, container: "k2s".into(), grep: None });
+    }
+
+    #[test]
+    fn the_verifiers_log_greps() {
+        let p = parse("sudo docker logs k2s 2>&1 | grep -F -m 1 -e 'server ready'");
+        assert!(p.sudo);
+        let g = Grep { max: 1, patterns: vec!["server ready".into()] };
+        assert_eq!(p.cmd, Command::Logs { tail: None, container: "k2s".into(), grep: Some(g) });
+        let p = parse("docker logs k2-sidecar 2>&1 | grep -F -m 5 -e 'Registration completed' -e usage-reporter-start");
+        let g = Grep { max: 5, patterns: vec!["Registration completed".into(), "usage-reporter-start".into()] };
+        assert_eq!(p.cmd, Command::Logs { tail: None, container: "k2-sidecar".into(), grep: Some(g) });
+        // Strict: only that form.
+        for bad in [
+            "docker logs k2s | grep ready",
+            "docker logs k2s | grep -F -e ready",
+            "docker logs k2s | grep -F -m 0 -e ready",
+            "docker logs k2s | grep -F -m x -e ready",
+            "docker logs k2s | grep -F -m 1 -e ready -v",
+            "docker logs k2s | grep -F -m 1 -e ready -e",
+            "docker logs k2s | grep -F -m 1 -e ''",
+            "docker logs k2s | grep -F -m 1",
+            "docker logs k2s | grep -F -m 1 -e a | grep -F -m 1 -e b",
+            "cat /etc/shadow | grep -F -m 1 -e root",
+            "docker logs k2s | sh",
+            "docker logs k2s |",
+        ] {
+            assert_eq!(cmd(bad), Command::Unknown("|".into()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn container_logs_keep_their_start_and_their_end() {
+        let mut log = crate::node::ContainerLog::default();
+        log.push("k2s starting");
+        log.push("server ready listen=:443");
+        log.noise(100_000);
+        log.push("last line");
+        assert_eq!(log.len(), 100_003);
+        let tail = log.tail_text(Some(3));
+        let lines: Vec<&str> = tail.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].ends_with("(filler 99999/100000)"), "{}", lines[0]);
+        assert!(lines[2].ends_with("last line"));
+        assert!(!log.tail_text(Some(20)).contains("server ready"));
+        let mut seen = Vec::new();
+        log.visit(0, |l| {
+            if l.contains("server ready") {
+                seen.push(l.to_string());
+            }
+            seen.is_empty()
+        });
+        assert_eq!(seen.len(), 1);
+        // Thousands of later lines: the first ones stay.
+        for i in 0..5000 {
+            log.push(&format!("DIAG: usage-reporter-cycle-ok {i}"));
+        }
+        let all = log.tail_text(None);
+        assert!(all.contains("server ready listen=:443") && all.contains("cycle-ok 4999"));
+        assert!(!all.contains("cycle-ok 100\n"), "the middle is dropped");
     }
 
     #[test]
