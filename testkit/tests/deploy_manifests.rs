@@ -3,7 +3,10 @@
 //!
 //! - `kubectl kustomize` renders `deploy/k8s/base` and `deploy/k8s/overlays/example`;
 //! - `kubernetes-validate --strict` (PyPI, bundled schemas) checks every rendered document
-//!   against the Kubernetes 1.31 API;
+//!   against the Kubernetes 1.31 API — except Traefik's CRDs (`traefik.io/v1alpha1`
+//!   `IngressRoute`, `TraefikService`), for which it has no schema: those are held to a strict
+//!   subset of Traefik's own CRD schema kept here (unknown fields, wrong types, missing required
+//!   fields fail), and any other kind without a schema still fails;
 //! - `hadolint` lints `deploy/Dockerfile`, and the image rules the project sets are asserted
 //!   here too (pinned bases, distroless non-root runtime, no shell, the one multi-call binary
 //!   `pnp` that runs every program);
@@ -12,6 +15,8 @@
 //!   secrets only by reference, drain time);
 //! - the NetworkPolicies are evaluated as a cluster would, and the set of allowed flows must be
 //!   exactly the intended one (only the meter is reachable from Traefik);
+//! - Center's host: everything routed to Center (`center-origin`), `POST /slave/usage` through a
+//!   mirroring `TraefikService` with the meter as its one 100 % mirror;
 //! - the NATS configurations are checked by a real `nats-server` (`sync_interval: always`
 //!   must show as `sync_always` in its `/jsz`).
 //!
@@ -218,21 +223,276 @@ fn workloads(r: &Rendered) -> Vec<Workload<'_>> {
 // ---------------------------------------------------------------------------------------------
 // Schema validation
 
+/// The rendered stream split into its documents' texts (kustomize separates them with `---`).
+fn doc_texts(r: &Rendered) -> Vec<String> {
+    let mut out = vec![String::new()];
+    for line in r.text.lines() {
+        if line == "---" {
+            out.push(String::new());
+        } else if let Some(cur) = out.last_mut() {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    out.retain(|d| !d.trim().is_empty());
+    assert_eq!(out.len(), r.docs.len(), "{}: split into {} texts for {} documents", r.label, out.len(), r.docs.len());
+    out
+}
+
+/// Traefik's CRD kinds, which kubernetes-validate has no schema for (checked by `traefik_schema`).
+const TRAEFIK_API: &str = "traefik.io/v1alpha1";
+const TRAEFIK_KINDS: [&str; 2] = ["IngressRoute", "TraefikService"];
+
+fn is_traefik(d: &Value) -> bool {
+    d["apiVersion"] == TRAEFIK_API && TRAEFIK_KINDS.contains(&kind(d))
+}
+
 #[test]
 fn rendered_manifests_pass_strict_schema_validation() {
     let validator = kubernetes_validate();
     let dir = tempfile::tempdir().unwrap();
     for r in both() {
+        let texts = doc_texts(&r);
+        let (mut core, mut crds) = (String::new(), String::new());
+        let (mut n_core, mut n_crds) = (0, 0);
+        for (d, t) in r.docs.iter().zip(&texts) {
+            let (buf, n) = if is_traefik(d) { (&mut crds, &mut n_crds) } else { (&mut core, &mut n_core) };
+            buf.push_str("---\n");
+            buf.push_str(t);
+            *n += 1;
+        }
+        assert!(n_crds >= 2, "{}: the mirroring TraefikService and its IngressRoute are rendered", r.label);
         let file = dir.path().join(format!("{}.yaml", r.label.replace('/', "_")));
-        std::fs::write(&file, &r.text).unwrap();
+        std::fs::write(&file, &core).unwrap();
         let out = run(Command::new(&validator).args(["--strict", "-k", K8S_VERSION, "--quiet"]).arg(&file));
-        // --quiet prints only failures and warnings; a warning is e.g. a kind without a schema.
+        // --quiet prints only failures and warnings; a warning is e.g. a kind without a schema,
+        // so any kind but Traefik's two without one fails here.
         let said = format!("{}{}", out.stdout, out.stderr);
         assert!(out.ok && said.trim().is_empty(), "{}: kubernetes-validate --strict -k {K8S_VERSION} rejected it:\n{said}", r.label);
         // And it really looked at every document.
         let out = run(Command::new(&validator).args(["--strict", "-k", K8S_VERSION]).arg(file.as_path()));
         let passed = out.stdout.lines().chain(out.stderr.lines()).filter(|l| l.contains(" passed for resource ")).count();
-        assert_eq!(passed, r.docs.len(), "{}: validated {passed} of {} documents:\n{}{}", r.label, r.docs.len(), out.stdout, out.stderr);
+        assert_eq!(passed, n_core, "{}: validated {passed} of {n_core} documents:\n{}{}", r.label, out.stdout, out.stderr);
+
+        // Traefik's CRDs: the validator has no schema for them (it says so, and nothing else)…
+        let crd_file = dir.path().join(format!("{}-traefik.yaml", r.label.replace('/', "_")));
+        std::fs::write(&crd_file, &crds).unwrap();
+        let out = run(Command::new(&validator).args(["--strict", "-k", K8S_VERSION, "--quiet"]).arg(&crd_file));
+        let said = format!("{}{}", out.stdout, out.stderr);
+        let lines: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(out.ok && lines.len() == n_crds, "{}: expected one 'no schema' warning per Traefik document:\n{said}", r.label);
+        for l in &lines {
+            assert!(
+                l.contains("Couldn't find schema for kind") && TRAEFIK_KINDS.iter().any(|k| l.contains(&format!("kind {k} "))),
+                "{}: unexpected validator output for a Traefik document: {l}",
+                r.label
+            );
+        }
+        // …so they are held to Traefik's own CRD schema (the parts kept in `traefik_schema`).
+        for d in r.docs.iter().filter(|d| is_traefik(d)) {
+            let mut errs = Vec::new();
+            traefik_schema::check_document(d, &mut errs);
+            assert!(errs.is_empty(), "{}: {}/{} breaks Traefik's CRD schema: {errs:?}", r.label, kind(d), name(d));
+        }
+    }
+}
+
+#[test]
+fn the_traefik_schema_check_catches_what_a_cluster_would_reject() {
+    let r = render("deploy/k8s/base");
+    let ts = find(&r, "TraefikService", "center-usage-mirrored").clone();
+    let ir = find(&r, "IngressRoute", "center-host").clone();
+    let mut ok = Vec::new();
+    traefik_schema::check_document(&ts, &mut ok);
+    traefik_schema::check_document(&ir, &mut ok);
+    assert!(ok.is_empty(), "{ok:?}");
+    let broken: Vec<(&str, Value)> = vec![
+        ("misspelt field", {
+            let mut d = ts.clone();
+            d["spec"]["mirroring"]["mirrors"][0]["percentage"] = json!(100);
+            d
+        }),
+        ("wrong type", {
+            let mut d = ts.clone();
+            d["spec"]["mirroring"]["mirrors"][0]["percent"] = json!("100");
+            d
+        }),
+        ("unknown spec key", {
+            let mut d = ts.clone();
+            d["spec"]["mirror"] = json!({});
+            d
+        }),
+        ("route without match", {
+            let mut d = ir.clone();
+            d["spec"]["routes"][0].as_object_mut().unwrap().remove("match");
+            d
+        }),
+        ("bad service kind", {
+            let mut d = ir.clone();
+            d["spec"]["routes"][0]["services"][0]["kind"] = json!("Mirror");
+            d
+        }),
+        ("wrong apiVersion", {
+            let mut d = ir.clone();
+            d["apiVersion"] = json!("traefik.containo.us/v1alpha1");
+            d
+        }),
+    ];
+    for (what, d) in broken {
+        let mut errs = Vec::new();
+        traefik_schema::check_document(&d, &mut errs);
+        assert!(!errs.is_empty(), "{what}: passed the schema check");
+    }
+}
+
+/// A strict subset of Traefik's CRD schemas (traefik.io/v1alpha1, as in Traefik's
+/// `traefik.io_ingressroutes.yaml` / `traefik.io_traefikservices.yaml`): every object lists the
+/// properties the CRD declares (nested objects the manifests do not use are accepted as any
+/// object), unknown keys, wrong types and missing required fields are errors.
+mod traefik_schema {
+    use serde_json::Value;
+
+    #[derive(Clone)]
+    enum S {
+        Str,
+        Int,
+        Bool,
+        IntOrStr,
+        Enum(&'static [&'static str]),
+        AnyObj,
+        Arr(Box<S>),
+        Obj(Vec<(&'static str, S)>, &'static [&'static str]),
+    }
+
+    fn middleware_refs() -> S {
+        S::Arr(Box::new(S::Obj(vec![("name", S::Str), ("namespace", S::Str)], &["name"])))
+    }
+
+    /// The properties of a service reference (`LoadBalancerSpec`).
+    fn service_props() -> Vec<(&'static str, S)> {
+        vec![
+            ("healthCheck", S::AnyObj),
+            ("kind", S::Enum(&["Service", "TraefikService"])),
+            ("middlewares", middleware_refs()),
+            ("name", S::Str),
+            ("namespace", S::Str),
+            ("nativeLB", S::Bool),
+            ("nodePortLB", S::Bool),
+            ("passHostHeader", S::Bool),
+            ("passiveHealthCheck", S::AnyObj),
+            ("port", S::IntOrStr),
+            ("responseForwarding", S::AnyObj),
+            ("scheme", S::Str),
+            ("serversTransport", S::Str),
+            ("sticky", S::AnyObj),
+            ("strategy", S::Str),
+            ("weight", S::Int),
+        ]
+    }
+
+    fn traefik_service_spec() -> S {
+        let mut mirror = service_props();
+        mirror.push(("percent", S::Int));
+        let mut mirroring = service_props();
+        mirroring.push(("maxBodySize", S::Int));
+        mirroring.push(("mirrorBody", S::Bool));
+        mirroring.push(("mirrors", S::Arr(Box::new(S::Obj(mirror, &["name"])))));
+        S::Obj(
+            vec![
+                ("failover", S::AnyObj),
+                ("highestRandomWeight", S::AnyObj),
+                ("mirroring", S::Obj(mirroring, &["name"])),
+                ("weighted", S::AnyObj),
+            ],
+            &[],
+        )
+    }
+
+    fn ingress_route_spec() -> S {
+        let route = S::Obj(
+            vec![
+                ("kind", S::Enum(&["Rule"])),
+                ("match", S::Str),
+                ("middlewares", middleware_refs()),
+                ("observability", S::AnyObj),
+                ("priority", S::Int),
+                ("services", S::Arr(Box::new(S::Obj(service_props(), &["name"])))),
+                ("syntax", S::Str),
+            ],
+            &["match"],
+        );
+        let tls = S::Obj(
+            vec![
+                ("certResolver", S::Str),
+                ("domains", S::Arr(Box::new(S::Obj(vec![("main", S::Str), ("sans", S::Arr(Box::new(S::Str)))], &[])))),
+                ("options", S::Obj(vec![("name", S::Str), ("namespace", S::Str)], &["name"])),
+                ("secretName", S::Str),
+                ("store", S::Obj(vec![("name", S::Str), ("namespace", S::Str)], &["name"])),
+            ],
+            &[],
+        );
+        S::Obj(
+            vec![("entryPoints", S::Arr(Box::new(S::Str))), ("parentRefs", S::AnyObj), ("routes", S::Arr(Box::new(route))), ("tls", tls)],
+            &["routes"],
+        )
+    }
+
+    fn check(v: &Value, s: &S, at: &str, errs: &mut Vec<String>) {
+        let ok = match s {
+            S::Str => v.is_string(),
+            S::Int => v.is_i64() || v.is_u64(),
+            S::Bool => v.is_boolean(),
+            S::IntOrStr => v.is_string() || v.is_i64() || v.is_u64(),
+            S::Enum(vals) => v.as_str().is_some_and(|x| vals.contains(&x)),
+            S::AnyObj => v.is_object(),
+            S::Arr(item) => match v.as_array() {
+                Some(a) => {
+                    for (i, x) in a.iter().enumerate() {
+                        check(x, item, &format!("{at}[{i}]"), errs);
+                    }
+                    true
+                }
+                None => false,
+            },
+            S::Obj(props, required) => match v.as_object() {
+                Some(m) => {
+                    for (k, x) in m {
+                        match props.iter().find(|(p, _)| p == k) {
+                            Some((_, ps)) => check(x, ps, &format!("{at}.{k}"), errs),
+                            None => errs.push(format!("{at}.{k}: unknown field")),
+                        }
+                    }
+                    for r in *required {
+                        if !m.contains_key(*r) {
+                            errs.push(format!("{at}.{r}: required"));
+                        }
+                    }
+                    true
+                }
+                None => false,
+            },
+        };
+        if !ok {
+            errs.push(format!("{at}: wrong type ({v})"));
+        }
+    }
+
+    /// Checks a whole `traefik.io/v1alpha1` document of a kind kept here.
+    pub fn check_document(d: &Value, errs: &mut Vec<String>) {
+        if d["apiVersion"] != super::TRAEFIK_API {
+            errs.push(format!("apiVersion {} (want {})", d["apiVersion"], super::TRAEFIK_API));
+            return;
+        }
+        let spec = match d["kind"].as_str() {
+            Some("TraefikService") => traefik_service_spec(),
+            Some("IngressRoute") => ingress_route_spec(),
+            other => {
+                errs.push(format!("kind {other:?} has no schema here"));
+                return;
+            }
+        };
+        let top = S::Obj(vec![("apiVersion", S::Str), ("kind", S::Str), ("metadata", S::AnyObj), ("spec", spec)], &["metadata", "spec"]);
+        check(d, &top, "", errs);
     }
 }
 
@@ -637,20 +897,72 @@ fn services_run_as_the_contract_says() {
             }
         }
 
-        // The Ingress: Traefik, Center's host, the meter's two paths, nothing else.
-        let ing: Vec<&Value> = r.docs.iter().filter(|d| kind(d) == "Ingress").collect();
-        assert_eq!(ing.len(), 1, "{}: one Ingress", r.label);
-        assert_eq!(ing[0]["spec"]["ingressClassName"], "traefik");
-        let mut routed = BTreeSet::new();
-        for rule in arr(&ing[0]["spec"]["rules"]) {
-            assert!(rule["host"].as_str().is_some_and(|h| !h.is_empty()), "{}: Ingress rule without host", r.label);
-            for p in arr(&rule["http"]["paths"]) {
-                assert_eq!(p["backend"]["service"]["name"], "svc-meter", "{}: Ingress routes only to the meter", r.label);
-                routed.insert(p["path"].as_str().unwrap().to_string());
-            }
-        }
-        assert_eq!(routed, BTreeSet::from(["/slave/usage".to_string(), "/v1/admission".to_string()]), "{}: Ingress paths", r.label);
+        center_host_routes_usage_to_center_and_mirrors_it_to_the_meter(&r);
     }
+}
+
+/// Center's host: `POST /slave/usage` answered by Center with the meter as a 100 % mirror (a
+/// mirroring TraefikService), the meter's admission answer, everything else Center's; no plain
+/// Ingress sends the reports to the meter alone.
+fn center_host_routes_usage_to_center_and_mirrors_it_to_the_meter(r: &Rendered) {
+    let at = r.label;
+    assert!(r.docs.iter().all(|d| kind(d) != "Ingress"), "{at}: no Ingress: Center's host is one IngressRoute");
+    let routes: Vec<&Value> = r.docs.iter().filter(|d| kind(d) == "IngressRoute").collect();
+    assert_eq!(routes.len(), 1, "{at}: one IngressRoute (Center's host)");
+    let ir = routes[0];
+    assert_eq!(ir["spec"]["entryPoints"], json!(["websecure"]), "{at}: HTTPS entry point");
+    assert!(ir["spec"]["tls"].is_object(), "{at}: TLS (Traefik's default certificate)");
+    let rs = arr(&ir["spec"]["routes"]);
+    assert_eq!(rs.len(), 3, "{at}: usage, admission, everything else");
+    let host = rs[2]["match"].as_str().unwrap().to_string();
+    assert!(host.starts_with("Host(`") && host.ends_with("`)") && !host.contains("&&"), "{at}: the catch-all is Center's host alone: {host}");
+    for route in rs {
+        assert!(route["match"].as_str().unwrap().starts_with(&host), "{at}: every route is on Center's host: {}", route["match"]);
+    }
+    let prio = |i: usize| rs[i]["priority"].as_i64().unwrap();
+    assert!(prio(0) > prio(1) && prio(1) > prio(2), "{at}: the specific routes win over the catch-all");
+
+    // 1. POST /slave/usage → the mirroring TraefikService.
+    assert_eq!(rs[0]["match"], format!("{host} && Method(`POST`) && Path(`/slave/usage`)"), "{at}");
+    let svcs = arr(&rs[0]["services"]);
+    assert_eq!(svcs.len(), 1, "{at}: one service for the reports");
+    assert_eq!(svcs[0]["kind"], "TraefikService", "{at}: the reports go through the mirroring service");
+    let ts = find(r, "TraefikService", svcs[0]["name"].as_str().unwrap());
+    let m = &ts["spec"]["mirroring"];
+    assert!(m.is_object(), "{at}: {} is a mirroring service: {ts}", name(ts));
+    // Center answers: the main service is Center's origin, over HTTPS.
+    assert_eq!(m["name"], "center-origin", "{at}: Center answers the reports");
+    assert_eq!((m["port"].as_i64(), m["scheme"].as_str()), (Some(443), Some("https")), "{at}");
+    assert!(m.get("kind").is_none_or(|k| k == "Service"), "{at}");
+    assert_ne!(m["mirrorBody"], false, "{at}: the body (the counters) is mirrored");
+    assert!(m["maxBodySize"].as_i64().is_some_and(|b| b >= 4096), "{at}: a report's body fits the mirror");
+    // The meter gets a copy of every report, and is the only mirror.
+    assert_eq!(m["mirrors"], json!([{"name": "svc-meter", "port": 8090, "percent": 100}]), "{at}: the meter as a 100 % mirror");
+    let origin = find(r, "Service", "center-origin");
+    assert_eq!(origin["spec"]["type"], "ExternalName", "{at}: Center runs outside the cluster");
+    assert!(origin["spec"]["externalName"].as_str().is_some_and(|h| !h.is_empty()), "{at}");
+    assert!(arr(&origin["spec"]["ports"]).iter().any(|p| p["port"] == 443), "{at}: center-origin declares 443");
+    let meter = find(r, "Service", "svc-meter");
+    assert!(arr(&meter["spec"]["ports"]).iter().any(|p| p["port"] == 8090), "{at}: svc-meter declares 8090");
+
+    // 2. The meter's admission answer.
+    assert_eq!(rs[1]["match"], format!("{host} && PathPrefix(`/v1/admission/`)"), "{at}");
+    assert_eq!(rs[1]["services"], json!([{"name": "svc-meter", "port": 8090}]), "{at}");
+
+    // 3. Everything else: Center's.
+    let rest = arr(&rs[2]["services"]);
+    assert_eq!(rest.len(), 1, "{at}");
+    assert_eq!((rest[0]["name"].as_str(), rest[0]["port"].as_i64()), (Some("center-origin"), Some(443)), "{at}");
+
+    // Nothing else routes to the meter: /slave/usage never reaches it but as a copy.
+    let to_meter: Vec<String> = rs
+        .iter()
+        .filter(|rt| arr(&rt["services"]).iter().any(|s| s["name"] == "svc-meter"))
+        .map(|rt| rt["match"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(to_meter, vec![format!("{host} && PathPrefix(`/v1/admission/`)")], "{at}: routes straight to the meter");
+    let mirrors: Vec<&Value> = r.docs.iter().filter(|d| kind(d) == "TraefikService").collect();
+    assert_eq!(mirrors.len(), 1, "{at}: one TraefikService");
 }
 
 #[test]
@@ -720,9 +1032,19 @@ fn example_overlay_sets_tag_host_replicas_and_a_nats_cluster() {
         find(r, "StatefulSet", "svc-meter")["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap().to_string()
     };
     assert_ne!(image(&ov), image(&base), "the overlay sets the image tag");
-    let host = |r: &Rendered| find(r, "Ingress", "svc-meter")["spec"]["rules"][0]["host"].as_str().unwrap().to_string();
-    assert_eq!(host(&ov), "center.example.com");
-    assert!(host(&base).ends_with(".invalid"), "the base host is a placeholder that can never resolve");
+    // Center's host in every route, and Center's origin behind it.
+    let matches = |r: &Rendered| -> Vec<String> {
+        arr(&find(r, "IngressRoute", "center-host")["spec"]["routes"]).iter().map(|rt| rt["match"].as_str().unwrap().to_string()).collect()
+    };
+    for m in matches(&ov) {
+        assert!(m.starts_with("Host(`center.example.com`)"), "overlay route {m}");
+    }
+    for m in matches(&base) {
+        assert!(m.starts_with("Host(`center.placeholder.invalid`)"), "the base host is a placeholder that can never resolve: {m}");
+    }
+    let origin = |r: &Rendered| find(r, "Service", "center-origin")["spec"]["externalName"].as_str().unwrap().to_string();
+    assert_eq!(origin(&ov), "center-origin.example.com");
+    assert!(origin(&base).ends_with(".invalid"), "the base origin is a placeholder");
     let meter = &find(&ov, "StatefulSet", "svc-meter")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(env_value(&ov, meter, "PN_CENTER_URL").unwrap(), "https://center.example.com");
 
