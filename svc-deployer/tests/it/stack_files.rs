@@ -35,9 +35,16 @@ fn compose_defines_both_services_pinned_by_k2_version() {
         assert!(!repo.is_empty() && !repo.contains('$'), "{name}: image {image}");
         assert!(tag.starts_with("${K2_VERSION") && tag.ends_with('}') && tag.matches('}').count() == 1, "{name}: image {image} must be pinned by K2_VERSION");
         assert!(!image.contains("latest"), "{name}: never :latest ({image})");
-        assert_eq!(s["env_file"].as_str(), Some(".env"), "{name} reads .env");
+        // .env is compose's (interpolation) only: a shared env_file would hand every
+        // container the node secret and the claim.
+        assert!(s.get("env_file").is_none(), "{name}: no env_file; each container names its variables");
         assert_eq!(s["restart"].as_str(), Some("unless-stopped"));
     }
+}
+
+/// `environment:` as `NAME → value` (the list form `NAME=value`).
+fn env_of(v: &Value) -> std::collections::BTreeMap<String, String> {
+    strings(v).iter().map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).unwrap_or((e.clone(), String::new()))).collect()
 }
 
 #[test]
@@ -45,9 +52,56 @@ fn the_sidecar_carries_the_claim_and_reads_the_host_nic() {
     let c = compose();
     let sidecar = &c["services"]["k2-sidecar"];
     assert!(strings(&sidecar["environment"]).contains(&"K2_PRIVATE_CLAIM=${K2_PRIVATE_CLAIM:-}".to_string()));
-    assert!(strings(&sidecar["volumes"]).contains(&"/proc/net/dev:/host/proc/net/dev:ro".to_string()));
+    // The host's counters: /proc/net/dev is per network namespace, so the sidecar runs in the
+    // host's (a bridge-networked container would see its own veth), and the runbook's path
+    // is mounted from there — the one file, not the host's whole /proc.
+    assert_eq!(sidecar["network_mode"].as_str(), Some("host"), "the sidecar must read the HOST NIC's counters");
+    assert!(sidecar.get("networks").is_none() && sidecar.get("ports").is_none(), "host networking: no networks, no published ports");
+    let vols = strings(&sidecar["volumes"]);
+    assert!(vols.contains(&"/proc/net/dev:/host/proc/net/dev:ro".to_string()), "{vols:?}");
+    assert!(!vols.iter().any(|v| v.starts_with("/proc:") || v.starts_with("/:")), "never the host's whole /proc or root: {vols:?}");
     let k2s = &c["services"]["k2s"];
     assert!(strings(&k2s["volumes"]).iter().any(|v| v.starts_with("./users:") && v.ends_with(":ro")), "users file mounted");
+    assert!(k2s.get("network_mode").is_none(), "k2s stays on its bridge network (ports 443 published)");
+}
+
+#[test]
+fn the_node_secret_and_the_claim_reach_only_the_sidecar() {
+    let c = compose();
+    let sidecar = env_of(&c["services"]["k2-sidecar"]["environment"]);
+    let k2s = env_of(&c["services"]["k2s"]["environment"]);
+    // Runbook step 5's consumers: the sidecar uses all but K2_VERSION (image tags, compose's
+    // own); k2s (k2v4-slave) only K2_CENTER_URL.
+    let sidecar_vars = [
+        "K2_NODE_SECRET",
+        "K2_PRIVATE_CLAIM",
+        "K2_CENTER_URL",
+        "K2_DOMAIN",
+        "K2_NODE_TRAFFIC_LIMIT_GB",
+        "K2_NODE_NAME",
+        "K2_NODE_REGION",
+        "K2_IP_TYPE",
+    ];
+    assert_eq!(sidecar.keys().map(String::as_str).collect::<Vec<_>>().len(), sidecar_vars.len(), "{sidecar:?}");
+    for v in sidecar_vars {
+        let val = sidecar.get(v).unwrap_or_else(|| panic!("the sidecar lacks {v}"));
+        assert!(val.starts_with(&format!("${{{v}")) && val.ends_with('}') && val.matches('$').count() == 1, "{v} must come from .env's {v}: {val}");
+    }
+    assert!(sidecar["K2_NODE_SECRET"].starts_with("${K2_NODE_SECRET:?"), "compose refuses to start without the node secret");
+    assert_eq!(k2s.keys().map(String::as_str).collect::<Vec<_>>(), vec!["K2_CENTER_URL"], "k2s gets K2_CENTER_URL only");
+    assert!(k2s["K2_CENTER_URL"].starts_with("${K2_CENTER_URL"));
+    // And no other way into k2s: no env_file anywhere, no secret named in its service at all.
+    let k2s_text = serde_yaml::to_string(&c["services"]["k2s"]).unwrap();
+    for secret in ["K2_NODE_SECRET", "K2_PRIVATE_CLAIM"] {
+        assert!(!k2s_text.contains(secret), "{secret} reaches k2s:\n{k2s_text}");
+    }
+    // Every variable compose interpolates is one the deployer writes into .env.
+    let text = svc_deployer::stack::DOCKER_COMPOSE_YML;
+    let written = [sidecar_vars.as_slice(), &["K2_VERSION"]].concat();
+    for part in text.split("${").skip(1) {
+        let var: String = part.chars().take_while(|ch| ch.is_ascii_alphanumeric() || *ch == '_').collect();
+        assert!(written.contains(&var.as_str()), "compose uses ${{{var}}}, which .env does not carry");
+    }
 }
 
 #[test]
