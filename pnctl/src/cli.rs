@@ -108,6 +108,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// VPSs svc-cloud's reaper kept because it could not prove them dead and ours: list them
+    /// (`--pending`), or delete one after the same checks (`--confirm <operation>`).
+    Reap {
+        /// List the kept, uncertain reaps.
+        #[arg(long, conflicts_with = "confirm", required_unless_present = "confirm")]
+        pending: bool,
+        /// Delete this operation's VPS if the checks allow it (overrides only the soft doubts).
+        #[arg(long, value_name = "OPERATION")]
+        confirm: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// svc-cloud's ops URL (default: from stack.json).
+        #[arg(long)]
+        cloud_url: Option<String>,
+    },
     /// Benchmarks on a dev stack of their own: pipeline, footprint, meter.
     Bench {
         #[command(subcommand)]
@@ -213,6 +228,13 @@ async fn run(cli: Cli, data_dir_given: bool) -> anyhow::Result<ExitCode> {
         Cmd::Decode { pretty } => println!("{}", crate::decode::decode(std::io::stdin().lock(), *pretty)?),
         Cmd::Replay { stage, operation_id, json } => crate::replay::run(&ep(), stage, operation_id, *json).await?,
         Cmd::Ledger { node, json } => crate::ledger::run(&ep(), node, *json).await?,
+        Cmd::Reap { pending: _, confirm, json, cloud_url } => {
+            let cmd = match confirm {
+                Some(op) => crate::reap::ReapCmd::Confirm(op.clone()),
+                None => crate::reap::ReapCmd::Pending,
+            };
+            return crate::reap::run(&cli.data_dir, cloud_url.clone(), &cmd, *json).await;
+        }
         Cmd::Bench { what } => crate::bench::run(what, data_dir_given.then(|| cli.data_dir.clone())).await?,
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,6 @@
 //! pnctl, the operator's CLI: the dev stack (`up`, `down`, the supervisor and `stack.json`),
 //! the end-to-end `demo`, and the tools that read the pipeline — `status`, `tail`, `decode`,
-//! `replay`, `ledger`. One module per command; `cli` parses the arguments (`main.rs` only calls
+//! `replay`, `ledger`, `reap`. One module per command; `cli` parses the arguments (`main.rs` only calls
 //! it), and `multicall` is the `pnp` binary that runs every Pnp program from one executable.
 //!
 //! Invariant: pnctl never prints a secret. It generates the dev secrets, hands them to the
@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod events;
 pub mod ledger;
 pub mod multicall;
+pub mod reap;
 pub mod replay;
 pub mod stack;
 pub mod status;

@@ -4,15 +4,20 @@
 //! Invariants: `pn-<subId>` is the idempotency root — the name is probed before any create
 //! and a live match is adopted, so no redelivery or crash makes a second VPS; the intent to
 //! create is recorded (flushed) before the create call; only instances this service created
-//! for an operation are ever deleted, and only after that operation failed.
+//! for an operation are ever deleted, and only when Center, the provider and the record prove
+//! the operation dead and the instance ours (`reaper.rs`); anything uncertain is kept and
+//! listed for an operator. No wait holds a handler: the boot wait and the retry pauses are
+//! recorded and the message parked.
 
+mod http;
 pub mod provider;
 mod reaper;
 mod record;
 mod stage;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use kit::app::Runtime;
 use kit::bus::ConsumerSpec;
@@ -55,9 +60,13 @@ pub struct Settings {
     pub create_retry_pause_ms: u64,
     /// Creates tried per region before moving to a sibling region.
     pub create_attempts_per_region: u32,
-    /// Delete the VPS of a failed operation (after `reap_grace_ms`).
+    /// Reap the VPS of a failed operation (after `reap_grace_ms`), once Center, the provider
+    /// and the record prove it dead and ours; an uncertain one is kept and listed.
     pub reap: bool,
     pub reap_grace_ms: u64,
+    /// How often a kept, uncertain reap (`GET /v1/reap/pending`) is checked again; it is
+    /// deleted by itself once the checks prove it.
+    pub reap_recheck_ms: u64,
     pub hetzner: provider::hetzner::HetznerSettings,
 }
 
@@ -86,6 +95,7 @@ impl Default for Settings {
             create_attempts_per_region: 2,
             reap: true,
             reap_grace_ms: 600_000,
+            reap_recheck_ms: 300_000,
             hetzner: Default::default(),
         }
     }
@@ -106,10 +116,53 @@ pub(crate) struct Ctx {
     pub settings: Settings,
     pub provider: Arc<dyn Provider>,
     pub ops: Table<CloudRecord>,
-    /// Operations being worked on in this process (a redelivery waits rather than races).
+    /// Operations a handler or the reaper is working on in this process: the one writer of
+    /// an operation's record at a time (a second delivery parks briefly rather than races).
     pub busy: Mutex<HashSet<String>>,
     /// Reap schedule: due time (ms) → operation ids.
     pub reaps: Mutex<BTreeMap<i64, Vec<String>>>,
+    /// Uncertain reaps kept for an operator, by operation id (mirrors `reap_pending` in sled).
+    pub pending: Mutex<BTreeMap<String, reaper::PendingView>>,
+}
+
+/// An operation held by one writer; released on drop.
+pub(crate) struct Busy<'a>(&'a Ctx, String);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.0.busy.lock() {
+            b.remove(&self.1);
+        }
+    }
+}
+
+impl Ctx {
+    /// Takes `id` if nobody in this process works on it.
+    pub fn try_busy(&self, id: &str) -> Option<Busy<'_>> {
+        let mut b = self.busy.lock().ok()?;
+        b.insert(id.to_string()).then(|| Busy(self, id.to_string()))
+    }
+
+    /// Takes `id`, waiting up to `patience` for the current holder (handlers hold it briefly).
+    pub async fn wait_busy(&self, id: &str, patience: Duration) -> Option<Busy<'_>> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            if let Some(b) = self.try_busy(id) {
+                return Some(b);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Plans a reap look at `at_ms`.
+    pub fn schedule_reap(&self, id: &str, at_ms: i64) {
+        if let Ok(mut r) = self.reaps.lock() {
+            r.entry(at_ms).or_default().push(id.to_string());
+        }
+    }
 }
 
 pub struct App {
@@ -118,7 +171,9 @@ pub struct App {
 
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
-        let rt = Runtime::start(SERVICE, &settings.common).await?;
+        // The operator's reap routes live on the ops listener, which starts before the state.
+        let cell: Arc<OnceLock<Arc<Ctx>>> = Arc::new(OnceLock::new());
+        let rt = Runtime::start_with(SERVICE, &settings.common, http::router(cell.clone())).await?;
         let provider: Arc<dyn Provider> = match settings.provider.as_str() {
             "center" => Arc::new(provider::center::CenterProvider::new(rt.center.clone(), settings.account.clone())),
             "hetzner" => Arc::new(provider::hetzner::Hetzner::new(&settings.hetzner)?),
@@ -126,23 +181,53 @@ impl App {
         };
         let ops: Table<CloudRecord> = rt.store.table("ops")?;
         let mut reaps: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+        let mut pending = BTreeMap::new();
         for item in ops.iter() {
             let (id, rec) = item?;
-            if let (Some(at), false) = (rec.reap_at_ms, rec.reaped) {
-                reaps.entry(at).or_default().push(id);
+            if rec.reaped {
+                continue;
+            }
+            if let Some(at) = rec.reap_at_ms {
+                reaps.entry(at).or_default().push(id.clone());
+            }
+            if let Some(p) = &rec.reap_pending {
+                pending.insert(id.clone(), reaper::PendingView::of(&rec, p));
             }
         }
-        Ok(App { ctx: Arc::new(Ctx { rt, settings, provider, ops, busy: Mutex::new(HashSet::new()), reaps: Mutex::new(reaps) }) })
+        metrics::gauge!("pn_reap_pending").set(pending.len() as f64);
+        let ctx = Arc::new(Ctx {
+            rt,
+            settings,
+            provider,
+            ops,
+            busy: Mutex::new(HashSet::new()),
+            reaps: Mutex::new(reaps),
+            pending: Mutex::new(pending),
+        });
+        let _ = cell.set(ctx.clone());
+        Ok(App { ctx })
+    }
+
+    /// Where `/healthz`, `/readyz`, `/metrics` and the `/v1/reap/…` routes are served.
+    pub fn ops_addr(&self) -> std::net::SocketAddr {
+        self.ctx.rt.ops_addr
     }
 
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let ctx = self.ctx;
         let rt = ctx.rt.clone();
         let mut set = JoinSet::new();
+        // Booting VPSs and §3.f pauses wait parked (no handler slot): the stage's consumers park.
         let cfg = rt.loop_config(Stage::Cloud);
-        rt.spawn_consumer(&mut set, ConsumerSpec::ops("svc-cloud-claimed", subjects::CLAIMED, &cfg), cfg.clone(), Arc::new(stage::OnClaimed(ctx.clone())))
-            .await?;
-        rt.spawn_consumer(&mut set, ConsumerSpec::replay(SERVICE, Stage::Cloud, &cfg), cfg.clone(), Arc::new(stage::OnReplay(ctx.clone())))
+        let parking = cfg.clone().with_parking(rt.common.max_parked);
+        rt.spawn_consumer(
+            &mut set,
+            ConsumerSpec::ops("svc-cloud-claimed", subjects::CLAIMED, &parking),
+            parking.clone(),
+            Arc::new(stage::OnClaimed(ctx.clone())),
+        )
+        .await?;
+        rt.spawn_consumer(&mut set, ConsumerSpec::replay(SERVICE, Stage::Cloud, &parking), parking.clone(), Arc::new(stage::OnReplay(ctx.clone())))
             .await?;
         rt.spawn_consumer(&mut set, ConsumerSpec::ops("svc-cloud-failed", subjects::FAILED, &cfg), cfg.clone(), Arc::new(reaper::OnFailed(ctx.clone())))
             .await?;

@@ -1,4 +1,6 @@
-//! svc-cloud's per-operation record.
+//! svc-cloud's per-operation record: what was created (the intent, the ids), where the create
+//! path and the boot wait stand (so a parked operation resumes where it was), and the reaper's
+//! view of the operation's VPS.
 
 use kit::state::Record;
 use serde::{Deserialize, Serialize};
@@ -15,13 +17,43 @@ pub struct CloudRecord {
     pub create_started_at_ms: Option<i64>,
     /// Instance ids this service's create calls returned for this operation.
     pub created: Vec<String>,
-    /// Instances this service deleted (no-IP fail path or reaping).
+    /// Instances this service deleted (no-IP fail path or reaping), or found gone.
     pub deleted: Vec<String>,
     pub instance: Option<InstanceInfo>,
     pub published: bool,
     pub failed: bool,
+    /// When the reaper looks at this operation next (after the grace, or a re-check of an
+    /// uncertain case); `None`: no reap planned.
     pub reap_at_ms: Option<i64>,
+    /// Every instance of this operation is deleted or gone: nothing more to reap.
     pub reaped: bool,
+    /// The claim attempt of the newest `pn.op.failed` seen for this operation.
+    #[serde(default)]
+    pub failed_attempt: Option<u32>,
+    /// Center reported the operation activated (done, or its node registered): final — its
+    /// VPS is never deleted by Pnp.
+    #[serde(default)]
+    pub activated: bool,
+    /// Instances the provider showed under another name than `pn-<subId>`: never deleted.
+    #[serde(default)]
+    pub disowned: Vec<String>,
+    /// A reap that could not be proven safe: the VPS is kept, listed for an operator
+    /// (`pnctl reap --pending`) and checked again every `reap_recheck_ms`.
+    #[serde(default)]
+    pub reap_pending: Option<PendingReap>,
+    /// The reaper's last decision, for the record.
+    #[serde(default)]
+    pub reap_decision: Option<ReapDecision>,
+    /// Where the create path stands (seed 001 §3.f): region, tries there, reasons so far, pause.
+    #[serde(default)]
+    pub create: CreateCursor,
+    /// An instance being waited on until it runs with a public IPv4 (the message is parked).
+    #[serde(default)]
+    pub boot: Option<BootWait>,
+    /// Consecutive transient errors (provider, store, bus): the handler's own attempt budget,
+    /// since a parking consumer has no JetStream delivery limit.
+    #[serde(default)]
+    pub transient_failures: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
@@ -33,6 +65,49 @@ pub struct InstanceInfo {
     pub region: String,
     pub plan: String,
     pub image: String,
+    pub adopted: bool,
+}
+
+/// An uncertain reap, kept for an operator.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct PendingReap {
+    pub reason: String,
+    pub since_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct ReapDecision {
+    /// `deleted`, `gone`, `kept-active`, `kept-inflight`, `kept-not-ours`, `pending`.
+    pub decision: String,
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+/// The create path's position: the index into the job region's provider regions, the creates
+/// tried there, the reasons collected, and the end of a seed-001 §3.f pause.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct CreateCursor {
+    pub region_idx: usize,
+    pub tries_in_region: u32,
+    pub reasons: Vec<String>,
+    /// No create before this time (the pause before a retry or a sibling region).
+    pub next_create_at_ms: Option<i64>,
+}
+
+/// A boot wait: the instance, since when, and what was seen so far.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct BootWait {
+    pub instance_id: String,
+    pub started_at_ms: i64,
+    /// When the instance was first seen `running` without an IPv4.
+    pub running_since_ms: Option<i64>,
+    pub last_status: String,
+    /// The provider region of this create (for the no-IP reason); empty for an adopted one.
+    pub region: String,
+    /// Created by this handler's create path (a no-IP instance is deleted and the path goes
+    /// on); false for one found by the probe (adopted), which fails on no IP.
+    pub from_create: bool,
+    /// `InstanceInfo::adopted` for the outcome.
     pub adopted: bool,
 }
 
@@ -50,7 +125,57 @@ impl CloudRecord {
                 ids.push(i.id.clone());
             }
         }
-        ids.retain(|id| !self.deleted.contains(id));
+        ids.retain(|id| !self.deleted.contains(id) && !self.disowned.contains(id));
         ids
+    }
+
+    /// The stored operation (the newest claim attempt this service handled), if it decodes.
+    pub fn operation(&self) -> Option<proto::Operation> {
+        if self.op_pb.is_empty() {
+            return None;
+        }
+        prost::Message::decode(self.op_pb.as_slice()).ok()
+    }
+
+    /// The claim attempt of the stored operation (attempts count from 1).
+    pub fn claim_attempt(&self) -> u32 {
+        self.operation().map(|o| o.claim_attempt.max(1)).unwrap_or(1)
+    }
+
+    /// The node name this operation's VPS and node carry.
+    pub fn node_name(&self) -> String {
+        format!("pn-{}", self.sub_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn ours_excludes_deleted_disowned_and_adopted_strangers() {
+        let mut r = CloudRecord { created: vec!["a".into(), "b".into()], deleted: vec!["a".into()], ..Default::default() };
+        assert_eq!(r.ours(), vec!["b".to_string()]);
+        r.disowned.push("b".into());
+        assert!(r.ours().is_empty());
+        // Found by the probe before any create of ours: not ours to delete.
+        r.instance = Some(InstanceInfo { id: "c".into(), adopted: true, ..Default::default() });
+        assert!(r.ours().is_empty());
+        // Found after our create started (the create's answer was lost): ours.
+        r.create_started_at_ms = Some(1);
+        assert_eq!(r.ours(), vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn an_old_record_without_the_new_fields_still_reads() {
+        let old = serde_json::json!({
+            "operation_id": "op", "sub_id": "s", "op_pb": "", "create_started_at_ms": null, "created": ["i"],
+            "deleted": [], "instance": null, "published": true, "failed": true, "reap_at_ms": 5, "reaped": false
+        });
+        let r: CloudRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(r.reap_at_ms, Some(5));
+        assert!(r.boot.is_none() && r.reap_pending.is_none() && !r.activated);
+        assert_eq!(r.claim_attempt(), 1);
     }
 }

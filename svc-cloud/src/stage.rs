@@ -3,15 +3,22 @@
 //! quota with headroom, newest Ubuntu LTS), record the intent, create, wait for `running`.
 //! Fail paths (seed 001 §3.f): a failed create or an instance without an IP is retried after
 //! a pause, then tried in the sibling regions, and only then is the operation failed.
+//!
+//! Nothing here sleeps: each delivery advances the operation as far as it can go now — one
+//! look at a booting instance, one create — records where it stands (`CloudRecord::boot`,
+//! `CloudRecord::create`) and parks the message (`HandleError::Park`) until the next look or
+//! the end of a pause. A parked operation holds no handler slot. Parks are deliveries, so
+//! JetStream's delivery count means nothing here: the handler keeps its own budget of
+//! consecutive transient errors (`transient_failures`, up to `PN_MAX_DELIVER`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kit::bus::{HandleError, Handler, Incoming, Meta};
 use proto::{Body, InstanceReady, OpFailed, Operation, Stage, subjects};
 
 use crate::provider::{ProviderError, Vps};
-use crate::record::InstanceInfo;
+use crate::record::{BootWait, InstanceInfo};
 use crate::{CloudRecord, Ctx};
 
 pub struct OnClaimed(pub Arc<Ctx>);
@@ -58,13 +65,8 @@ fn transient(e: impl std::fmt::Display) -> HandleError {
     HandleError::retry(e.to_string(), Duration::from_secs(3))
 }
 
-struct Busy<'a>(&'a Ctx, String);
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut b) = self.0.busy.lock() {
-            b.remove(&self.1);
-        }
-    }
+fn park(after: Duration, reason: String) -> HandleError {
+    HandleError::Park { reason, after: after.max(Duration::from_millis(10)) }
 }
 
 async fn run(ctx: &Arc<Ctx>, op: Operation, replay: bool) -> Result<(), HandleError> {
@@ -72,47 +74,135 @@ async fn run(ctx: &Arc<Ctx>, op: Operation, replay: bool) -> Result<(), HandleEr
     if !subjects::is_token(&id) || !subjects::is_token(&op.sub_id) {
         return Err(HandleError::fail("operation id or subId is not a plain token"));
     }
-    let _busy = {
-        let mut b = ctx.busy.lock().map_err(|_| transient("busy set poisoned"))?;
-        if !b.insert(id.clone()) {
-            return Err(HandleError::retry("operation already being handled here", Duration::from_secs(5)));
-        }
-        Busy(ctx, id.clone())
+    // One writer per operation: a second delivery (another claim attempt's message, a replay,
+    // the reaper) comes back shortly instead of racing a create.
+    let Some(_busy) = ctx.try_busy(&id) else {
+        return Err(park(Duration::from_secs(2), "operation being handled here".into()));
     };
     let mut rec = ctx.ops.get(&id).map_err(transient)?.unwrap_or_else(|| CloudRecord {
         operation_id: id.clone(),
         sub_id: op.sub_id.clone(),
         ..Default::default()
     });
-    if rec.failed {
+    let attempt = op.claim_attempt.max(1);
+    if !replay && let Some(stored) = rec.operation().map(|o| o.claim_attempt.max(1)) && attempt < stored {
+        tracing::info!(attempt, current = stored, "a stale delivery of an older claim attempt; ignored");
         return Ok(());
     }
+    if rec.failed {
+        if attempt <= rec.failed_attempt.unwrap_or(u32::MAX) {
+            return Ok(());
+        }
+        // Center requeued the operation and it was claimed again: the new attempt owns the
+        // VPS (adopted by name below); the reap planned for the failed attempt is off.
+        tracing::info!(attempt, failed_attempt = ?rec.failed_attempt, "a newer claim attempt after a failure; reap cancelled");
+        rec.failed = false;
+        rec.boot = None;
+        rec.create = Default::default();
+        rec.reap_at_ms = None;
+        rec.reap_pending = None;
+        crate::reaper::unlist(ctx, &id);
+    }
     // A newer claim attempt (lease expired and re-claimed) replaces the stored operation.
-    rec.op_pb = prost::Message::encode_to_vec(&op);
+    let op_pb = prost::Message::encode_to_vec(&op);
+    let changed = op_pb != rec.op_pb;
+    rec.op_pb = op_pb;
+    let res = drive(ctx, &op, &mut rec, replay, changed).await;
+    budget(ctx, &op, &mut rec, res)
+}
+
+/// Counts consecutive transient errors in the record (the parking consumer has no delivery
+/// limit) and fails the operation when they reach `PN_MAX_DELIVER`; anything else resets them.
+fn budget(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, res: Result<(), HandleError>) -> Result<(), HandleError> {
+    match res {
+        Err(HandleError::Retry { reason, after, failed: f }) => {
+            rec.transient_failures += 1;
+            if let Err(e) = ctx.ops.put_nowait(&rec.operation_id, rec) {
+                tracing::warn!(error = %e, "could not record the failed attempt");
+            }
+            let limit = u32::try_from(ctx.settings.common.max_deliver.max(1)).unwrap_or(u32::MAX);
+            if rec.transient_failures >= limit {
+                let instance = rec.boot.as_ref().map(|b| b.instance_id.clone()).unwrap_or_default();
+                return Err(failed(op, &instance, format!("gave up after {} attempts: {reason}", rec.transient_failures)));
+            }
+            Err(HandleError::Retry { reason, after, failed: f })
+        }
+        other => {
+            if rec.transient_failures > 0 {
+                rec.transient_failures = 0;
+                if let Err(e) = ctx.ops.put_nowait(&rec.operation_id, rec) {
+                    tracing::warn!(error = %e, "could not reset the attempt count");
+                }
+            }
+            other
+        }
+    }
+}
+
+/// Advances the operation as far as it goes now: publish a recorded outcome, look at a
+/// booting instance, serve a pause, probe, create. Ends published, parked, or failed.
+async fn drive(ctx: &Arc<Ctx>, op: &Operation, rec: &mut CloudRecord, replay: bool, changed: bool) -> Result<(), HandleError> {
+    let id = rec.operation_id.clone();
     if rec.published && !replay
         && let Some(info) = rec.instance.clone() {
-            return publish(ctx, &op, &info, false).await;
+            if changed {
+                ctx.ops.put(&id, rec).await.map_err(transient)?;
+            }
+            return publish(ctx, op, &info, false).await;
         }
-    ctx.ops.put(&id, &rec).await.map_err(transient)?;
-
+    if changed {
+        ctx.ops.put(&id, rec).await.map_err(transient)?;
+    }
     let name = format!("pn-{}", op.sub_id);
-    let info = match probe(ctx, &name).await.map_err(|e| match e {
-        ProviderError::Transient(m) => transient(m),
-        other => failed(&op, "", format!("probing {name}: {other}")),
-    })? {
-        Some(vps) => {
-            tracing::info!(instance = %vps.id, status = %vps.status, "adopting existing {name}");
-            let adopted = !rec.created.contains(&vps.id);
-            let vps = wait_running(ctx, &vps.id).await.map_err(|e| wait_error(ctx, &op, &vps.id, e))?;
-            info_of(&vps, adopted)
+    // Bounded: each pass either returns or moves the record on (an instance to wait on, a
+    // create tried); the create cursor only advances.
+    for _ in 0..64 {
+        if let Some(w) = rec.boot.clone() {
+            match look(ctx, op, rec, w).await? {
+                Look::Ready(info) => return finish(ctx, op, rec, info, replay).await,
+                Look::Wait(after, why) => return Err(park(after, why)),
+                Look::Again => continue,
+            }
         }
-        None => create_with_fallbacks(ctx, &op, &mut rec, &name).await?,
-    };
+        if let Some(t) = rec.create.next_create_at_ms {
+            let now = kit::now_ms();
+            if t > now {
+                return Err(park(Duration::from_millis((t - now) as u64), "pausing before the next create (seed 001 §3.f)".into()));
+            }
+        }
+        if let Some(vps) = probe(ctx, &name).await.map_err(|e| match e {
+            ProviderError::Transient(m) => transient(m),
+            other => failed(op, "", format!("probing {name}: {other}")),
+        })? {
+            let adopted = !rec.created.contains(&vps.id);
+            tracing::info!(instance = %vps.id, status = %vps.status, adopted, "found {name}; waiting for it");
+            rec.boot = Some(BootWait {
+                instance_id: vps.id.clone(),
+                started_at_ms: kit::now_ms(),
+                last_status: vps.status.clone(),
+                from_create: false,
+                adopted,
+                ..Default::default()
+            });
+            ctx.ops.put_nowait(&id, rec).map_err(transient)?;
+            continue;
+        }
+        match create_step(ctx, op, rec, &name).await? {
+            Created::Boot | Created::Pause => continue,
+            Created::Exhausted(reason) => return Err(failed(op, "", reason)),
+        }
+    }
+    Err(transient("the create path made no progress"))
+}
+
+async fn finish(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, info: InstanceInfo, replay: bool) -> Result<(), HandleError> {
+    let id = rec.operation_id.clone();
     rec.instance = Some(info.clone());
-    ctx.ops.put(&id, &rec).await.map_err(transient)?;
-    publish(ctx, &op, &info, replay).await?;
+    rec.boot = None;
+    ctx.ops.put(&id, rec).await.map_err(transient)?;
+    publish(ctx, op, &info, replay).await?;
     rec.published = true;
-    ctx.ops.put(&id, &rec).await.map_err(transient)?;
+    ctx.ops.put(&id, rec).await.map_err(transient)?;
     Ok(())
 }
 
@@ -153,96 +243,157 @@ fn wait_error(ctx: &Ctx, op: &Operation, id: &str, e: WaitError) -> HandleError 
     }
 }
 
-async fn wait_running(ctx: &Ctx, id: &str) -> Result<Vps, WaitError> {
-    let started = Instant::now();
-    let timeout = Duration::from_millis(ctx.settings.boot_timeout_ms);
-    let no_ip = Duration::from_millis(ctx.settings.no_ip_timeout_ms);
-    let poll = Duration::from_millis(ctx.settings.boot_poll_ms.max(50));
-    let mut running_since: Option<Instant> = None;
-    let mut last_status = String::from("unknown");
-    loop {
-        match ctx.provider.get(id).await {
-            Ok(v) if v.is_running() && v.ipv4.is_some() => return Ok(v),
-            Ok(v) if v.is_gone() => return Err(WaitError::Gone),
-            Ok(v) => {
-                if v.is_running() {
-                    let since = *running_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= no_ip {
-                        return Err(WaitError::NoIp);
-                    }
-                }
-                last_status = v.status;
-            }
-            Err(e) => tracing::debug!(error = %e, "instance status unavailable; polling on"),
-        }
-        if started.elapsed() >= timeout {
-            return Err(WaitError::Timeout(last_status));
-        }
-        tokio::time::sleep(poll).await;
-    }
+enum Look {
+    /// Running with a public IPv4.
+    Ready(InstanceInfo),
+    /// Not yet: look again after this long.
+    Wait(Duration, String),
+    /// Our own instance got no IP and was deleted; the create path goes on.
+    Again,
 }
 
-async fn create_with_fallbacks(ctx: &Arc<Ctx>, op: &Operation, rec: &mut CloudRecord, name: &str) -> Result<InstanceInfo, HandleError> {
+/// One look at the instance being waited on (what one turn of the old polling loop did).
+async fn look(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, mut w: BootWait) -> Result<Look, HandleError> {
+    let s = &ctx.settings;
+    let now = kit::now_ms();
+    match ctx.provider.get(&w.instance_id).await {
+        Ok(v) if v.is_running() && v.ipv4.is_some() => return Ok(Look::Ready(info_of(&v, w.adopted))),
+        Ok(v) if v.is_gone() => return Err(wait_error(ctx, op, &w.instance_id, WaitError::Gone)),
+        Ok(v) => {
+            if v.is_running() {
+                let since = *w.running_since_ms.get_or_insert(now);
+                if now - since >= s.no_ip_timeout_ms as i64 {
+                    if !w.from_create {
+                        return Err(wait_error(ctx, op, &w.instance_id, WaitError::NoIp));
+                    }
+                    // Seed 001 §3.f: no IP → remove our broken VPS, pause, try again/elsewhere.
+                    rec.create.reasons.push(format!("{}: instance {} got no public IPv4", w.region, w.instance_id));
+                    rec.create.tries_in_region += 1;
+                    delete_own(ctx, rec, &w.instance_id).await?;
+                    rec.boot = None;
+                    ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
+                    return Ok(Look::Again);
+                }
+            }
+            w.last_status = v.status;
+        }
+        Err(e) => tracing::debug!(error = %e, "instance status unavailable; looking again later"),
+    }
+    if now - w.started_at_ms >= s.boot_timeout_ms as i64 {
+        return Err(wait_error(ctx, op, &w.instance_id, WaitError::Timeout(w.last_status)));
+    }
+    let why = format!("instance {} booting (status {})", w.instance_id, w.last_status);
+    let changed = rec.boot.as_ref() != Some(&w);
+    rec.boot = Some(w);
+    if changed {
+        ctx.ops.put_nowait(&rec.operation_id, rec).map_err(transient)?;
+    }
+    Ok(Look::Wait(Duration::from_millis(s.boot_poll_ms.max(50)), why))
+}
+
+enum Created {
+    /// An instance was created (or found after a failed create call): wait for it.
+    Boot,
+    /// A pause is due before the next create.
+    Pause,
+    /// Every region tried: the reasons.
+    Exhausted(String),
+}
+
+/// The next create of the seed-001 §3.f path: the cursor's region (a sibling when the
+/// preferred one is used up), a pause before any retry or sibling, the intent flushed first.
+async fn create_step(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, name: &str) -> Result<Created, HandleError> {
     let s = &ctx.settings;
     let min_transfer = (op.traffic_total_bytes as f64 * s.transfer_headroom.max(1.0)) as u64;
     let regions = s.regions_for(&op.region);
-    let mut reasons: Vec<String> = Vec::new();
-    let pause = Duration::from_millis(s.create_retry_pause_ms);
-    for (ri, region) in regions.iter().enumerate() {
-        let choice = match ctx.provider.choose(region, min_transfer).await {
+    let attempts = s.create_attempts_per_region.max(1);
+    loop {
+        if rec.create.tries_in_region >= attempts {
+            rec.create.region_idx += 1;
+            rec.create.tries_in_region = 0;
+        }
+        let Some(region) = regions.get(rec.create.region_idx).cloned() else {
+            let reasons = &rec.create.reasons;
+            let reason = if reasons.is_empty() { format!("no provider region for job region {}", op.region) } else { reasons.join("; ") };
+            return Ok(Created::Exhausted(reason));
+        };
+        let choice = match ctx.provider.choose(&region, min_transfer).await {
             Ok(c) => c,
             Err(ProviderError::Transient(m)) => return Err(transient(m)),
             Err(e) => {
-                reasons.push(e.to_string());
+                rec.create.reasons.push(e.to_string());
+                rec.create.region_idx += 1;
+                rec.create.tries_in_region = 0;
+                ctx.ops.put_nowait(&rec.operation_id, rec).map_err(transient)?;
                 continue;
             }
         };
-        for attempt in 0..s.create_attempts_per_region.max(1) {
-            if attempt > 0 || (ri > 0 && !reasons.is_empty()) {
-                tokio::time::sleep(pause).await;
-            }
-            if rec.create_started_at_ms.is_none() {
-                rec.create_started_at_ms = Some(kit::now_ms());
-            }
-            ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
-            let vps = match ctx.provider.create(&choice, name).await {
-                Ok(v) => v,
-                Err(e) => {
-                    // The create may have happened despite the error: probe before anything else.
-                    if let Ok(Some(v)) = probe(ctx, name).await {
-                        v
-                    } else {
-                        tracing::warn!(region = %region, error = %e, "create failed");
-                        reasons.push(format!("{region}: {e}"));
-                        if matches!(e, ProviderError::Transient(_)) {
-                            continue;
-                        }
-                        break;
+        // A retry in this region, or a sibling after a failure, waits the pause first.
+        let needs_pause = rec.create.tries_in_region > 0 || (rec.create.region_idx > 0 && !rec.create.reasons.is_empty());
+        let now = kit::now_ms();
+        if needs_pause {
+            match rec.create.next_create_at_ms {
+                None => {
+                    rec.create.next_create_at_ms = Some(now + s.create_retry_pause_ms as i64);
+                    ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
+                    if s.create_retry_pause_ms > 0 {
+                        tracing::info!(region = %region, pause_ms = s.create_retry_pause_ms, "pausing before the next create");
+                        return Ok(Created::Pause);
                     }
                 }
-            };
-            if !rec.created.contains(&vps.id) {
-                rec.created.push(vps.id.clone());
-            }
-            ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
-            tracing::info!(instance = %vps.id, region = %region, plan = %choice.plan, image = %choice.image, "created {name}");
-            match wait_running(ctx, &vps.id).await {
-                Ok(v) => return Ok(info_of(&v, false)),
-                Err(WaitError::NoIp) => {
-                    // Seed 001 §3.f: no IP → remove our broken VPS, pause, try again/elsewhere.
-                    reasons.push(format!("{region}: instance {} got no public IPv4", vps.id));
-                    delete_own(ctx, rec, &vps.id).await?;
-                }
-                Err(e) => return Err(wait_error(ctx, op, &vps.id, e)),
+                Some(t) if t > now => return Ok(Created::Pause),
+                Some(_) => {}
             }
         }
+        if rec.create_started_at_ms.is_none() {
+            rec.create_started_at_ms = Some(now);
+        }
+        rec.create.next_create_at_ms = None;
+        // The intent is durable before the call: a crash after it makes any pn-<subId> ours.
+        ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
+        let vps = match ctx.provider.create(&choice, name).await {
+            Ok(v) => v,
+            Err(e) => {
+                // The create may have happened despite the error: probe before anything else.
+                if let Ok(Some(v)) = probe(ctx, name).await {
+                    v
+                } else {
+                    tracing::warn!(region = %region, error = %e, "create failed");
+                    rec.create.reasons.push(format!("{region}: {e}"));
+                    if matches!(e, ProviderError::Transient(_)) {
+                        rec.create.tries_in_region += 1;
+                    } else {
+                        rec.create.region_idx += 1;
+                        rec.create.tries_in_region = 0;
+                    }
+                    ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
+                    continue;
+                }
+            }
+        };
+        if !rec.created.contains(&vps.id) {
+            rec.created.push(vps.id.clone());
+        }
+        rec.boot = Some(BootWait {
+            instance_id: vps.id.clone(),
+            started_at_ms: kit::now_ms(),
+            last_status: vps.status.clone(),
+            region: region.clone(),
+            from_create: true,
+            adopted: false,
+            ..Default::default()
+        });
+        ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
+        tracing::info!(instance = %vps.id, region = %region, plan = %choice.plan, image = %choice.image, "created {name}");
+        return Ok(Created::Boot);
     }
-    let reason = if reasons.is_empty() { format!("no provider region for job region {}", op.region) } else { reasons.join("; ") };
-    Err(failed(op, "", reason))
 }
 
 async fn delete_own(ctx: &Ctx, rec: &mut CloudRecord, id: &str) -> Result<(), HandleError> {
-    ctx.provider.delete(id).await.map_err(transient)?;
+    match ctx.provider.delete(id).await {
+        Ok(()) | Err(ProviderError::NotFound(_)) => {}
+        Err(e) => return Err(transient(e)),
+    }
     rec.deleted.push(id.to_string());
     ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
     Ok(())

@@ -94,10 +94,16 @@ impl Provider for CenterProvider {
     }
 
     async fn get(&self, id: &str) -> Result<Vps, ProviderError> {
-        Ok(vps(self.center.get_cloud_instance(id).await?))
+        self.center.get_cloud_instance(id).await.map(vps).map_err(not_found)
     }
 
     async fn delete(&self, id: &str) -> Result<(), ProviderError> {
-        Ok(self.center.delete_cloud_instance(id).await?)
+        self.center.delete_cloud_instance(id).await.map_err(not_found)
     }
+}
+
+/// Center answers an unknown or deleted instance with 404, which `kit::center` files under
+/// `Conflict` (with 409/410); for one instance by id it means "not there".
+fn not_found(e: kit::center::CenterError) -> ProviderError {
+    if e.is_conflict() { ProviderError::NotFound(e.to_string()) } else { e.into() }
 }

@@ -75,7 +75,13 @@ impl Hetzner {
             let transient = status == StatusCode::TOO_MANY_REQUESTS
                 || status.is_server_error()
                 || matches!(e.error.code.as_str(), "resource_unavailable" | "placement_error" | "rate_limit_exceeded" | "conflict" | "locked");
-            return Err(if transient { ProviderError::Transient(msg) } else { ProviderError::Permanent(msg) });
+            return Err(if transient {
+                ProviderError::Transient(msg)
+            } else if status == StatusCode::NOT_FOUND {
+                ProviderError::NotFound(msg)
+            } else {
+                ProviderError::Permanent(msg)
+            });
         }
         serde_json::from_str(&text).map_err(|e| ProviderError::Permanent(format!("hetzner {path}: malformed answer: {e}")))
     }

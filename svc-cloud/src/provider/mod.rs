@@ -48,6 +48,9 @@ pub enum ProviderError {
     /// Anything else that will not work by retrying.
     #[error("{0}")]
     Permanent(String),
+    /// The provider does not know the instance (deleted, or never existed): `get` and `delete`.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl From<kit::center::CenterError> for ProviderError {
@@ -65,7 +68,9 @@ pub trait Provider: Send + Sync {
     /// is at least `min_transfer`, the newest Ubuntu LTS among 24.04/22.04/20.04.
     async fn choose(&self, region: &str, min_transfer: u64) -> Result<Choice, ProviderError>;
     async fn create(&self, choice: &Choice, name: &str) -> Result<Vps, ProviderError>;
+    /// One instance by id; `NotFound` when the provider does not know it (any more).
     async fn get(&self, id: &str) -> Result<Vps, ProviderError>;
+    /// Deletes one instance; `NotFound` when it is already gone.
     async fn delete(&self, id: &str) -> Result<(), ProviderError>;
 }
 

@@ -189,7 +189,7 @@ async fn hetzner_errors_are_typed_and_carry_no_token() {
     let e = bad.find_by_name("pn-s2").await.unwrap_err();
     assert!(matches!(e, ProviderError::Permanent(_)));
     assert!(!e.to_string().contains("wrong-token") && !e.to_string().contains(TOKEN), "{e}");
-    assert!(matches!(p.get("999").await, Err(ProviderError::Permanent(_))));
+    assert!(matches!(p.get("999").await, Err(ProviderError::NotFound(_))));
 }
 
 #[test]
