@@ -233,6 +233,8 @@ async fn boot_waits_are_parked_not_held() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(appeared.len(), 8, "only {} of 8 VPSs created before the first ran ({first_running:?}): {appeared:?}", appeared.len());
+    let (first, last) = (appeared.values().min().unwrap(), appeared.values().max().unwrap());
+    eprintln!("8 VPSs created within {:?} (first seen at {first:?}); the first ran at {first_running:?}", *last - *first);
     for (op, _) in &ops {
         let v = stack.wait_status(op, &["done", "failed"], Duration::from_secs(180)).await.unwrap();
         assert_eq!(v["status"], "done", "{op}: {v}");
