@@ -91,6 +91,12 @@ async fn run(ctx: &Arc<Ctx>, op: Operation, replay: bool) -> Result<(), HandleEr
     }
     if rec.failed {
         if attempt <= rec.failed_attempt.unwrap_or(u32::MAX) {
+            // The failure reported may be of this very attempt, seen before its claim: keep the
+            // attempt so the reaper can match the failure to it.
+            if rec.operation().is_none_or(|o| o.claim_attempt.max(1) < attempt) {
+                rec.op_pb = prost::Message::encode_to_vec(&op);
+                ctx.ops.put(&id, &rec).await.map_err(transient)?;
+            }
             return Ok(());
         }
         // Center requeued the operation and it was claimed again: the new attempt owns the

@@ -184,6 +184,8 @@ impl Stack {
                 ("PN_BOOT_POLL_MS", "100".into()),
                 ("PN_CREATE_RETRY_PAUSE_MS", "300".into()),
                 ("PN_REAP_GRACE_MS", "1000".into()),
+                // An uncertain reap (Center down at reap time) is looked at again this soon.
+                ("PN_REAP_RECHECK_MS", "2000".into()),
                 ("PN_NO_IP_TIMEOUT_MS", "2000".into()),
             ],
             "svc-deployer" => &[
