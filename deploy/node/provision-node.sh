@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # provision-node.sh — OS prep of a Pnp private node (runbook step 4), before any compose deploy.
 #
-# Run as root on Ubuntu (20.04, 22.04, 24.04), script piped over SSH stdin:
+# Run as root on Ubuntu 20.04, 22.04, 24.04 or Debian 12, 13, script piped over SSH stdin:
 #     ssh -p 22 ubuntu@<ipv4> 'sudo bash -s' < provision-node.sh
+#     ssh -p 22 debian@<ipv4> 'sudo bash -s -- --docker=distro' < provision-node.sh
 # Idempotent: every step looks before it changes, so a re-run on a prepared node changes
-# nothing (and is how a half-finished run is completed).
+# nothing and says so ("nothing changed"); a re-run is how a half-finished run is completed.
 #
-# Steps:  1 preflight (root, Ubuntu)   2 wait for cloud-init   3 timezone Asia/Singapore
-#         4 snapd removal   5 swap   6 base packages   7 Docker CE + compose plugin
+# Docker comes from Docker's own apt repository (docker-ce + the compose plugin) unless
+# `--docker=distro` asks for the distribution's docker.io and compose v2 plugin instead (also
+# PN_DOCKER_SOURCE=distro in the environment, or as a line at the top of the script as sent,
+# since the deployer's launcher passes no arguments): for nodes that reach only their
+# distribution's mirror (air-gapped), and for the VM test. The distribution must carry
+# compose v2 (Debian 13, Ubuntu 22.04+; Debian 12 does not).
+#
+# Steps:  1 preflight (root, Ubuntu/Debian)   2 wait for cloud-init   3 timezone Asia/Singapore
+#         4 snapd removal   5 swap   6 base packages   7 Docker + compose plugin
 #         8 IPv6   9 BBR   10 Docker daemon.json   11 UFW   12 ufw-docker rules
 #         13 SSH 22 -> 1022 (key-only)   14 persistent journald + crash-monitor cron
 #         15 auto-update cron   16 deploy dir /apps/kaitu-slave
 #
-# After step 13 SSH answers on 1022 only (the running session survives). The cloud's own
+# After step 13 SSH answers on 1022 only (the running session survives); port 22 is closed in
+# UFW only once sshd answers on 1022 (its banner read back over loopback). The cloud's own
 # firewall must allow 1022/tcp and the k2s ports; that is outside this host.
 set -Eeuo pipefail
 
@@ -29,8 +38,13 @@ export DEBIAN_FRONTEND=noninteractive
 export NEEDRESTART_MODE=a
 readonly APT_OPTS=(-y -q -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 
+DOCKER_SOURCE=${PN_DOCKER_SOURCE:-docker}
+
 STEP=0
+CHANGES=()
 log() { printf '[provision-node] %s\n' "$*"; }
+# Records that this run changed something; the last line lists them (or "nothing changed").
+changed() { CHANGES+=("$*"); log "changed: $*"; }
 warn() { printf '[provision-node] WARNING: %s\n' "$*" >&2; }
 die() { printf '[provision-node] ERROR: %s\n' "$*" >&2; exit 1; }
 step() { STEP=$((STEP + 1)); log "step ${STEP}/16: $*"; }
@@ -47,6 +61,7 @@ write_if_changed() {
   fi
   install -D -m "$mode" "$tmp" "$path"
   rm -f "$tmp"
+  changed "$path"
   return 0
 }
 
@@ -68,25 +83,46 @@ apt_install() {
   if [ "${#missing[@]}" -gt 0 ]; then
     apt_update
     apt-get "${APT_OPTS[@]}" install --no-install-recommends "${missing[@]}"
+    changed "installed ${missing[*]}"
   fi
 }
+
+# The candidate version apt would install ("" when the lists do not know the package).
+candidate() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ && $2 != "(none)" {print $2; exit}'; }
 
 preflight() {
   step "preflight"
   [ "$(id -u)" -eq 0 ] || die "must run as root (sudo bash -s)"
-  [ -r /etc/os-release ] || die "no /etc/os-release: not Ubuntu"
+  case "$DOCKER_SOURCE" in
+    docker | distro) ;;
+    *) die "--docker must be docker (Docker's repository) or distro (the distribution's packages), not '${DOCKER_SOURCE}'" ;;
+  esac
+  [ -r /etc/os-release ] || die "no /etc/os-release: cannot tell the distribution"
   # shellcheck source=/dev/null
   . /etc/os-release
-  [ "${ID:-}" = ubuntu ] || die "Ubuntu only (this is ${ID:-unknown}); the node stack is tested on Ubuntu 20.04-24.04"
+  OS_ID=${ID:-unknown}
   local major=${VERSION_ID%%.*}
-  [ "${major:-0}" -ge 20 ] 2>/dev/null || die "Ubuntu ${VERSION_ID:-?} is too old (20.04 or newer)"
-  case "${VERSION_ID:-}" in
-    20.04 | 22.04 | 24.04) ;;
-    *) warn "Ubuntu ${VERSION_ID} is not one of the tested releases (20.04, 22.04, 24.04)" ;;
+  case "$OS_ID" in
+    ubuntu)
+      [ "${major:-0}" -ge 20 ] 2>/dev/null || die "Ubuntu ${VERSION_ID:-?} is too old (20.04 or newer)"
+      case "${VERSION_ID:-}" in
+        20.04 | 22.04 | 24.04) ;;
+        *) warn "Ubuntu ${VERSION_ID} is not one of the tested releases (20.04, 22.04, 24.04)" ;;
+      esac
+      ;;
+    debian)
+      [ "${major:-0}" -ge 12 ] 2>/dev/null || die "Debian ${VERSION_ID:-?} is too old (12 or newer)"
+      case "$major" in
+        12 | 13) ;;
+        *) warn "Debian ${VERSION_ID} is not one of the tested releases (12, 13)" ;;
+      esac
+      ;;
+    *) die "Ubuntu (20.04-24.04) or Debian (12, 13) only; this is ${PRETTY_NAME:-$OS_ID}" ;;
   esac
   CODENAME=${VERSION_CODENAME:-${UBUNTU_CODENAME:-}}
-  [ -n "$CODENAME" ] || die "cannot tell the Ubuntu codename"
+  [ -n "$CODENAME" ] || die "cannot tell the ${OS_ID} codename"
   command -v systemctl >/dev/null 2>&1 || die "systemd is required"
+  log "${PRETTY_NAME:-$OS_ID ${VERSION_ID:-}}; Docker from ${DOCKER_SOURCE}"
 }
 
 wait_for_boot() {
@@ -103,7 +139,7 @@ set_timezone() {
   current=$(timedatectl show -p Timezone --value 2>/dev/null || true)
   if [ "$current" != "$TIMEZONE" ]; then
     timedatectl set-timezone "$TIMEZONE" 2>/dev/null || ln -sfn "/usr/share/zoneinfo/${TIMEZONE}" /etc/localtime
-    log "timezone set (was ${current:-unknown})"
+    changed "timezone ${TIMEZONE} (was ${current:-unknown})"
   fi
 }
 
@@ -124,6 +160,7 @@ remove_snapd() {
   if installed snapd; then
     systemctl disable --now snapd.service snapd.socket snapd.seeded.service >/dev/null 2>&1 || true
     apt-get "${APT_OPTS[@]}" purge snapd
+    changed "snapd purged"
   fi
   rm -rf /snap /var/snap /var/lib/snapd /var/cache/snapd
   # Keep apt from pulling it back in as a dependency.
@@ -152,11 +189,12 @@ make_swap() {
       chmod 600 /swapfile
       mkswap /swapfile >/dev/null
       swapon /swapfile
-      log "swap file of ${size_mb} MiB on"
+      changed "swap file of ${size_mb} MiB"
     fi
   fi
   if [ -f /swapfile ] && ! grep -qE '^/swapfile[[:space:]]' /etc/fstab; then
     printf '/swapfile none swap sw 0 0\n' >>/etc/fstab
+    changed "/etc/fstab (swap)"
   fi
 }
 
@@ -165,36 +203,81 @@ base_packages() {
   apt_install ca-certificates curl gnupg ufw cron util-linux iproute2 logrotate
 }
 
+docker_works() { command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; }
+
 install_docker() {
-  step "Docker CE"
-  local keyring=/etc/apt/keyrings/docker.asc arch list
+  if [ "$DOCKER_SOURCE" = distro ]; then
+    install_docker_distro
+  else
+    install_docker_ce
+  fi
+  if ! systemctl is-enabled --quiet docker || ! systemctl is-active --quiet docker; then
+    systemctl enable --now docker >/dev/null 2>&1
+    changed "docker service enabled and started"
+  fi
+  docker compose version >/dev/null || die "docker compose plugin not working"
+}
+
+# Docker CE and the compose plugin from Docker's repository for this distribution.
+install_docker_ce() {
+  step "Docker CE (Docker's repository)"
+  local keyring=/etc/apt/keyrings/docker.asc arch list base="https://download.docker.com/linux/${OS_ID}"
   if installed docker-ce && installed docker-compose-plugin; then
     log "Docker CE present: $(docker --version 2>/dev/null || echo unknown)"
-  else
-    # Distribution packages conflict with Docker CE's.
-    local p conflicting=()
-    for p in docker.io docker-doc docker-compose docker-compose-v2 podman-docker containerd runc; do
-      installed "$p" && conflicting+=("$p")
-    done
-    if [ "${#conflicting[@]}" -gt 0 ]; then
-      apt-get "${APT_OPTS[@]}" remove "${conflicting[@]}"
-    fi
-    install -m 0755 -d /etc/apt/keyrings
-    if [ ! -s "$keyring" ]; then
-      curl -fsSL --retry 5 --retry-delay 3 https://download.docker.com/linux/ubuntu/gpg -o "${keyring}.tmp"
-      mv "${keyring}.tmp" "$keyring"
-      chmod a+r "$keyring"
-    fi
-    arch=$(dpkg --print-architecture)
-    list="deb [arch=${arch} signed-by=${keyring}] https://download.docker.com/linux/ubuntu ${CODENAME} stable"
-    if printf '%s\n' "$list" | write_if_changed /etc/apt/sources.list.d/docker.list 0644; then
-      apt_updated=0
-    fi
-    apt_update
-    apt-get "${APT_OPTS[@]}" install docker-ce docker-ce-cli containerd.io docker-buildx-plugin docker-compose-plugin
+    return 0
   fi
-  systemctl enable --now docker >/dev/null 2>&1
-  docker compose version >/dev/null || die "docker compose plugin not working"
+  # Distribution packages conflict with Docker CE's.
+  local p conflicting=()
+  for p in docker.io docker-doc docker-compose docker-compose-v2 docker-buildx podman-docker containerd runc; do
+    installed "$p" && conflicting+=("$p")
+  done
+  if [ "${#conflicting[@]}" -gt 0 ]; then
+    apt-get "${APT_OPTS[@]}" remove "${conflicting[@]}"
+    changed "removed ${conflicting[*]}"
+  fi
+  install -m 0755 -d /etc/apt/keyrings
+  if [ ! -s "$keyring" ]; then
+    curl -fsSL --retry 5 --retry-delay 3 "${base}/gpg" -o "${keyring}.tmp"
+    mv "${keyring}.tmp" "$keyring"
+    chmod a+r "$keyring"
+    changed "$keyring"
+  fi
+  arch=$(dpkg --print-architecture)
+  list="deb [arch=${arch} signed-by=${keyring}] ${base} ${CODENAME} stable"
+  if printf '%s\n' "$list" | write_if_changed /etc/apt/sources.list.d/docker.list 0644; then
+    apt_updated=0
+  fi
+  apt_update
+  apt-get "${APT_OPTS[@]}" install docker-ce docker-ce-cli containerd.io docker-buildx-plugin docker-compose-plugin
+  changed "installed Docker CE"
+}
+
+# docker.io and the compose v2 plugin from the distribution's own mirror (no other host).
+install_docker_distro() {
+  step "Docker (the distribution's packages)"
+  if docker_works; then
+    log "Docker present: $(docker --version 2>/dev/null || echo unknown), compose $(docker compose version --short 2>/dev/null || echo unknown)"
+    return 0
+  fi
+  apt_update
+  # The compose v2 plugin: docker-compose-v2 on Ubuntu, docker-compose 2.x on Debian 13
+  # (Debian 12's docker-compose is the old Python v1, which has no `docker compose`).
+  local compose='' major
+  if [ -n "$(candidate docker-compose-v2)" ]; then
+    compose=docker-compose-v2
+  else
+    major=$(candidate docker-compose | sed 's/^[0-9]*://' | cut -d. -f1)
+    if [ -n "$major" ] && [ "$major" -ge 2 ] 2>/dev/null; then
+      compose=docker-compose
+    else
+      die "${PRETTY_NAME:-this distribution} has no docker compose v2 plugin among its packages; use Docker's repository (the default, without --docker=distro)"
+    fi
+  fi
+  # Debian 13 ships the client apart (docker-cli, only recommended by docker.io).
+  local pkgs=(docker.io "$compose")
+  [ -z "$(candidate docker-cli)" ] || pkgs+=(docker-cli)
+  apt_install "${pkgs[@]}"
+  docker_works || die "docker.io and ${compose} are installed, but 'docker compose' does not work"
 }
 
 SYSCTL_CHANGED=0
@@ -247,22 +330,43 @@ EOF
   fi
 }
 
+# Runs ufw with its arguments and records a change when it reports one.
+ufw_do() {
+  local out
+  out=$(ufw "$@" 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
+  case "$out" in
+    *"Rule added"* | *"Rules updated"* | *"Rule updated"* | *"Rule deleted"* | *"Rules deleted"*) changed "ufw $*" ;;
+  esac
+}
+
 setup_ufw() {
   step "UFW"
-  sed -i 's/^IPV6=.*/IPV6=yes/' /etc/default/ufw
-  ufw default deny incoming >/dev/null
-  ufw default allow outgoing >/dev/null
-  # 22 stays open until sshd is confirmed on the hardened port (step 13), so a failure in
-  # between cannot lock the node out.
-  if ! ss -ltnH "sport = :${SSH_PORT}" | grep -q .; then
-    ufw allow 22/tcp >/dev/null
+  if ! grep -q '^IPV6=yes' /etc/default/ufw; then
+    sed -i 's/^IPV6=.*/IPV6=yes/' /etc/default/ufw
+    changed "/etc/default/ufw IPV6=yes"
   fi
-  ufw allow "${SSH_PORT}/tcp" >/dev/null
+  if ! grep -q '^DEFAULT_INPUT_POLICY="DROP"' /etc/default/ufw; then
+    ufw default deny incoming >/dev/null
+    changed "ufw default deny incoming"
+  fi
+  if ! grep -q '^DEFAULT_OUTPUT_POLICY="ACCEPT"' /etc/default/ufw; then
+    ufw default allow outgoing >/dev/null
+    changed "ufw default allow outgoing"
+  fi
+  # 22 stays open until sshd answers on the hardened port (step 13), so a failure in between
+  # cannot lock the node out.
+  if ! sshd_answers_on "$SSH_PORT"; then
+    ufw_do allow 22/tcp
+  fi
+  ufw_do allow "${SSH_PORT}/tcp"
   local p
   for p in "${K2S_PORTS[@]}"; do
-    ufw allow "$p" >/dev/null
+    ufw_do allow "$p"
   done
-  ufw --force enable >/dev/null
+  if ! ufw status | grep -q '^Status: active'; then
+    ufw --force enable >/dev/null
+    changed "ufw enabled"
+  fi
 }
 
 setup_ufw_docker() {
@@ -335,14 +439,23 @@ EOF
   for p in "${K2S_PORTS[@]}"; do
     port=${p%/*}
     proto=${p#*/}
-    ufw route allow proto "$proto" from any to any port "$port" >/dev/null
+    ufw_do route allow proto "$proto" from any to any port "$port"
   done
   if [ "$changed" = 1 ]; then
+    changed "ufw-docker rules in /etc/ufw/after*.rules"
     ufw reload >/dev/null
   fi
 }
 
 sshd_listens_on() { ss -ltnH "sport = :$1" | grep -q .; }
+
+# Whether an SSH server answers on 127.0.0.1:$1: its banner read back, not just a socket.
+sshd_answers_on() {
+  local line
+  # shellcheck disable=SC2016 # $1 and $l belong to the inner shell.
+  line=$(timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && IFS= read -r -t 4 l <&3 && printf "%s" "$l"' pnp-probe "$1" 2>/dev/null || true)
+  case "$line" in SSH-2.0-*) return 0 ;; *) return 1 ;; esac
+}
 
 SSHD_BACKUP=
 # Puts the previous sshd configuration back and restarts sshd on it, so a failed hardening
@@ -391,7 +504,7 @@ EOF
     restore_sshd
     die "sshd rejected the hardened configuration; restored the previous one"
   fi
-  if [ "$changed" = 0 ] && sshd_listens_on "$SSH_PORT"; then
+  if [ "$changed" = 0 ] && sshd_answers_on "$SSH_PORT"; then
     log "sshd already on ${SSH_PORT}"
   else
     # Ubuntu 22.10+ starts sshd from ssh.socket, which pins port 22; use the service
@@ -402,25 +515,29 @@ EOF
       systemctl daemon-reload
     fi
     systemctl enable ssh.service >/dev/null 2>&1 || true
+    changed "sshd moved to ${SSH_PORT}"
     if ! systemctl restart ssh.service; then
       restore_sshd
       die "sshd did not restart on the hardened configuration; restored the previous one"
     fi
     local i
-    for i in $(seq 1 20); do
-      sshd_listens_on "$SSH_PORT" && break
-      if [ "$i" = 20 ]; then
+    for i in $(seq 1 40); do
+      sshd_answers_on "$SSH_PORT" && break
+      if [ "$i" = 40 ]; then
         restore_sshd
-        die "sshd does not listen on ${SSH_PORT}; restored the previous configuration, port 22 left open"
+        die "sshd does not answer on ${SSH_PORT}; restored the previous configuration, port 22 left open"
       fi
       sleep 0.5
     done
-    log "sshd listens on ${SSH_PORT}"
+    log "sshd answers on ${SSH_PORT}"
   fi
   rm -f "$SSHD_BACKUP"
   SSHD_BACKUP=
-  # Only now is it safe to close 22.
-  ufw delete allow 22/tcp >/dev/null 2>&1 || true
+  # Only now, with sshd answering on the hardened port, is it safe to close 22.
+  sshd_answers_on "$SSH_PORT" || die "sshd does not answer on ${SSH_PORT}; port 22 left open"
+  if ufw status | grep -qE '^22/tcp[[:space:]]'; then
+    ufw_do delete allow 22/tcp
+  fi
 }
 
 journald_and_crash_monitor() {
@@ -434,6 +551,10 @@ EOF
     systemd-tmpfiles --create --prefix /var/log/journal >/dev/null 2>&1 || true
     systemctl restart systemd-journald
   fi
+  if ! systemctl is-enabled --quiet cron 2>/dev/null || ! systemctl is-active --quiet cron 2>/dev/null; then
+    systemctl enable --now cron >/dev/null 2>&1 || true
+    changed "cron enabled and started"
+  fi
   # cron.d file names must not contain dots. The script arrives with the stack (step 6).
   write_if_changed /etc/cron.d/k2s-crash-monitor 0644 <<EOF || true
 # Pnp: watch the k2s stack every 5 minutes (provision-node.sh).
@@ -441,7 +562,6 @@ SHELL=/bin/bash
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 */5 * * * * root [ -f ${DEPLOY_DIR}/k2s-crash-monitor.sh ] && /bin/bash ${DEPLOY_DIR}/k2s-crash-monitor.sh >/dev/null 2>&1
 EOF
-  systemctl enable --now cron >/dev/null 2>&1 || true
 }
 
 auto_update_cron() {
@@ -461,12 +581,28 @@ EOF
 
 deploy_dir() {
   step "deploy dir ${DEPLOY_DIR}"
+  if [ ! -d "$DEPLOY_DIR" ]; then
+    changed "$DEPLOY_DIR"
+  fi
   install -d -m 0755 -o root -g root "$DEPLOY_DIR"
+}
+
+usage() {
+  printf 'usage: provision-node.sh [--docker=docker|distro]\n' >&2
+  exit 2
 }
 
 main() {
   # The script itself arrives on stdin (`bash -s`): nothing below may read from it.
   exec </dev/null
+  local a
+  for a in "$@"; do
+    case "$a" in
+      --docker=*) DOCKER_SOURCE=${a#--docker=} ;;
+      -h | --help) usage ;;
+      *) warn "unknown argument: $a"; usage ;;
+    esac
+  done
   preflight
   # A second run (say, from a deployer restarted mid-prep) waits for the first one.
   exec 8>/run/provision-node.lock
@@ -487,6 +623,11 @@ main() {
   auto_update_cron
   deploy_dir
   log "done: SSH on ${SSH_PORT}, Docker $(docker --version 2>/dev/null | awk '{print $3}' | tr -d ,), deploy dir ${DEPLOY_DIR}"
+  if [ "${#CHANGES[@]}" -eq 0 ]; then
+    log "nothing changed (already provisioned)"
+  else
+    log "${#CHANGES[@]} change(s) made"
+  fi
 }
 
 main "$@"
