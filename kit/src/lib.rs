@@ -8,6 +8,7 @@
 pub mod app;
 pub mod bus;
 pub mod center;
+pub mod cloud;
 pub mod config;
 pub mod ops;
 pub mod seal;

@@ -35,6 +35,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("pn_handler_retries_total", "Handler runs that asked for a retry, by stage."),
     ("pn_handler_seconds", "Time a handler ran on one message, by stage."),
     ("pn_handler_terminated_total", "Messages a report-only consumer terminated without failing the operation, by stage."),
+    ("pn_instance_checks_total", "Checks of an event's instance with the provider before a secret moves or a node's identity changes, by service and result."),
     ("pn_lease_not_extended_total", "Lease renewals Center answered without extending the lease."),
     ("pn_meter_billed_bytes_total", "Bytes billed to nodes' ledgers."),
     ("pn_meter_reports_total", "Usage reports received, by outcome."),

@@ -10,7 +10,6 @@
 //! recorded and the message parked.
 
 mod http;
-pub mod provider;
 mod reaper;
 mod record;
 mod stage;
@@ -27,7 +26,7 @@ use proto::{Stage, subjects};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
-use provider::Provider;
+use kit::cloud::Provider;
 pub use record::CloudRecord;
 
 /// The `svc-cloud` process: settings from `PN_*`, logging, then the service until SIGTERM/Ctrl-C.
@@ -67,7 +66,7 @@ pub struct Settings {
     /// How often a kept, uncertain reap (`GET /v1/reap/pending`) is checked again; it is
     /// deleted by itself once the checks prove it.
     pub reap_recheck_ms: u64,
-    pub hetzner: provider::hetzner::HetznerSettings,
+    pub hetzner: kit::cloud::hetzner::HetznerSettings,
 }
 
 impl Default for Settings {
@@ -174,11 +173,7 @@ impl App {
         // The operator's reap routes live on the ops listener, which starts before the state.
         let cell: Arc<OnceLock<Arc<Ctx>>> = Arc::new(OnceLock::new());
         let rt = Runtime::start_with(SERVICE, &settings.common, http::router(cell.clone())).await?;
-        let provider: Arc<dyn Provider> = match settings.provider.as_str() {
-            "center" => Arc::new(provider::center::CenterProvider::new(rt.center.clone(), settings.account.clone())),
-            "hetzner" => Arc::new(provider::hetzner::Hetzner::new(&settings.hetzner)?),
-            other => anyhow::bail!("PN_PROVIDER: unknown provider {other:?} (center | hetzner)"),
-        };
+        let provider: Arc<dyn Provider> = kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, rt.center.clone(), false)?;
         let ops: Table<CloudRecord> = rt.store.table("ops")?;
         let mut reaps: BTreeMap<i64, Vec<String>> = BTreeMap::new();
         let mut pending = BTreeMap::new();

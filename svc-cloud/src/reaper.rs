@@ -28,7 +28,7 @@ use proto::{Body, subjects};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::provider::{ProviderError, Vps};
+use kit::cloud::{ProviderError, Vps};
 use crate::record::{PendingReap, ReapDecision};
 use crate::{CloudRecord, Ctx};
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use kit::bus::{HandleError, Handler, Incoming, Meta};
 use proto::{Body, InstanceReady, OpFailed, Operation, Stage, subjects};
 
-use crate::provider::{ProviderError, Vps};
+use kit::cloud::{ProviderError, Vps};
 use crate::record::{BootWait, InstanceInfo};
 use crate::{CloudRecord, Ctx};
 

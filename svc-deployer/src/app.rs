@@ -44,7 +44,9 @@ impl App {
         let runtime = Runtime::start(SERVICE, &settings.common).await?;
         let table = runtime.store.table::<DeployRecord>(TABLE).context("open the deploy table")?;
         let max_parked = settings.common.max_parked;
-        let deployer = Arc::new(Deployer::new(settings, keys, seal, stack, table, runtime.bus.clone()));
+        // Read only: the deployer asks the provider to confirm each event's instance.
+        let provider = kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, runtime.center.clone(), true)?;
+        let deployer = Arc::new(Deployer::new(settings, provider, keys, seal, stack, table, runtime.bus.clone()));
 
         // Operations whose node is still in its OS prep wait parked (no session, no slot).
         let cfg = runtime.loop_config(Stage::Deploy).with_parking(max_parked);

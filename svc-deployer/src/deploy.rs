@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kit::bus::{Bus, HandleError, Meta};
+use kit::cloud::{Claim, Confirmation, Provider};
 use kit::seal::SealKey;
 use kit::ssh::AdminKeys;
 use kit::state::{StateError, Table};
@@ -22,7 +23,7 @@ use tracing::Instrument;
 
 use crate::node_env::{EnvInputs, NodeEnv, node_name};
 use crate::prep::{self, PrepStatus};
-use crate::record::{DeployRecord, Deployed};
+use crate::record::{Confirmed, DeployRecord, Deployed};
 use crate::remote::{Commands, Remote, RemoteError};
 use crate::scrub::Scrubber;
 use crate::settings::Settings;
@@ -36,6 +37,9 @@ pub enum DeployError {
     NoKey(String),
     #[error("bad input: {0}")]
     BadInput(String),
+    /// The provider contradicts the event: nothing is sent, no connection made.
+    #[error("the provider does not confirm the instance: {0}; nothing sent")]
+    NotConfirmed(String),
     #[error("host key changed — possible man-in-the-middle; refusing to deploy: {0}")]
     HostKeyChanged(String),
     #[error("the admin key was refused by the node: {0}")]
@@ -91,6 +95,8 @@ impl OpLocks {
 /// The deploy stage's shared state.
 pub struct Deployer {
     settings: Settings,
+    /// The cloud, asked before any secret moves (`confirm`).
+    provider: Arc<dyn Provider>,
     keys: AdminKeys,
     seal: SealKey,
     stack: Stack,
@@ -116,12 +122,21 @@ fn state_retry(e: StateError) -> HandleError {
 }
 
 impl Deployer {
-    pub fn new(settings: Settings, keys: AdminKeys, seal: SealKey, stack: Stack, table: Table<DeployRecord>, bus: Bus) -> Deployer {
+    pub fn new(
+        settings: Settings,
+        provider: Arc<dyn Provider>,
+        keys: AdminKeys,
+        seal: SealKey,
+        stack: Stack,
+        table: Table<DeployRecord>,
+        bus: Bus,
+    ) -> Deployer {
         let cmds = Commands::new(&settings.sudo, settings.deploy_dir());
         let prep_start = prep::start_script(&settings.ssh.prep_state_dir, &stack.prep_script);
         let prep_status = prep::status_script(&settings.ssh.prep_state_dir);
         Deployer {
             settings,
+            provider,
             keys,
             seal,
             stack,
@@ -135,9 +150,19 @@ impl Deployer {
         }
     }
 
-    /// `pn.op.instance.<op>`: record the input, then deploy — or, when this input's outcome
-    /// is already recorded (a second delivery), publish it again without touching the node.
-    pub async fn on_instance(&self, op_id: &str, ir: InstanceReady) -> Result<(), HandleError> {
+    /// `pn.op.instance.<op>`: check the input against the record and the world, record it,
+    /// then deploy — or, when this input's outcome is already recorded (a second delivery),
+    /// publish it again without touching the node.
+    ///
+    /// An event is a hint, not an order: before it may steer the deploy (and before a pinned
+    /// host key is dropped for a new instance) the provider must confirm its instance — the id,
+    /// the name `pn-<subId>`, one of our accounts, the event's IPv4. An event the provider (or
+    /// the record: another subscription) contradicts fails the operation with the reason when
+    /// nothing was confirmed for it yet; once an instance is confirmed, such an event is dropped
+    /// (logged, counted) and the confirmed deploy goes on. Either way nothing is sent and no
+    /// connection is made to the event's address. `delivered` counts this message's deliveries:
+    /// a provider that does not answer is asked again, up to `PN_MAX_DELIVER` times.
+    pub async fn on_instance(&self, op_id: &str, ir: InstanceReady, delivered: i64) -> Result<(), HandleError> {
         let op = ir.op.clone().unwrap_or_default();
         let instance_id = ir.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default();
         if op.operation_id != op_id {
@@ -147,23 +172,118 @@ impl Deployer {
             });
         }
         let _guard = self.locks.lock(op_id).await;
-        let rec = match self.table.get(op_id).map_err(state_retry)? {
-            Some(rec) => {
-                if let Some(d) = rec.deployed_for(&op, &instance_id) {
-                    tracing::info!(op = op_id, "outcome already recorded; publishing it again");
-                    let input = rec.input().unwrap_or(ir);
-                    return self.publish(&input, d).await.map_err(|e| self.handle_error(&input, op_id, e));
+        let existing = self.table.get(op_id).map_err(state_retry)?;
+        if let Some(rec) = &existing
+            && let Some(d) = rec.deployed_for(&op, &instance_id)
+            && rec.confirms(&ir)
+        {
+            tracing::info!(op = op_id, "outcome already recorded; publishing it again");
+            let input = rec.input().unwrap_or(ir);
+            return self.publish(&input, d).await.map_err(|e| self.handle_error(&input, op_id, e));
+        }
+        // What the deploy works from must be backed by the record and the world.
+        let confirmed = existing.as_ref().and_then(|r| r.confirmed.clone());
+        let refuse = |e: DeployError| -> HandleError {
+            match &confirmed {
+                Some(c) => {
+                    metrics::counter!("pn_instance_checks_total", "service" => "svc-deployer", "result" => "dropped").increment(1);
+                    tracing::warn!(op = op_id, confirmed_instance = %c.instance_id, why = %e, "pn.op.instance not backed by the record or the provider; dropped, the confirmed deploy goes on");
+                    HandleError::Drop(format!("pn.op.instance not backed ({e}); the operation's confirmed instance {} stays", c.instance_id))
                 }
-                let mut rec = rec;
-                if op.claim_attempt >= rec.claim_attempt || rec.input().is_none() {
-                    rec.set_input(&ir);
-                }
-                rec
+                None => self.handle_error(&ir, op_id, e),
             }
-            None => DeployRecord::new(&ir),
         };
+        if let Err(e) = self.local_checks(&ir) {
+            return Err(refuse(e));
+        }
+        if let Some(sub) = existing.as_ref().and_then(DeployRecord::sub_id)
+            && sub != op.sub_id
+        {
+            return Err(refuse(DeployError::NotConfirmed(format!(
+                "the event names subscription {:?}, the operation is for {sub:?}",
+                clip(&op.sub_id)
+            ))));
+        }
+        let mut stamp = None;
+        if !existing.as_ref().is_some_and(|r| r.confirms(&ir)) {
+            match self.confirm(&ir).await {
+                Ok(c) => stamp = Some(c),
+                Err(e @ DeployError::NotConfirmed(_)) => return Err(refuse(e)),
+                Err(e) if delivered >= self.settings.common.max_deliver.max(1) => {
+                    let e = DeployError::StepFailed(format!("gave up after {delivered} attempts: {e}"));
+                    return Err(self.handle_error(&ir, op_id, e));
+                }
+                Err(e) => return Err(self.handle_error(&ir, op_id, e)),
+            }
+        }
+        let mut rec = existing.unwrap_or_default();
+        if op.claim_attempt >= rec.claim_attempt || rec.input().is_none() {
+            // Only now (the provider confirmed this instance) may a new instance drop the pin.
+            rec.set_input(&ir);
+            if let Some(c) = stamp {
+                rec.confirmed = Some(c);
+            }
+        }
         self.table.put(op_id, &rec).await.map_err(state_retry)?;
+        if let Some(d) = rec.deployed_for(&op, &instance_id)
+            && rec.confirms(&ir)
+        {
+            tracing::info!(op = op_id, "outcome already recorded; publishing it again");
+            let input = rec.input().unwrap_or(ir);
+            return self.publish(&input, d).await.map_err(|e| self.handle_error(&input, op_id, e));
+        }
         self.deploy(op_id, rec).await
+    }
+
+    /// What can be checked without asking anyone: an instance, an IPv4, a plain account with
+    /// an admin key. Nothing is connected to here.
+    fn local_checks(&self, ir: &InstanceReady) -> Result<Ipv4Addr, DeployError> {
+        let inst = ir.instance.clone().unwrap_or_default();
+        if inst.instance_id.is_empty() {
+            return Err(DeployError::BadInput("InstanceReady carries no instance".into()));
+        }
+        let host: Ipv4Addr = inst
+            .ipv4
+            .trim()
+            .parse()
+            .map_err(|_| DeployError::BadInput(format!("instance {} has no valid IPv4 address", clip(&inst.instance_id))))?;
+        if inst.account.is_empty() || inst.account != clip(&inst.account) {
+            return Err(DeployError::BadInput("the instance names no plain cloud account; no admin key can be chosen".into()));
+        }
+        self.keys.load(&inst.account).map_err(DeployError::NoKey)?;
+        Ok(host)
+    }
+
+    /// Check the world before a secret moves: the provider must show the input's instance
+    /// with this id, the name `pn-<subId>`, one of our accounts (the event's) and the event's
+    /// IPv4. `NotConfirmed` when it contradicts the event, `Transient` when it did not answer.
+    async fn confirm(&self, ir: &InstanceReady) -> Result<Confirmed, DeployError> {
+        let mut facts = Confirmed::facts(ir);
+        let named = ir.instance.as_ref().map(|i| i.name.as_str()).unwrap_or_default();
+        if !named.is_empty() && named != facts.name {
+            metrics::counter!("pn_instance_checks_total", "service" => "svc-deployer", "result" => "mismatch").increment(1);
+            return Err(DeployError::NotConfirmed(format!("the event names the instance {:?}, the operation's is {:?}", clip(named), facts.name)));
+        }
+        let claim = Claim { instance_id: &facts.instance_id, name: &facts.name, ipv4: &facts.ipv4, account: &facts.account };
+        let verdict = kit::cloud::confirm_instance(self.provider.as_ref(), &claim).await;
+        let result = match &verdict {
+            Confirmation::Confirmed(_) => "confirmed",
+            Confirmation::Mismatch(_) => "mismatch",
+            Confirmation::Unanswered(_) => "unanswered",
+        };
+        metrics::counter!("pn_instance_checks_total", "service" => "svc-deployer", "result" => result).increment(1);
+        match verdict {
+            Confirmation::Confirmed(_) => {
+                facts.at_ms = kit::now_ms();
+                tracing::info!(instance = %facts.instance_id, ipv4 = %facts.ipv4, provider = self.provider.name(), "instance confirmed by the provider");
+                Ok(facts)
+            }
+            Confirmation::Mismatch(why) => {
+                tracing::warn!(instance = %clip(&facts.instance_id), ipv4 = %clip(&facts.ipv4), %why, "the provider does not confirm the event's instance; nothing sent");
+                Err(DeployError::NotConfirmed(why))
+            }
+            Confirmation::Unanswered(why) => Err(DeployError::Transient(format!("cannot confirm the instance with the provider yet: {why}"))),
+        }
     }
 
     /// `pn.replay.deploy`: run every step again from the record (the prep only if it never
@@ -262,16 +382,13 @@ impl Deployer {
     async fn steps(&self, op_id: &str, input: &InstanceReady, rec: &mut DeployRecord) -> Result<Deployed, DeployError> {
         let op = input.op.clone().unwrap_or_default();
         let inst = input.instance.clone().unwrap_or_default();
-        if inst.instance_id.is_empty() {
-            return Err(DeployError::BadInput("InstanceReady carries no instance".into()));
-        }
-        let host: Ipv4Addr = inst
-            .ipv4
-            .trim()
-            .parse()
-            .map_err(|_| DeployError::BadInput(format!("instance {} has no valid IPv4 address", clip(&inst.instance_id))))?;
-        if inst.account.is_empty() || inst.account != clip(&inst.account) {
-            return Err(DeployError::BadInput("the instance names no plain cloud account; no admin key can be chosen".into()));
+        let host = self.local_checks(input)?;
+        // Nothing is unsealed, connected or sent before the provider has confirmed exactly
+        // this instance and address (a replay, or a record from before this check, asks now).
+        if !rec.confirms(input) {
+            let c = self.confirm(input).await?;
+            rec.confirmed = Some(c);
+            self.save(op_id, rec).await?;
         }
         let key = self.keys.load(&inst.account).map_err(DeployError::NoKey)?;
         let claim = self.claim_token(&op)?;

@@ -23,8 +23,13 @@ pub struct DeployRecord {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub input_hex: String,
     pub claim_attempt: u32,
-    /// The instance the host key and the prep belong to; a new instance resets both.
+    /// The instance the host key and the prep belong to; a new instance resets both, and only
+    /// once the provider confirmed it (`confirmed`).
     pub instance_id: String,
+    /// What the provider last confirmed about the input's instance (id, name, account, IPv4):
+    /// an input is worked on, and a pinned key dropped for it, only when this matches it.
+    #[serde(default)]
+    pub confirmed: Option<Confirmed>,
     /// TOFU: the first host key seen (OpenSSH public line).
     pub host_key: Option<String>,
     /// `provision-node.sh` finished with exit 0 on this instance.
@@ -62,6 +67,37 @@ pub struct Deployed {
     pub ssh_port: u16,
 }
 
+/// An instance as the provider confirmed it for this operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Confirmed {
+    pub instance_id: String,
+    /// `pn-<subId>`.
+    pub name: String,
+    pub account: String,
+    pub ipv4: String,
+    pub at_ms: i64,
+}
+
+impl Confirmed {
+    /// The facts `input` states, to be confirmed (`at_ms` 0).
+    pub fn facts(input: &InstanceReady) -> Confirmed {
+        let op = input.op.clone().unwrap_or_default();
+        let inst = input.instance.clone().unwrap_or_default();
+        Confirmed {
+            instance_id: inst.instance_id,
+            name: crate::node_env::node_name(&op.sub_id),
+            account: inst.account,
+            ipv4: inst.ipv4.trim().to_string(),
+            at_ms: 0,
+        }
+    }
+
+    /// The same instance, name, account and address (whenever confirmed).
+    pub fn same(&self, other: &Confirmed) -> bool {
+        (&self.instance_id, &self.name, &self.account, &self.ipv4) == (&other.instance_id, &other.name, &other.account, &other.ipv4)
+    }
+}
+
 impl kit::state::Record for DeployRecord {
     const VERSION: u32 = 1;
 }
@@ -95,6 +131,16 @@ impl DeployRecord {
         self.claim_attempt = input.op.as_ref().map(|o| o.claim_attempt).unwrap_or(0);
         self.input = input.encode_to_vec();
         self.input_hex.clear();
+    }
+
+    /// The provider confirmed exactly what `input` states.
+    pub fn confirms(&self, input: &InstanceReady) -> bool {
+        self.confirmed.as_ref().is_some_and(|c| c.same(&Confirmed::facts(input)))
+    }
+
+    /// The subscription this operation is for, as first recorded (empty before any input).
+    pub fn sub_id(&self) -> Option<String> {
+        self.input().and_then(|i| i.op).map(|o| o.sub_id).filter(|s| !s.is_empty())
     }
 
     /// The outcome is recorded for this input (same instance, same or newer claim).

@@ -37,6 +37,16 @@ pub struct Settings {
     pub sudo: String,
     /// A file to send instead of the embedded `provision-node.sh` (`PN_PREP_SCRIPT`).
     pub prep_script: Option<PathBuf>,
+    /// The cloud the instances live in (`PN_PROVIDER`: `center` | `hetzner`, as svc-cloud's):
+    /// before any secret moves, the deployer asks it to confirm the event's instance (id,
+    /// name `pn-<subId>`, our account, the event's IPv4). Reads only (`get`).
+    pub provider: String,
+    /// The `center` provider's cloud account (`PN_ACCOUNT`, as svc-cloud's); empty: any
+    /// account Center lists (the event's account must still be the instance's).
+    pub account: String,
+    /// The `hetzner` provider's API (`PN_HETZNER__API_URL`, `PN_HETZNER__TOKEN` — a read-only
+    /// token is enough here).
+    pub hetzner: kit::cloud::hetzner::HetznerSettings,
 }
 
 impl Default for Settings {
@@ -48,6 +58,9 @@ impl Default for Settings {
             k2_version: DEFAULT_K2_VERSION.into(),
             sudo: "sudo".into(),
             prep_script: None,
+            provider: "center".into(),
+            account: String::new(),
+            hetzner: Default::default(),
         }
     }
 }
@@ -193,6 +206,9 @@ impl Settings {
         }
         if self.sudo.bytes().any(|b| b.is_ascii_control()) {
             return Err(SettingsError("sudo must be one line".into()));
+        }
+        if !matches!(self.provider.as_str(), "center" | "hetzner") {
+            return Err(SettingsError(format!("provider must be center or hetzner, not {:?}", self.provider.chars().take(40).collect::<String>())));
         }
         self.ssh.admin_key_paths()?;
         Ok(())

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kit::center::{Center, CloudInstance, CreateInstance};
+use crate::center::{Center, CloudInstance, CreateInstance};
 
 use super::{Choice, Provider, ProviderError, Vps, cheapest_covering, newest_ubuntu};
 
@@ -100,10 +100,14 @@ impl Provider for CenterProvider {
     async fn delete(&self, id: &str) -> Result<(), ProviderError> {
         self.center.delete_cloud_instance(id).await.map_err(not_found)
     }
+
+    fn owns_account(&self, account: &str) -> bool {
+        !account.is_empty() && (self.account.is_empty() || self.account == account)
+    }
 }
 
 /// Center answers an unknown or deleted instance with 404, which `kit::center` files under
 /// `Conflict` (with 409/410); for one instance by id it means "not there".
-fn not_found(e: kit::center::CenterError) -> ProviderError {
+fn not_found(e: crate::center::CenterError) -> ProviderError {
     if e.is_conflict() { ProviderError::NotFound(e.to_string()) } else { e.into() }
 }

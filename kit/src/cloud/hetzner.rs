@@ -1,6 +1,10 @@
 //! The `hetzner` provider: the Hetzner Cloud API (`/v1/servers`, `/v1/server_types`,
-//! `/v1/images`) with a bearer token. The server gets cloud-init user-data that installs only
-//! the admin *public* key (seed 001 §3.a) — never a private key, never a password.
+//! `/v1/images`, `/v1/ssh_keys`) with a bearer token. A server is created with the account's
+//! admin SSH key registered (`ssh_keys` in the create call: the key is found among the
+//! project's keys by its material, or registered once under `admin_key_name`), so Hetzner
+//! sets no root password and mails none (seed 001 §3.a); the cloud-init user-data installs the
+//! same *public* key for the login user and turns password logins off — never a private key,
+//! never a password.
 
 use std::time::Duration;
 
@@ -15,15 +19,27 @@ use super::{Choice, Provider, ProviderError, Vps, cheapest_covering, newest_ubun
 #[serde(default)]
 pub struct HetznerSettings {
     pub api_url: String,
+    /// `PN_HETZNER__TOKEN`. svc-cloud needs a read & write token; svc-deployer and svc-meter
+    /// only read (`GET /servers/<id>`), so give them a read-only token.
     pub token: Option<SecretString>,
-    /// The admin public key (`ssh-ed25519 …`) cloud-init installs.
+    /// The admin public key (`ssh-ed25519 …`): registered at Hetzner for new servers and
+    /// installed by cloud-init. Needed by svc-cloud only.
     pub admin_public_key: String,
+    /// The name the admin key is registered under when the project does not hold it yet
+    /// (`PN_HETZNER__ADMIN_KEY_NAME`). A key already registered (under any name) is reused.
+    pub admin_key_name: String,
     pub timeout_ms: u64,
 }
 
 impl Default for HetznerSettings {
     fn default() -> Self {
-        HetznerSettings { api_url: "https://api.hetzner.cloud/v1".into(), token: None, admin_public_key: String::new(), timeout_ms: 15_000 }
+        HetznerSettings {
+            api_url: "https://api.hetzner.cloud/v1".into(),
+            token: None,
+            admin_public_key: String::new(),
+            admin_key_name: "pnp-admin".into(),
+            timeout_ms: 15_000,
+        }
     }
 }
 
@@ -31,22 +47,110 @@ pub struct Hetzner {
     http: reqwest::Client,
     base: String,
     token: SecretString,
+    /// The admin public key line; empty for a reader (which cannot create).
+    public_key: String,
+    key_name: String,
     user_data: String,
+    /// The id of the admin key at Hetzner, once found or registered.
+    key_id: tokio::sync::Mutex<Option<u64>>,
+}
+
+/// The part of an OpenSSH public key line that identifies the key: type and base64 blob
+/// (the comment is free text and may differ between copies of one key).
+pub fn key_material(line: &str) -> String {
+    line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
 impl Hetzner {
+    /// A provider that can create servers: needs the token and the admin public key.
     pub fn new(s: &HetznerSettings) -> Result<Hetzner, ProviderError> {
-        kit::init_crypto();
+        if s.admin_public_key.trim().is_empty() {
+            return Err(ProviderError::Permanent("PN_HETZNER__ADMIN_PUBLIC_KEY must be an OpenSSH public key line".into()));
+        }
+        Hetzner::reader(s)
+    }
+
+    /// A provider for `get`/`find_by_name` only (svc-deployer, svc-meter): the admin public
+    /// key may be absent (then `create` refuses), but if given it must be a public key.
+    pub fn reader(s: &HetznerSettings) -> Result<Hetzner, ProviderError> {
+        crate::init_crypto();
         let token = s.token.clone().ok_or_else(|| ProviderError::Permanent("PN_HETZNER__TOKEN is missing".into()))?;
         let key = s.admin_public_key.trim();
-        if !(key.starts_with("ssh-") || key.starts_with("ecdsa-")) || key.contains("PRIVATE") {
+        if !key.is_empty() && (!(key.starts_with("ssh-") || key.starts_with("ecdsa-")) || key.contains("PRIVATE") || key.split_whitespace().count() < 2 || key.contains('\n')) {
             return Err(ProviderError::Permanent("PN_HETZNER__ADMIN_PUBLIC_KEY must be an OpenSSH public key line".into()));
+        }
+        let name = s.admin_key_name.trim();
+        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+            return Err(ProviderError::Permanent("PN_HETZNER__ADMIN_KEY_NAME must be a short, non-empty name".into()));
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(s.timeout_ms))
             .build()
             .map_err(|e| ProviderError::Permanent(e.to_string()))?;
-        Ok(Hetzner { http, base: s.api_url.trim_end_matches('/').to_string(), token, user_data: cloud_init(key) })
+        Ok(Hetzner {
+            http,
+            base: s.api_url.trim_end_matches('/').to_string(),
+            token,
+            public_key: key.to_string(),
+            key_name: name.to_string(),
+            user_data: if key.is_empty() { String::new() } else { cloud_init(key) },
+            key_id: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The admin key's id at Hetzner: found among the project's keys by its material, else
+    /// registered once (`POST /ssh_keys`). Remembered for the life of the process.
+    async fn admin_key_id(&self) -> Result<u64, ProviderError> {
+        #[derive(Deserialize)]
+        struct Key {
+            id: u64,
+            #[serde(default)]
+            public_key: String,
+        }
+        #[derive(Deserialize)]
+        struct Keys {
+            ssh_keys: Vec<Key>,
+            #[serde(default)]
+            meta: Option<Meta>,
+        }
+        #[derive(Deserialize)]
+        struct Meta {
+            pagination: Pagination,
+        }
+        #[derive(Deserialize)]
+        struct Pagination {
+            #[serde(default)]
+            next_page: Option<u32>,
+        }
+        #[derive(Deserialize)]
+        struct Created {
+            ssh_key: Key,
+        }
+        let mut cached = self.key_id.lock().await;
+        if let Some(id) = *cached {
+            return Ok(id);
+        }
+        let ours = key_material(&self.public_key);
+        let mut page = 1u32;
+        loop {
+            let l: Keys = self.req(reqwest::Method::GET, &format!("/ssh_keys?per_page=50&page={page}"), None).await?;
+            if let Some(k) = l.ssh_keys.iter().find(|k| key_material(&k.public_key) == ours) {
+                *cached = Some(k.id);
+                return Ok(k.id);
+            }
+            match l.meta.and_then(|m| m.pagination.next_page) {
+                Some(next) if next > page && page < 100 => page = next,
+                _ => break,
+            }
+        }
+        let body = json!({"name": self.key_name, "public_key": self.public_key, "labels": {"managed-by": "pnp"}});
+        let c: Created = self.req(reqwest::Method::POST, "/ssh_keys", Some(body)).await.map_err(|e| match e {
+            ProviderError::Permanent(m) => ProviderError::Permanent(format!("registering the admin SSH key as {:?} (PN_HETZNER__ADMIN_KEY_NAME): {m}", self.key_name)),
+            other => other,
+        })?;
+        tracing::info!(key_id = c.ssh_key.id, name = %self.key_name, "admin SSH key registered at Hetzner");
+        *cached = Some(c.ssh_key.id);
+        Ok(c.ssh_key.id)
     }
 
     async fn req<T: for<'de> Deserialize<'de>>(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> Result<T, ProviderError> {
@@ -228,16 +332,27 @@ impl Provider for Hetzner {
         struct Created {
             server: Server,
         }
+        if self.public_key.is_empty() {
+            return Err(ProviderError::Permanent("no admin public key (PN_HETZNER__ADMIN_PUBLIC_KEY): cannot create a server".into()));
+        }
+        // With a key registered Hetzner sets no root password (and mails none).
+        let key_id = self.admin_key_id().await?;
         let body = json!({
             "name": name,
             "server_type": c.plan,
             "location": c.region,
             "image": c.image,
+            "ssh_keys": [key_id],
             "user_data": self.user_data,
             "start_after_create": true,
             "labels": {"managed-by": "pnp"},
         });
-        let r: Created = self.req(reqwest::Method::POST, "/servers", Some(body)).await?;
+        let r: Created = self.req(reqwest::Method::POST, "/servers", Some(body)).await.inspect_err(|_| {
+            // The key may have been deleted at Hetzner since: look it up again next time.
+            if let Ok(mut k) = self.key_id.try_lock() {
+                *k = None;
+            }
+        })?;
         Ok(r.server.into())
     }
 
@@ -253,6 +368,11 @@ impl Provider for Hetzner {
     async fn delete(&self, id: &str) -> Result<(), ProviderError> {
         let _: serde_json::Value = self.req(reqwest::Method::DELETE, &format!("/servers/{}", urlencode(id)), None).await?;
         Ok(())
+    }
+
+    /// The token is the project: every server it shows is ours.
+    fn owns_account(&self, account: &str) -> bool {
+        account == "hetzner"
     }
 }
 

@@ -1,8 +1,14 @@
-//! Providers behind one trait, chosen by configuration: `center` (Center's brokered cloud
-//! tools, the runbook's path) and `hetzner` (the Hetzner Cloud API directly).
+//! Providers behind one trait, chosen by configuration (`PN_PROVIDER`): `center` (Center's
+//! brokered cloud tools, the runbook's path) and `hetzner` (the Hetzner Cloud API directly).
+//! svc-cloud creates, probes and deletes through it; svc-deployer and svc-meter only read
+//! (`get`), to check an event against the world before they act on it (`confirm_instance`).
 
 pub mod center;
 pub mod hetzner;
+
+use std::sync::Arc;
+
+use crate::center::Center;
 
 /// A VPS as a provider reports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,8 +59,8 @@ pub enum ProviderError {
     NotFound(String),
 }
 
-impl From<kit::center::CenterError> for ProviderError {
-    fn from(e: kit::center::CenterError) -> Self {
+impl From<crate::center::CenterError> for ProviderError {
+    fn from(e: crate::center::CenterError) -> Self {
         if e.is_transient() { ProviderError::Transient(e.to_string()) } else { ProviderError::Permanent(e.to_string()) }
     }
 }
@@ -72,6 +78,83 @@ pub trait Provider: Send + Sync {
     async fn get(&self, id: &str) -> Result<Vps, ProviderError>;
     /// Deletes one instance; `NotFound` when it is already gone.
     async fn delete(&self, id: &str) -> Result<(), ProviderError>;
+    /// Whether an instance the provider shows under `account` is in an account this service
+    /// works with (the configured one, when one is configured).
+    fn owns_account(&self, account: &str) -> bool {
+        !account.is_empty()
+    }
+}
+
+/// Builds the provider `kind` names (`PN_PROVIDER`: `center` | `hetzner`). `account` is the
+/// `center` provider's cloud account (`PN_ACCOUNT`; empty = the first with a default
+/// keypair). `create` needs the Hetzner admin public key; a service that only reads
+/// (`readonly`) may leave it unset and should be given a read-only Hetzner token.
+pub fn build(kind: &str, account: &str, hetzner: &hetzner::HetznerSettings, center: Arc<dyn Center>, readonly: bool) -> Result<Arc<dyn Provider>, ProviderError> {
+    match kind {
+        "center" => Ok(Arc::new(center::CenterProvider::new(center, account.to_string()))),
+        "hetzner" if readonly => Ok(Arc::new(hetzner::Hetzner::reader(hetzner)?)),
+        "hetzner" => Ok(Arc::new(hetzner::Hetzner::new(hetzner)?)),
+        other => Err(ProviderError::Permanent(format!("PN_PROVIDER: unknown provider {other:?} (center | hetzner)"))),
+    }
+}
+
+/// What an event says about an instance, to be checked against the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim<'a> {
+    pub instance_id: &'a str,
+    /// `pn-<subId>` of the operation.
+    pub name: &'a str,
+    pub ipv4: &'a str,
+    /// The account the event names; empty when it names none.
+    pub account: &'a str,
+}
+
+/// The provider's verdict on a `Claim`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Confirmation {
+    /// The provider shows the instance: this id, this name, one of our accounts, this IPv4.
+    Confirmed(Vps),
+    /// The provider contradicts the event (or does not know the instance): never act on it.
+    Mismatch(String),
+    /// The provider did not answer: nothing may be concluded; ask again later.
+    Unanswered(String),
+}
+
+/// "Check the world before a secret moves" (DESIGN.md, Safety rules): asks the provider for
+/// `claim.instance_id` and confirms that it exists (not deleted), is named `claim.name`, is in
+/// an account this service works with (and the event's, when it names one) and has the
+/// public IPv4 `claim.ipv4`. Reasons name ids and addresses only.
+pub async fn confirm_instance(p: &dyn Provider, claim: &Claim<'_>) -> Confirmation {
+    let id = claim.instance_id.trim();
+    if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '/') {
+        return Confirmation::Mismatch(format!("instance id {:?} is not one a provider issues", clip(id)));
+    }
+    let v = match p.get(id).await {
+        Ok(v) => v,
+        Err(ProviderError::NotFound(_)) => return Confirmation::Mismatch(format!("the provider ({}) does not know instance {}", p.name(), clip(id))),
+        Err(e) => return Confirmation::Unanswered(format!("provider ({}): get {} failed ({})", p.name(), clip(id), clip(&e.to_string()))),
+    };
+    let why = if v.id != id {
+        Some(format!("the provider answered instance {} for {}", clip(&v.id), clip(id)))
+    } else if v.is_gone() {
+        Some(format!("instance {} is {}", clip(id), clip(&v.status)))
+    } else if v.name != claim.name {
+        Some(format!("instance {} is named {:?}, not {:?}", clip(id), clip(&v.name), clip(claim.name)))
+    } else if !p.owns_account(&v.account) || (!claim.account.is_empty() && v.account != claim.account) {
+        Some(format!("instance {} is in account {:?}, not ours{}", clip(id), clip(&v.account), if claim.account.is_empty() { String::new() } else { format!(" ({:?})", clip(claim.account)) }))
+    } else if v.ipv4.as_deref().map(str::trim) != Some(claim.ipv4.trim()) {
+        Some(format!("instance {} has IPv4 {}, not {}", clip(id), v.ipv4.as_deref().map(clip).unwrap_or_else(|| "none".into()), clip(claim.ipv4)))
+    } else {
+        None
+    };
+    match why {
+        Some(w) => Confirmation::Mismatch(w),
+        None => Confirmation::Confirmed(v),
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(80).collect()
 }
 
 /// The Ubuntu LTS versions the prep script supports, newest first.

@@ -1,6 +1,7 @@
-//! The `hetzner` provider against an HTTP stub built from the Hetzner Cloud API's documented
-//! request and response shapes (docs.hetzner.cloud: servers, server_types, images). Hetzner
-//! cannot be reached from here; the stub checks what we send as strictly as the API would.
+//! The `hetzner` provider (`kit::cloud::hetzner`) against an HTTP stub built from the Hetzner
+//! Cloud API's documented request and response shapes (docs.hetzner.cloud: servers,
+//! server_types, images, ssh_keys). Hetzner cannot be reached from here; the stub checks what
+//! we send as strictly as the API would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
@@ -11,8 +12,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use svc_cloud::provider::hetzner::{Hetzner, HetznerSettings};
-use svc_cloud::provider::{Provider, ProviderError};
+use kit::cloud::hetzner::{Hetzner, HetznerSettings};
+use kit::cloud::{Provider, ProviderError};
 
 const TOKEN: &str = "hcloud-test-token-0123456789";
 const PUBKEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOr7o6ZYkD6O3h4b9yX1lGd0e0q0m0d0l0W0S0a0b0c0 admin@pn";
@@ -23,6 +24,8 @@ struct Cloud {
     next_id: u64,
     created_bodies: Vec<Value>,
     fail_next_create: Option<(u16, &'static str)>,
+    ssh_keys: Vec<Value>,
+    key_posts: usize,
 }
 
 type S = Arc<Mutex<Cloud>>;
@@ -69,12 +72,51 @@ async fn create_server(State(s): State<S>, h: HeaderMap, Json(body): Json<Value>
             return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": {"code": "invalid_input", "message": format!("{field} is required")}})));
         }
     }
+    // ssh_keys: ids or names of keys the project holds (the API refuses unknown ones).
+    for k in body["ssh_keys"].as_array().cloned().unwrap_or_default() {
+        if !c.ssh_keys.iter().any(|x| x["id"] == k || x["name"] == k) {
+            return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": {"code": "invalid_input", "message": "ssh key not found"}})));
+        }
+    }
     c.next_id += 1;
     let id = c.next_id;
     let srv = server(id, body["name"].as_str().unwrap(), &body);
     c.servers.push(srv.clone());
+    // Without an SSH key Hetzner sets a root password (and mails it).
+    let root_password = if body["ssh_keys"].as_array().is_some_and(|a| !a.is_empty()) { Value::Null } else { json!("mailed-root-password") };
     c.created_bodies.push(body);
-    (StatusCode::CREATED, Json(json!({"server": srv, "action": {"id": 1, "command": "create_server", "status": "running"}, "next_actions": [], "root_password": null})))
+    (StatusCode::CREATED, Json(json!({"server": srv, "action": {"id": 1, "command": "create_server", "status": "running"}, "next_actions": [], "root_password": root_password})))
+}
+
+async fn list_keys(State(s): State<S>, h: HeaderMap, Query(q): Query<std::collections::HashMap<String, String>>) -> (StatusCode, Json<Value>) {
+    if !authorized(&h) {
+        return unauthorized();
+    }
+    let c = s.lock().unwrap();
+    // Pages of two, so the client must follow `next_page`.
+    let page: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
+    let items: Vec<Value> = c.ssh_keys.iter().skip((page - 1) * 2).take(2).cloned().collect();
+    let next = if page * 2 < c.ssh_keys.len() { json!(page + 1) } else { Value::Null };
+    (StatusCode::OK, Json(json!({"ssh_keys": items, "meta": {"pagination": {"page": page, "per_page": 2, "next_page": next, "total_entries": c.ssh_keys.len()}}})))
+}
+
+async fn create_key(State(s): State<S>, h: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    if !authorized(&h) {
+        return unauthorized();
+    }
+    let mut c = s.lock().unwrap();
+    c.key_posts += 1;
+    let (Some(name), Some(pk)) = (body["name"].as_str(), body["public_key"].as_str()) else {
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": {"code": "invalid_input", "message": "name and public_key are required"}})));
+    };
+    let material = |k: &str| k.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    if c.ssh_keys.iter().any(|k| k["name"] == name || material(k["public_key"].as_str().unwrap_or("")) == material(pk)) {
+        return (StatusCode::CONFLICT, Json(json!({"error": {"code": "uniqueness_error", "message": "SSH key with the same name or fingerprint already exists"}})));
+    }
+    let id = 9000 + c.ssh_keys.len() as u64;
+    let key = json!({"id": id, "name": name, "fingerprint": "b7:2f:30:a0:2f:6c:58:6c:21:04:58:61:ba:06:3b:2c", "public_key": pk, "labels": body["labels"], "created": "2026-11-25T10:00:00+00:00"});
+    c.ssh_keys.push(key.clone());
+    (StatusCode::CREATED, Json(json!({"ssh_key": key})))
 }
 
 async fn get_server(State(s): State<S>, h: HeaderMap, Path(id): Path<u64>) -> (StatusCode, Json<Value>) {
@@ -127,6 +169,7 @@ async fn stub() -> (String, S) {
         .route("/v1/servers/{id}", get(get_server).delete(delete_server))
         .route("/v1/server_types", get(server_types))
         .route("/v1/images", get(images))
+        .route("/v1/ssh_keys", get(list_keys).post(create_key))
         .with_state(state.clone());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -140,6 +183,7 @@ fn provider(url: &str, token: &str) -> Hetzner {
         token: Some(SecretString::from(token)),
         admin_public_key: PUBKEY.into(),
         timeout_ms: 5000,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -166,6 +210,14 @@ async fn hetzner_chooses_creates_probes_and_deletes() {
     assert!(ud.starts_with("#cloud-config"), "{ud}");
     assert!(ud.contains(PUBKEY) && !ud.contains("PRIVATE") && ud.contains("ssh_pwauth: false"), "{ud}");
     assert_eq!(body["labels"]["managed-by"], "pnp");
+    // The admin key is registered once and named in the create call: no root password.
+    let (keys, posts) = {
+        let st = state.lock().unwrap();
+        (st.ssh_keys.clone(), st.key_posts)
+    };
+    assert_eq!((keys.len(), posts), (1, 1));
+    assert_eq!(keys[0]["public_key"], PUBKEY);
+    assert_eq!(body["ssh_keys"], json!([keys[0]["id"]]), "{body}");
     let found = p.find_by_name("pn-s1").await.unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(p.get(&v.id).await.unwrap().id, v.id);
@@ -199,8 +251,75 @@ fn hetzner_refuses_a_private_key_as_the_admin_key() {
         token: Some(SecretString::from(TOKEN)),
         admin_public_key: "-----BEGIN OPENSSH PRIVATE KEY-----".into(),
         timeout_ms: 1000,
+        ..Default::default()
     });
     assert!(r.is_err());
     let r = Hetzner::new(&HetznerSettings { token: None, admin_public_key: PUBKEY.into(), ..Default::default() });
     assert!(r.is_err());
+}
+
+#[tokio::test]
+async fn hetzner_reuses_a_registered_admin_key_and_never_gets_a_root_password() {
+    let (url, state) = stub().await;
+    {
+        // The project already holds the key (another comment, another name), behind a page
+        // of other keys.
+        let mut st = state.lock().unwrap();
+        for (i, k) in ["ssh-ed25519 AAAAother1 a", "ssh-rsa AAAAother2 b", "ssh-ed25519 AAAAother3 c"].iter().enumerate() {
+            st.ssh_keys.push(json!({"id": 100 + i, "name": format!("k{i}"), "public_key": k}));
+        }
+        let ours = format!("{} someone@laptop", PUBKEY.split_whitespace().take(2).collect::<Vec<_>>().join(" "));
+        st.ssh_keys.push(json!({"id": 777, "name": "ops-admin", "public_key": ours}));
+    }
+    let p = provider(&url, TOKEN);
+    let c = p.choose("fsn1", 1).await.unwrap();
+    p.create(&c, "pn-s3").await.unwrap();
+    p.create(&c, "pn-s4").await.unwrap();
+    let st = state.lock().unwrap();
+    assert_eq!(st.key_posts, 0, "a key the project holds is not registered again");
+    assert_eq!(st.created_bodies.len(), 2);
+    for b in &st.created_bodies {
+        assert_eq!(b["ssh_keys"], json!([777]), "{b}");
+    }
+}
+
+#[tokio::test]
+async fn hetzner_key_name_taken_by_another_key_is_a_permanent_error() {
+    let (url, state) = stub().await;
+    state.lock().unwrap().ssh_keys.push(json!({"id": 5, "name": "pnp-admin", "public_key": "ssh-ed25519 AAAAsomeoneelse x"}));
+    let p = provider(&url, TOKEN);
+    let c = p.choose("fsn1", 1).await.unwrap();
+    let e = p.create(&c, "pn-s5").await.unwrap_err();
+    assert!(matches!(&e, ProviderError::Permanent(m) if m.contains("PN_HETZNER__ADMIN_KEY_NAME")), "{e:?}");
+    assert!(state.lock().unwrap().created_bodies.is_empty(), "no server without the admin key");
+}
+
+#[tokio::test]
+async fn a_reader_confirms_instances_and_cannot_create() {
+    use kit::cloud::{Claim, Confirmation, confirm_instance};
+    let (url, _state) = stub().await;
+    let p = provider(&url, TOKEN);
+    let c = p.choose("fsn1", 1).await.unwrap();
+    let v = p.create(&c, "pn-s6").await.unwrap();
+    let ip = v.ipv4.clone().unwrap();
+    let reader = Hetzner::reader(&HetznerSettings { api_url: url.clone(), token: Some(SecretString::from(TOKEN)), ..Default::default() }).unwrap();
+    assert!(matches!(reader.create(&c, "pn-s7").await, Err(ProviderError::Permanent(_))));
+    let claim = |id: &'static str, name: &'static str, ipv4: &'static str| Claim { instance_id: id, name, ipv4, account: "hetzner" };
+    let id: &'static str = Box::leak(v.id.clone().into_boxed_str());
+    let ip: &'static str = Box::leak(ip.into_boxed_str());
+    assert!(matches!(confirm_instance(&reader, &claim(id, "pn-s6", ip)).await, Confirmation::Confirmed(ref x) if x.id == id));
+    for (bad, what) in [
+        (claim(id, "pn-s6", "127.250.0.9"), "IPv4"),
+        (claim(id, "pn-other", ip), "named"),
+        (claim("424242", "pn-s6", ip), "does not know"),
+        (Claim { account: "someone-else", ..claim(id, "pn-s6", ip) }, "account"),
+        (claim("../servers", "pn-s6", ip), "not one a provider issues"),
+    ] {
+        match confirm_instance(&reader, &bad).await {
+            Confirmation::Mismatch(why) => assert!(why.contains(what), "{why}"),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    let wrong = Hetzner::reader(&HetznerSettings { api_url: url, token: Some(SecretString::from("wrong-token-0000000000")), ..Default::default() }).unwrap();
+    assert!(matches!(confirm_instance(&wrong, &claim(id, "pn-s6", ip)).await, Confirmation::Unanswered(_)));
 }

@@ -19,7 +19,7 @@ impl Handler for OnInstance {
             .map(str::to_string)
             .ok_or_else(|| HandleError::Drop("subject carries no operation id".into()))?;
         match msg.decode()? {
-            Body::Instance(ir) => self.0.on_instance(&op_id, ir).await,
+            Body::Instance(ir) => self.0.on_instance(&op_id, ir, msg.delivered).await,
             other => Err(HandleError::fail(format!("expected pn.v1.InstanceReady, got {}", other.type_name()))),
         }
     }

@@ -438,3 +438,77 @@ pub fn same_key(a: &str, b: &str) -> bool {
     let t = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
     !t(a).is_empty() && t(a) == t(b)
 }
+
+/// A stand-in for the Hetzner Cloud API's `GET /v1/servers/<id>` (the only call the deployer
+/// makes with `PN_PROVIDER=hetzner`), answering for `servers` (id, name, IPv4) with the
+/// documented shape; unknown ids get the documented 404. Returns the API's base URL.
+pub async fn hetzner_stub(token: &str, servers: Vec<(String, String, String)>) -> Result<String> {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode};
+    type S = Arc<(String, Vec<(String, String, String)>)>;
+    async fn get_server(State(s): State<S>, h: HeaderMap, UrlPath(id): UrlPath<String>) -> (StatusCode, axum::Json<Value>) {
+        if h.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {}", s.0)) {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": {"code": "unauthorized", "message": "unable to authenticate"}})));
+        }
+        match s.1.iter().find(|(i, _, _)| *i == id) {
+            Some((i, name, ip)) => (
+                StatusCode::OK,
+                axum::Json(json!({"server": {
+                    "id": i.parse::<u64>().unwrap_or(0), "name": name, "status": "running",
+                    "public_net": {"ipv4": {"ip": ip, "blocked": false}, "ipv6": null},
+                    "server_type": {"name": "cx22"}, "datacenter": {"location": {"name": "fsn1"}},
+                    "image": {"name": "ubuntu-24.04"}, "labels": {"managed-by": "pnp"}
+                }})),
+            ),
+            None => (StatusCode::NOT_FOUND, axum::Json(json!({"error": {"code": "not_found", "message": "server not found"}}))),
+        }
+    }
+    let app = axum::Router::new().route("/v1/servers/{id}", axum::routing::get(get_server)).with_state(Arc::new((token.to_string(), servers)));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    Ok(format!("http://{addr}/v1"))
+}
+
+/// A foreign host: plain TCP listeners on a loopback address no instance has, on the given
+/// ports, counting every connection that arrives (none may: the deployer must not connect to
+/// an address the provider did not confirm).
+pub struct Trap {
+    pub ip: String,
+    pub hits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Trap {
+    pub async fn bind(ports: &[u16]) -> Result<Trap> {
+        for _ in 0..50 {
+            let ip = format!("127.250.{}.{}", rand::random::<u8>(), 1 + rand::random::<u8>() % 250);
+            let mut listeners = Vec::new();
+            for p in ports {
+                match tokio::net::TcpListener::bind((ip.as_str(), *p)).await {
+                    Ok(l) => listeners.push(l),
+                    Err(_) => break,
+                }
+            }
+            if listeners.len() != ports.len() {
+                continue;
+            }
+            let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for l in listeners {
+                let hits = hits.clone();
+                tokio::spawn(async move {
+                    while let Ok((_conn, _)) = l.accept().await {
+                        hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+            return Ok(Trap { ip, hits });
+        }
+        bail!("no free loopback address for the trap")
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

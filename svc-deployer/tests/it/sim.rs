@@ -325,3 +325,154 @@ async fn a_failing_prep_is_retried_then_fails_with_its_tail() {
     assert_eq!(i["containersUp"], false);
     assert_eq!(s.bus.count(subjects::DEPLOYED, &op.operation_id).await, 0);
 }
+
+/// Issue #18: a forged `pn.op.instance` (copied from the stream, sealed token and all) that
+/// names a foreign IPv4. Nothing was confirmed for the operation yet: it fails with the
+/// provider's reason, and the foreign address never sees a connection. Once an operation's
+/// instance is confirmed and deployed, forged events (its own instance id at another address,
+/// an unknown instance, another subscription) are dropped: no failure, no connection, the
+/// pinned host key kept (a replay still reaches the node over the pin).
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_instance_events_move_no_secret_and_connect_nowhere() {
+    let s = Stack::start().await;
+    let trap = Trap::bind(&[s.sim.fresh_port, s.sim.hardened_port]).await.unwrap();
+    let mut d = s.deployer();
+
+    // A: nothing confirmed yet; the forged event names an instance nobody has, at the trap.
+    let (ir_a, claim_a) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op_a = ir_a.op.clone().unwrap();
+    let mut forged = ir_a.clone();
+    if let Some(i) = forged.instance.as_mut() {
+        i.instance_id = "i-forged-0001".into();
+        i.ipv4 = trap.ip.clone();
+    }
+    s.bus.publish_instance(&forged, &format!("{}.cloud.1", op_a.operation_id)).await.unwrap();
+    let f = s.bus.wait_failed(&op_a.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    assert_eq!(f.stage, "deploy");
+    assert!(f.reason.contains("does not confirm") && f.reason.contains("i-forged-0001") && f.reason.contains("nothing sent"), "{}", f.reason);
+    // The real instance at A's real address, but the event says the trap: refused too.
+    let mut forged_ip = ir_a.clone();
+    if let Some(i) = forged_ip.instance.as_mut() {
+        i.ipv4 = trap.ip.clone();
+    }
+    if let Some(o) = forged_ip.op.as_mut() {
+        // Another claim attempt, so its failure is not deduplicated with the first one's.
+        o.claim_attempt = 2;
+    }
+    let seq = s.bus.publish_instance(&forged_ip, &format!("{}.cloud.1.forged-ip", op_a.operation_id)).await.unwrap();
+    s.bus.wait_acked(subjects::OPS_STREAM, "svc-deployer-instance", seq, PATIENCE).await.unwrap();
+    let f = eventually("the second failure", PATIENCE, || async {
+        match s.bus.last(subjects::FAILED, &op_a.operation_id).await {
+            Some(proto::Body::Failed(f)) if f.attempt == 2 => Some(f),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    assert!(f.reason.contains(&format!("not {}", trap.ip)), "{}", f.reason);
+    let i = s.sim.instance(&ir_a.instance.as_ref().unwrap().instance_id).await.unwrap();
+    assert_eq!((i["prepRuns"].as_u64(), i["upRuns"].as_u64()), (Some(0), Some(0)), "nothing ran anywhere: {i}");
+
+    // B: deployed on its confirmed instance; then forged events for it.
+    let (ir_b, claim_b) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op_b = ir_b.op.clone().unwrap();
+    let inst_b = ir_b.instance.clone().unwrap();
+    s.bus.publish_instance(&ir_b, &format!("{}.cloud.1", op_b.operation_id)).await.unwrap();
+    s.bus.wait_deployed(&op_b.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    let mut forgeries = Vec::new();
+    for (k, (id, sub_id, attempt)) in [
+        (inst_b.instance_id.clone(), op_b.sub_id.clone(), 1),
+        ("i-forged-0002".to_string(), op_b.sub_id.clone(), 5),
+        (ir_a.instance.as_ref().unwrap().instance_id.clone(), op_a.sub_id.clone(), 9),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = ir_b.clone();
+        if let Some(i) = f.instance.as_mut() {
+            i.instance_id = id;
+            i.ipv4 = trap.ip.clone();
+        }
+        if let Some(o) = f.op.as_mut() {
+            o.sub_id = sub_id;
+            o.claim_attempt = attempt;
+        }
+        forgeries.push(s.bus.publish_instance(&f, &format!("{}.cloud.forged.{k}", op_b.operation_id)).await.unwrap());
+    }
+    for seq in forgeries {
+        s.bus.wait_acked(subjects::OPS_STREAM, "svc-deployer-instance", seq, PATIENCE).await.unwrap();
+    }
+    assert_eq!(s.bus.count(subjects::FAILED, &op_b.operation_id).await, 0, "a forged event does not fail a confirmed operation:\n{}", d.log_text());
+    // The pin and the confirmed input were kept: a replay runs on B's node again.
+    let seq = s.bus.publish_replay(&op_b.operation_id).await.unwrap();
+    s.bus.wait_acked(subjects::REPLAY_STREAM, "svc-deployer-replay", seq, PATIENCE).await.unwrap();
+    let i = s.sim.instance(&inst_b.instance_id).await.unwrap();
+    assert_eq!(i["upRuns"], 2, "the replay ran on B's own node: {i}");
+    assert_eq!(s.bus.count(subjects::FAILED, &op_b.operation_id).await, 0, "{}", d.log_text());
+    assert!(d.metric("pn_instance_checks_total").await.unwrap() >= 5.0);
+
+    assert_eq!(trap.hits(), 0, "the deployer connected to the forged address");
+    d.assert_alive();
+    let secret = s.sim.node_env(&inst_b.name).unwrap()["K2_NODE_SECRET"].clone();
+    s.assert_no_leaks(&d, &[claim_a.expose_secret(), claim_b.expose_secret(), &secret]);
+}
+
+/// svc-cloud replaced the instance (a new claim attempt adopted or created another
+/// `pn-<subId>`): the provider confirms the new one, so the pin and the prep of the old one
+/// are dropped and the node secret kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_instance_the_provider_confirms_replaces_the_pin() {
+    use kit::center::{Center, CreateInstance};
+    let s = Stack::start().await;
+    let mut d = s.deployer();
+    let (ir, claim) = s.sim.ready_instance(&s.seal, &sub()).await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+    let first = s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+
+    let created = s
+        .sim
+        .center
+        .create_cloud_instance(&CreateInstance {
+            account_name: "sim-lightsail".into(),
+            region: "ap-southeast-1".into(),
+            plan: "small_1tb".into(),
+            image_id: "ubuntu-22-04".into(),
+            name: inst.name.clone(),
+        })
+        .await
+        .unwrap();
+    let second = eventually("the second instance running", PATIENCE, || async {
+        let i = s.sim.center.get_cloud_instance(&created.id).await.ok()?;
+        (i.status == "running" && i.ipv4.is_some()).then_some(i)
+    })
+    .await
+    .unwrap();
+    let mut ir2 = ir.clone();
+    if let Some(i) = ir2.instance.as_mut() {
+        i.instance_id = second.id.clone();
+        i.ipv4 = second.ipv4.clone().unwrap_or_default();
+    }
+    if let Some(o) = ir2.op.as_mut() {
+        o.claim_attempt = 2;
+    }
+    s.bus.publish_instance(&ir2, &format!("{}.cloud.2", op.operation_id)).await.unwrap();
+    let nd = eventually("deployed on the second instance", PATIENCE, || async {
+        match s.bus.last(subjects::DEPLOYED, &op.operation_id).await {
+            Some(proto::Body::Deployed(nd)) if nd.instance.as_ref().is_some_and(|i| i.instance_id == second.id) => Some(nd),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    let i2 = s.sim.instance(&second.id).await.unwrap();
+    assert!(same_key(&nd.host_key, i2["hostKey"].as_str().unwrap_or("")), "the new instance's key is pinned");
+    assert!(!same_key(&nd.host_key, &first.host_key));
+    assert_eq!(i2["prepRuns"], 1, "the new machine got its own prep");
+    assert_eq!(nd.node_secret_sha256, first.node_secret_sha256, "the node secret stays the operation's");
+    assert_eq!(s.bus.count(subjects::FAILED, &op.operation_id).await, 0);
+    d.assert_alive();
+    let secret = s.sim.node_env(&inst.name).unwrap()["K2_NODE_SECRET"].clone();
+    s.assert_no_leaks(&d, &[claim.expose_secret(), &secret]);
+}

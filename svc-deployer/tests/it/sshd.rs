@@ -171,8 +171,16 @@ async fn deploys_over_real_openssh_without_secrets_on_any_command_line() {
     let nats = Nats::start().unwrap();
     let bus = Bus::connect(&nats).await.unwrap();
     let seal = Seal::new();
+    // The provider the deployer checks the instance with: a Hetzner API stand-in that shows
+    // this sshd's address as the instance `pn-<sub>`.
+    let sub = format!("it{}", rand_hex(4));
+    let instance_id = format!("{}", 40_000 + rand::random::<u16>() as u32);
+    let api = hetzner_stub("hz-read-token-0123", vec![(instance_id.clone(), format!("pn-{sub}"), "127.0.0.1".into())]).await.unwrap();
     let mut cfg = DeployerConfig::new(&nats, &dir.join("data"), "http://127.0.0.1:9", &seal);
-    cfg.set("PN_SSH__ADMIN_KEYS", format!("local={}", admin.private_path.display()))
+    cfg.set("PN_SSH__ADMIN_KEYS", format!("hetzner={}", admin.private_path.display()))
+        .set("PN_PROVIDER", "hetzner")
+        .set("PN_HETZNER__API_URL", api)
+        .set("PN_HETZNER__TOKEN", "hz-read-token-0123")
         .set("PN_SSH__USER", user)
         .set("PN_SSH__FRESH_PORT", sshd.port.to_string())
         .set("PN_SSH__HARDENED_PORT", sshd.port.to_string())
@@ -188,7 +196,6 @@ async fn deploys_over_real_openssh_without_secrets_on_any_command_line() {
     let mut d = Deployer::start(&cfg).unwrap();
 
     let claim = SecretString::from(format!("clm_{}", rand_hex(20)));
-    let sub = format!("it{}", rand_hex(4));
     let op_id = format!("op-{}", rand_hex(6));
     let ir = InstanceReady {
         op: Some(Operation {
@@ -206,10 +213,10 @@ async fn deploys_over_real_openssh_without_secrets_on_any_command_line() {
             queued_at_ms: 0,
         }),
         instance: Some(Instance {
-            instance_id: format!("i-{}", rand_hex(4)),
+            instance_id: instance_id.clone(),
             name: format!("pn-{sub}"),
             ipv4: "127.0.0.1".into(),
-            account: "local".into(),
+            account: "hetzner".into(),
             ..Default::default()
         }),
         ready_at_ms: kit::now_ms(),
