@@ -3,10 +3,13 @@
 //!
 //! Rules: the first report ever is the baseline (traffic before it — the OS prep — is not the
 //! customer's); a repeat bills nothing; a new boot id, or a counter that went down, starts an
-//! epoch that counts from 0 (a reboot resets NIC counters); a report older than the last one
-//! of its boot (by the node's own `at`), or from a boot already left, is stale and bills
-//! nothing; a jump faster than the link allows is refused. Never a negative delta, never a
-//! byte billed twice.
+//! epoch that counts from 0 (a reboot resets NIC counters); a jump faster than the link allows
+//! is refused. Stale (billing nothing) is a report from a boot already left, one from before
+//! the current epoch began (its `at` is older than the epoch's first report: a late retry from
+//! before a NIC reset), and one whose counters are *not higher* than the last accepted ones
+//! while its `at` is not newer (a late retry). A report whose counters are higher counts,
+//! whatever its `at` says: a node clock that stepped back (or an `at` once accepted from the
+//! future) cannot make later traffic stale. Never a negative delta, never a byte billed twice.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +46,11 @@ pub struct Epoch {
     pub last_tx: u64,
     /// The node's `at` of the last accepted report in this epoch.
     pub last_at_ms: Option<i64>,
+    /// For an epoch begun by a NIC reset (same boot as the one before): the node's `at` of the
+    /// report that began it. A report of this boot that is older belongs to an earlier epoch
+    /// (stale, even with counters above this epoch's). None for a baseline or a reboot.
+    #[serde(default)]
+    pub first_at_ms: Option<i64>,
     pub counted_bytes: u64,
     pub reports: u64,
 }
@@ -115,6 +123,7 @@ impl Usage {
                 last_rx: r.rx,
                 last_tx: r.tx,
                 last_at_ms: r.at_ms,
+                first_at_ms: None,
                 counted_bytes: 0,
                 reports: 1,
             });
@@ -129,12 +138,21 @@ impl Usage {
             }
             (r.rx, r.tx, true)
         } else {
-            if let (Some(at), Some(last)) = (r.at_ms, cur.last_at_ms)
-                && at < last
+            // From before the NIC reset that began this epoch: its bytes are in an earlier
+            // epoch's count already.
+            if let (Some(at), Some(first)) = (r.at_ms, cur.first_at_ms)
+                && at < first
             {
                 return Ok(Outcome::Stale);
             }
-            if r.rx == cur.last_rx && r.tx == cur.last_tx {
+            let older = |strict: bool| matches!((r.at_ms, cur.last_at_ms), (Some(at), Some(last)) if at < last || (!strict && at == last));
+            let same = r.rx == cur.last_rx && r.tx == cur.last_tx;
+            let higher = r.rx >= cur.last_rx && r.tx >= cur.last_tx && !same;
+            // Counters not higher and `at` not newer: a late retry of an older report.
+            if (same && older(true)) || (!same && !higher && older(false)) {
+                return Ok(Outcome::Stale);
+            }
+            if same {
                 let at = r.at_ms;
                 if let Some(cur) = self.epochs.last_mut() {
                     cur.last_at_ms = cur.last_at_ms.max(at);
@@ -159,6 +177,7 @@ impl Usage {
         }
 
         let delta = mode.count(drx, dtx);
+        let reset = r.boot_id == cur.boot_id;
         if new_epoch {
             let index = cur.index.saturating_add(1);
             self.epochs.push(Epoch {
@@ -170,6 +189,7 @@ impl Usage {
                 last_rx: r.rx,
                 last_tx: r.tx,
                 last_at_ms: r.at_ms,
+                first_at_ms: if reset { r.at_ms } else { None },
                 counted_bytes: delta,
                 reports: 1,
             });
@@ -208,6 +228,15 @@ impl Usage {
         }
     }
 
+    /// Forgets node times later than `limit_ms` (an `at` accepted from the future before
+    /// such reports were refused): they must not make the node's next reports look old.
+    pub fn forget_future(&mut self, limit_ms: i64) {
+        for e in &mut self.epochs {
+            e.last_at_ms = e.last_at_ms.map(|t| t.min(limit_ms));
+            e.first_at_ms = e.first_at_ms.map(|t| t.min(limit_ms));
+        }
+    }
+
     /// The index of the current epoch (0 before any report).
     pub fn current_epoch(&self) -> u32 {
         self.epochs.last().map_or(0, |e| e.index)
@@ -239,7 +268,8 @@ mod tests {
         assert_eq!(u.apply(&rd(1100, 600, "b1", 2), m, 4, LINK), Ok(Outcome::Stale));
         // A NIC reset without a reboot.
         assert_eq!(u.apply(&rd(10, 5, "b2", 4), m, 5, LINK), Ok(Outcome::Counted { delta: 15, new_epoch: true }));
-        // An older report of the same boot (by `at`) is stale even with higher counters.
+        // A late report from before the NIC reset (its `at` is older than the reset's) is
+        // stale even though its counters are above the new epoch's.
         assert_eq!(u.apply(&rd(50, 25, "b2", 3), m, 6, LINK), Ok(Outcome::Stale));
         assert_eq!(u.used_bytes, 290);
         assert_eq!(u.epochs.len(), 3);
@@ -294,6 +324,50 @@ mod tests {
         assert_eq!(u.earlier_bytes + u.epochs.iter().map(|e| e.counted_bytes).sum::<u64>(), u.used_bytes);
         // A recently retired boot is still recognised as stale.
         assert_eq!(u.apply(&rd(99, 0, &boots[150], 1), CountMode::RxTx, 1000, LINK), Ok(Outcome::Stale));
+    }
+
+    #[test]
+    fn higher_counters_count_whatever_the_at_says() {
+        let m = CountMode::RxTx;
+        let mut u = Usage::default();
+        u.apply(&rd(100, 100, "b", 10_000), m, 0, LINK).ok();
+        // The node's clock steps back an hour: the traffic still counts.
+        assert_eq!(u.apply(&rd(150, 100, "b", 10_000 - 3_600_000), m, 1, LINK), Ok(Outcome::Counted { delta: 50, new_epoch: false }));
+        // A late retry of an older report (lower counters, older `at`) is stale; so is the same
+        // counters again with an older `at`; the same `at` again is a repeat.
+        assert_eq!(u.apply(&rd(120, 100, "b", 5_000), m, 2, LINK), Ok(Outcome::Stale));
+        assert_eq!(u.apply(&rd(150, 100, "b", 9_000), m, 3, LINK), Ok(Outcome::Stale));
+        assert_eq!(u.apply(&rd(150, 100, "b", 10_000), m, 4, LINK), Ok(Outcome::Repeat));
+        assert_eq!(u.used_bytes, 50);
+    }
+
+    #[test]
+    fn an_at_from_the_future_once_accepted_does_not_make_later_traffic_stale() {
+        let m = CountMode::RxTx;
+        let mut u = Usage::default();
+        u.apply(&rd(0, 0, "b", 1_000), m, 0, LINK).ok();
+        assert_eq!(u.apply(&rd(10, 0, "b", i64::MAX), m, 1, LINK).map(Outcome::delta), Ok(10));
+        for (i, rx) in [20u64, 35, 70].into_iter().enumerate() {
+            let out = u.apply(&rd(rx, 0, "b", 2_000 + i as i64), m, 2 + i as i64, LINK);
+            assert!(matches!(out, Ok(Outcome::Counted { new_epoch: false, .. })), "{out:?}");
+        }
+        assert_eq!(u.used_bytes, 70);
+        // What the meter does with a ledger written before such `at`s were refused.
+        u.forget_future(5_000);
+        assert!(u.epochs.iter().all(|e| e.last_at_ms <= Some(5_000)));
+        // A NIC reset is seen again once the stored `at` is sane.
+        assert_eq!(u.apply(&rd(5, 0, "b", 6_000), m, 9, LINK), Ok(Outcome::Counted { delta: 5, new_epoch: true }));
+    }
+
+    #[test]
+    fn a_reboot_with_a_clock_ahead_does_not_stall_billing() {
+        let m = CountMode::RxTx;
+        let mut u = Usage::default();
+        u.apply(&rd(0, 0, "b1", 1_000), m, 0, LINK).ok();
+        // After the reboot the clock runs 3 minutes ahead, then NTP steps it back.
+        assert_eq!(u.apply(&rd(10, 0, "b2", 200_000), m, 1, LINK).map(Outcome::delta), Ok(10));
+        assert_eq!(u.apply(&rd(25, 0, "b2", 30_000), m, 2, LINK).map(Outcome::delta), Ok(15));
+        assert_eq!(u.used_bytes, 25);
     }
 
     // ---- property: billed = true traffic since the baseline ----
@@ -401,6 +475,29 @@ mod tests {
             }
             prop_assert_eq!(u.used_bytes, expected);
             prop_assert_eq!(u.earlier_bytes + u.epochs.iter().map(|e| e.counted_bytes).sum::<u64>(), u.used_bytes);
+        }
+
+        /// Within one boot that never reset its NIC, a report whose counters are higher than
+        /// the last accepted ones is never stale, whatever the node's `at` (a clock stepping
+        /// around, an `at` from the far future or past): it bills exactly the increase.
+        #[test]
+        fn higher_counters_are_never_stale(steps in prop::collection::vec((0u64..1_000_000, 0u64..1_000_000, any::<i64>(), any::<bool>()), 1..40)) {
+            let mut u = Usage::default();
+            u.apply(&Reading { rx: 0, tx: 0, boot_id: "b", at_ms: Some(0) }, CountMode::RxTx, 0, LINK).ok();
+            let (mut rx, mut tx, mut billed) = (0u64, 0u64, 0u64);
+            for (i, (a, b, at, with_at)) in steps.into_iter().enumerate() {
+                let (nrx, ntx) = (rx + a, tx + b);
+                let r = Reading { rx: nrx, tx: ntx, boot_id: "b", at_ms: with_at.then_some(at) };
+                let out = u.apply(&r, CountMode::RxTx, i as i64 + 1, LINK);
+                if a + b == 0 {
+                    prop_assert!(matches!(out, Ok(Outcome::Repeat | Outcome::Stale)), "{out:?}");
+                } else {
+                    prop_assert_eq!(out, Ok(Outcome::Counted { delta: a + b, new_epoch: false }));
+                    billed += a + b;
+                }
+                (rx, tx) = (nrx, ntx);
+            }
+            prop_assert_eq!(u.used_bytes, billed);
         }
     }
 }

@@ -31,6 +31,15 @@ struct Wire {
     at: Option<String>,
 }
 
+/// A report whose `at` is further ahead of the meter's clock than allowed (422 upstream): the
+/// node's clock is wrong, and a time from the future must never order billing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field at: {}s ahead of the meter's clock (at most {}s allowed); fix the node's clock", .ahead_ms / 1000, .max_ms / 1000)]
+pub struct FutureAt {
+    pub ahead_ms: i64,
+    pub max_ms: i64,
+}
+
 /// One node report: cumulative host-NIC counters since boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageReport {
@@ -67,6 +76,14 @@ impl UsageReport {
             }
         };
         Ok(UsageReport { rx_bytes: w.rx_bytes, tx_bytes: w.tx_bytes, boot_id, at, at_ms })
+    }
+
+    /// Refuses an `at` more than `max_ahead_ms` after `now_ms` (a report without `at` passes).
+    pub fn check_at(&self, now_ms: i64, max_ahead_ms: i64) -> Result<(), FutureAt> {
+        match self.at_ms {
+            Some(at) if at.saturating_sub(now_ms) > max_ahead_ms => Err(FutureAt { ahead_ms: at.saturating_sub(now_ms), max_ms: max_ahead_ms }),
+            _ => Ok(()),
+        }
     }
 
     pub fn reading(&self) -> Reading<'_> {
@@ -125,7 +142,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_at_from_the_future_is_refused_with_a_clear_message() -> Result<(), BodyError> {
+        let now = 1_767_323_045_500; // 2026-01-02T03:04:05.5Z
+        let r = UsageReport::parse(br#"{"rxBytes":1,"txBytes":2,"bootId":"b","at":"2026-01-02T03:14:05.5Z"}"#)?;
+        let e = r.check_at(now, 300_000).err();
+        assert_eq!(e, Some(FutureAt { ahead_ms: 600_000, max_ms: 300_000 }));
+        let msg = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("600s ahead") && msg.contains("300s"), "{msg}");
+        assert_eq!(r.check_at(now + 300_000, 300_000), Ok(()), "exactly the allowance passes");
+        let far = UsageReport::parse(br#"{"rxBytes":1,"txBytes":2,"bootId":"b","at":"9999-12-31T23:59:59Z"}"#)?;
+        assert!(far.check_at(now, 300_000).is_err());
+        let past = UsageReport::parse(br#"{"rxBytes":1,"txBytes":2,"bootId":"b","at":"1970-01-01T00:00:00Z"}"#)?;
+        assert_eq!(past.check_at(now, 300_000), Ok(()));
+        let none = UsageReport::parse(br#"{"rxBytes":1,"txBytes":2,"bootId":"b"}"#)?;
+        assert_eq!(none.check_at(now, 0), Ok(()));
+        Ok(())
+    }
+
     proptest! {
+        #[test]
+        fn the_future_bound_is_exact(now in -1i64 << 50..1i64 << 50, at in any::<i64>(), max in 0i64..10_000_000) {
+            let r = UsageReport { rx_bytes: 0, tx_bytes: 0, boot_id: "b".into(), at: None, at_ms: Some(at) };
+            let ahead = i128::from(at) - i128::from(now);
+            prop_assert_eq!(r.check_at(now, max).is_err(), ahead > i128::from(max));
+        }
+
         #[test]
         fn any_bytes_parse_or_fail_cleanly(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = UsageReport::parse(&bytes);
