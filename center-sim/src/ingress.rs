@@ -7,8 +7,8 @@
 //! set of workers (`--mirror-concurrency`), each with a timeout; the meter's answer is read
 //! and dropped. A full queue drops the copy (reports are cumulative counters: the node's next
 //! report carries the bytes), so a slow, stopped or dead meter never delays or fails Center's
-//! answer. Headers and body reach both unchanged (hop-by-hop headers aside; `X-Forwarded-*`
-//! added to Center's copy, as Traefik does).
+//! answer. Headers and body reach both unchanged (hop-by-hop headers aside; `X-Forwarded-For`,
+//! `-Proto` and `-Host` added to both, as Traefik does: the node's address reaches the meter).
 //!
 //! `GET /_pn_ingress/stats` answers the router's own counters (JSON); it is the one path the
 //! router does not forward.
@@ -319,6 +319,19 @@ async fn proxy(State(ing): State<Ingress>, ConnectInfo(peer): ConnectInfo<Socket
     let pq = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     let mirrored = ing.mirror_tx.is_some() && parts.method == Method::POST && parts.uri.path() == ing.mirror_path;
     strip_hop_by_hop(&mut parts.headers);
+    // As Traefik does for every backend, the mirror included: who asked, over what, for which host.
+    let host = parts.headers.get(header::HOST).cloned();
+    let fwd_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&fwd_for) {
+        parts.headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    parts.headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    if let Some(h) = host {
+        parts.headers.insert(HeaderName::from_static("x-forwarded-host"), h);
+    }
     let body = if mirrored {
         let bytes = match axum::body::to_bytes(body, MAX_BUFFERED_BODY).await {
             Ok(b) => b,
@@ -341,18 +354,6 @@ async fn proxy(State(ing): State<Ingress>, ConnectInfo(peer): ConnectInfo<Socket
     let Ok(uri) = format!("{}{pq}", ing.upstream).parse::<Uri>() else {
         return (StatusCode::BAD_REQUEST, "bad request target").into_response();
     };
-    let host = parts.headers.get(header::HOST).cloned();
-    let fwd_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&fwd_for) {
-        parts.headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
-    parts.headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
-    if let Some(h) = host {
-        parts.headers.insert(HeaderName::from_static("x-forwarded-host"), h);
-    }
     parts.uri = uri;
     parts.version = axum::http::Version::HTTP_11;
     bump(&ing.stats.forwarded);

@@ -54,7 +54,7 @@ async fn center_used(stack: &Stack, node: &str) -> u64 {
 
 /// The meter's ledger of `node` (`usedBytes`), when the meter answers.
 async fn meter_used(stack: &Stack, node: &str) -> Option<u64> {
-    let r = http().get(format!("{}/v1/nodes/{node}/usage", stack.meter_url)).timeout(Duration::from_secs(2)).send().await.ok()?;
+    let r = stack.meter_internal(reqwest::Method::GET, &format!("/v1/nodes/{node}/usage")).timeout(Duration::from_secs(2)).send().await.ok()?;
     if !r.status().is_success() {
         return None;
     }
@@ -422,6 +422,7 @@ async fn the_router_mirrors_only_slave_usage_unchanged_and_never_waits_for_the_m
     assert_eq!((c.method.as_str(), c.target.as_str()), ("POST", "/slave/usage"));
     assert_eq!(c.headers.get("authorization"), Some(&auth), "Authorization reaches the meter unchanged");
     assert_eq!(c.headers.get("x-probe").map(String::as_str), Some("kept"));
+    assert_eq!(c.headers.get("x-forwarded-for").map(String::as_str), Some("127.0.0.1"), "the node's address, as from Traefik");
     assert_eq!(c.body, body, "the body reaches the meter unchanged");
 
     // A query string does not change the path: still mirrored, with it.
