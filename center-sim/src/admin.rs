@@ -35,6 +35,7 @@ pub fn routes() -> Router<Sim> {
         .route("/admin/faults", get(get_faults).put(put_faults))
         .route("/admin/violations", get(violations))
         .route("/admin/secrets", get(secrets))
+        .route("/admin/stats", get(stats))
         .layer(axum::middleware::from_fn(loopback_only))
 }
 
@@ -218,6 +219,12 @@ async fn rekey(State(sim): State<Sim>, Path(id): Path<String>) -> Response {
 
 async fn violations(State(sim): State<Sim>) -> Response {
     Json(json!({"items": sim.st().violations})).into_response()
+}
+
+/// `{heldNow, heldPeak, leaseExpiries}`: operations held (claimed or in_progress) now and at
+/// most at once since the start, and the leases that ran out.
+async fn stats(State(sim): State<Sim>) -> Response {
+    Json(sim.st_ticked().ops.stats()).into_response()
 }
 
 async fn secrets(State(sim): State<Sim>) -> Response {

@@ -280,6 +280,16 @@ pub enum ClaimCheck {
     Refused(&'static str),
 }
 
+/// `GET /admin/stats`: how many operations are held (`claimed` or `in_progress`) now, the most
+/// ever held at once, and how many leases ran out (each requeued an operation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldStats {
+    pub held_now: u64,
+    pub held_peak: u64,
+    pub lease_expiries: u64,
+}
+
 /// Every operation, plus an index of every claim token ever issued.
 #[derive(Debug, Default)]
 pub struct Operations {
@@ -288,6 +298,21 @@ pub struct Operations {
     tokens: HashMap<String, String>,
     /// The distinct lengths of the issued tokens (for `token_in`).
     token_lens: std::collections::BTreeSet<usize>,
+    stats: HeldStats,
+}
+
+impl HeldStats {
+    /// One operation went from held-or-not `was` to `now`.
+    fn moved(&mut self, was: bool, now: bool) {
+        match (was, now) {
+            (false, true) => {
+                self.held_now += 1;
+                self.held_peak = self.held_peak.max(self.held_now);
+            }
+            (true, false) => self.held_now = self.held_now.saturating_sub(1),
+            _ => {}
+        }
+    }
 }
 
 impl Operations {
@@ -328,7 +353,9 @@ impl Operations {
         if injected_conflict && op.status == OpStatus::Queued {
             return Err(ToolError::conflict(format!("operation {id} is claimed")));
         }
+        let was = op.status.is_held();
         op.claim(holder, lease_seconds, now, token.clone())?;
+        self.stats.moved(was, op.status.is_held());
         self.token_lens.insert(token.len());
         self.tokens.insert(token, id.to_string());
         Ok(op.to_wire())
@@ -344,12 +371,31 @@ impl Operations {
         now: i64,
     ) -> Result<NodeOperation, ToolError> {
         let op = self.ops.get_mut(id).ok_or_else(|| ToolError::not_found(format!("operation {id} not found")))?;
+        let was = op.status.is_held();
         op.update(holder, status, result, error, now)?;
+        self.stats.moved(was, op.status.is_held());
         Ok(op.to_wire())
     }
 
     pub fn tick(&mut self, now: i64, timeout_ms: u64) -> Vec<TickEvent> {
-        self.ops.values_mut().filter_map(|o| o.tick(now, timeout_ms)).collect()
+        let stats = &mut self.stats;
+        self.ops
+            .values_mut()
+            .filter_map(|o| {
+                let was = o.status.is_held();
+                let ev = o.tick(now, timeout_ms)?;
+                stats.moved(was, o.status.is_held());
+                if matches!(ev, TickEvent::LeaseExpired(_)) {
+                    stats.lease_expiries += 1;
+                }
+                Some(ev)
+            })
+            .collect()
+    }
+
+    /// Held now, the peak, and the lease expiries so far (`GET /admin/stats`).
+    pub fn stats(&self) -> HeldStats {
+        self.stats
     }
 
     /// The operation a claim token was issued for (current or revoked).
@@ -372,7 +418,12 @@ impl Operations {
             return ClaimCheck::Refused("unknown claim");
         };
         match self.ops.get_mut(id) {
-            Some(op) => op.activate(token, node_name, now),
+            Some(op) => {
+                let was = op.status.is_held();
+                let check = op.activate(token, node_name, now);
+                self.stats.moved(was, op.status.is_held());
+                check
+            }
             None => ClaimCheck::Refused("unknown claim"),
         }
     }
@@ -485,6 +536,33 @@ mod tests {
         assert!(matches!(o.register_claim("t2", "pn-s1", 5_001), ClaimCheck::Accepted { activated: false, .. }));
         assert_eq!(o.get("op-1").unwrap().status, OpStatus::Failed);
         assert_eq!(o.register_claim("nope", "pn-s1", 5_001), ClaimCheck::Refused("unknown claim"));
+    }
+
+    #[test]
+    fn held_stats_follow_every_transition() {
+        let mut o = ops_with_one();
+        for (i, id) in ["op-2", "op-3"].into_iter().enumerate() {
+            let intent = Intent { sub_id: format!("s{}", i + 2), region: "sg".into(), traffic_total_bytes: 1, ip_type: "x".into(), domain: String::new() };
+            o.add(id.into(), intent, 0);
+        }
+        let st = |o: &Operations| (o.stats().held_now, o.stats().held_peak, o.stats().lease_expiries);
+        assert_eq!(st(&o), (0, 0, 0));
+        o.claim("op-1", "a", 1, 0, "t1".into(), false).unwrap();
+        o.claim("op-2", "a", 600, 0, "t2".into(), false).unwrap();
+        o.claim("op-3", "a", 600, 0, "t3".into(), false).unwrap();
+        assert_eq!(st(&o), (3, 3, 0));
+        o.claim("op-3", "b", 600, 0, "t4".into(), false).unwrap_err();
+        o.update("op-2", "a", "in_progress", None, None, 10).unwrap();
+        assert_eq!(st(&o), (3, 3, 0), "in_progress is still held");
+        o.tick(1_000, 1_800_000);
+        assert_eq!(st(&o), (2, 3, 1), "op-1's lease ran out");
+        assert!(matches!(o.register_claim("t2", "pn-s2", 1_001), ClaimCheck::Accepted { activated: true, .. }));
+        assert_eq!(st(&o), (1, 3, 1), "done is not held");
+        o.update("op-3", "a", "failed", None, Some("x"), 1_002).unwrap();
+        assert_eq!(st(&o), (0, 3, 1));
+        o.claim("op-1", "a", 600, 2_000, "t5".into(), false).unwrap();
+        o.tick(3_000, 2_000);
+        assert_eq!(st(&o), (0, 3, 1), "the sweep's failure is not held, and not a lease expiry");
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct Faults {
     pub create_fail_rate: f64,
     /// Probability that an instance reaches `running` without an ipv4.
     pub no_ip_rate: f64,
+    /// Probability that `update_node_operation` alone answers a transient 503 (before doing
+    /// anything); the other tools and the nodes' registration are unaffected.
+    pub update_operation_error_rate: f64,
     /// Extra lines the emulated k2s and k2-sidecar log right after their start-up lines (so
     /// `server ready` is far out of any `docker logs --tail`). At most 10,000,000.
     pub log_noise_lines: u64,
@@ -69,6 +72,7 @@ impl Default for Faults {
             seed: 0,
             create_fail_rate: 0.0,
             no_ip_rate: 0.0,
+            update_operation_error_rate: 0.0,
             log_noise_lines: 0,
         }
     }
@@ -106,17 +110,18 @@ impl Faults {
     fn validate(&self) -> Result<(), FaultsError> {
         let rates = [
             ("centerErrorRate", self.center_error_rate),
+            ("slaveErrorRate", self.slave_error_rate),
             ("claimConflictRate", self.claim_conflict_rate),
             ("sshDropRate", self.ssh_drop_rate),
             ("prepFailRate", self.prep_fail_rate),
             ("createFailRate", self.create_fail_rate),
             ("noIpRate", self.no_ip_rate),
+            ("updateOperationErrorRate", self.update_operation_error_rate),
         ];
         for (name, r) in rates {
             if !(0.0..=1.0).contains(&r) {
                 return Err(FaultsError::RateOutOfRange(name));
             }
-            ("slaveErrorRate", self.slave_error_rate),
         }
         if self.usage_interval_ms < 10 {
             return Err(FaultsError::IntervalTooSmall);
@@ -172,6 +177,14 @@ mod tests {
         assert!(matches!(f.merged(&json!({"bogus": 1})), Err(FaultsError::Invalid(_))));
         assert!(matches!(f.merged(&json!({"bootDelayMs": "x"})), Err(FaultsError::Invalid(_))));
         assert_eq!(f.merged(&json!([])), Err(FaultsError::NotAnObject));
+    }
+
+    #[test]
+    fn the_update_operation_knob_is_a_rate() {
+        let f = Faults::default();
+        assert_eq!(f.update_operation_error_rate, 0.0);
+        assert_eq!(f.merged(&json!({"updateOperationErrorRate": 1.0})).unwrap().update_operation_error_rate, 1.0);
+        assert_eq!(f.merged(&json!({"updateOperationErrorRate": -0.1})), Err(FaultsError::RateOutOfRange("updateOperationErrorRate")));
     }
 
     #[test]

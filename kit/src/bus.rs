@@ -5,7 +5,9 @@
 //! The loop fetches only as many messages as it has free handler slots (a prefetched message's
 //! AckWait would run while it waits), sends progress acks while a handler works, confirms
 //! successful acks (`double_ack`), naks transient failures with a delay, and turns poison or
-//! exhausted messages into `pn.op.failed` — never silence.
+//! exhausted messages into `pn.op.failed` — never silence. A consumer that only *reports* an
+//! operation's fate (`LoopConfig::reports_only`: svc-claimer's reports to Center) never fails
+//! one: its retries back off without limit and a `Fail` is logged and terminated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,11 +263,36 @@ pub struct LoopConfig {
     /// 0 = the handler never parks. A parking consumer has no JetStream delivery limit (a
     /// park is a delivery too): its handler keeps the attempt budget in its own records.
     pub parking: i64,
+    /// Whether this loop may fail an operation: turn a `Fail`, poison, or a `Retry` whose
+    /// deliveries ran out into `pn.op.failed` (true for the stages). False for a consumer that
+    /// only reports what happened elsewhere (svc-claimer's reports to Center): a failed report
+    /// is not a failed operation, so it has no JetStream delivery limit, its `Retry` is nak'ed
+    /// with `retry_backoff` (growing with the delivery count, at most `retry_cap`) for as long
+    /// as it takes, and its `Fail` is logged and terminated without any publish.
+    pub fails_operations: bool,
+    /// The longest nak delay of a reports-only consumer's `Retry`.
+    pub retry_cap: Duration,
 }
 
 impl LoopConfig {
     pub fn new(stage: Stage, concurrency: usize, ack_wait: Duration) -> LoopConfig {
-        LoopConfig { stage, concurrency: concurrency.max(1), ack_wait, max_deliver: 8, parking: 0 }
+        LoopConfig {
+            stage,
+            concurrency: concurrency.max(1),
+            ack_wait,
+            max_deliver: 8,
+            parking: 0,
+            fails_operations: true,
+            retry_cap: DEFAULT_RETRY_CAP,
+        }
+    }
+
+    /// A consumer that never fails an operation (see `fails_operations`); its retries back off
+    /// up to `retry_cap` between deliveries.
+    pub fn reports_only(mut self, retry_cap: Duration) -> LoopConfig {
+        self.fails_operations = false;
+        self.retry_cap = retry_cap.max(Duration::from_millis(1));
+        self
     }
 
     /// This consumer's handler parks up to `capacity` waiting operations (see `parking`).
@@ -274,9 +301,9 @@ impl LoopConfig {
         self
     }
 
-    /// JetStream's delivery limit: none for a parking consumer.
+    /// JetStream's delivery limit: none for a parking or a reports-only consumer.
     fn consumer_max_deliver(&self) -> i64 {
-        if self.parking > 0 { -1 } else { self.max_deliver }
+        if self.parking > 0 || !self.fails_operations { -1 } else { self.max_deliver }
     }
 
     /// Unacked messages JetStream lets the consumer hold: the running handlers, a fetch's
@@ -288,6 +315,17 @@ impl LoopConfig {
     fn progress_every(&self) -> Duration {
         (self.ack_wait / 3).max(Duration::from_millis(100))
     }
+}
+
+/// The default `LoopConfig::retry_cap`.
+pub const DEFAULT_RETRY_CAP: Duration = Duration::from_secs(60);
+
+/// The nak delay of a reports-only consumer's `Retry` at its `delivered`-th delivery (from 1):
+/// the handler's `after` (at least 100 ms) doubled per earlier delivery, never above `cap`.
+pub fn retry_backoff(after: Duration, delivered: i64, cap: Duration) -> Duration {
+    let base = after.max(Duration::from_millis(100));
+    let doublings = delivered.saturating_sub(1).clamp(0, 30) as u32;
+    base.saturating_mul(1u32 << doublings).min(cap)
 }
 
 /// A message handed to a handler.
@@ -343,10 +381,12 @@ pub fn replay_lookup<R: crate::state::Record, M: prost::Message + Default>(
 #[derive(Debug)]
 pub enum HandleError {
     /// The world is flaky: nak and try again after `after`. When deliveries run out the
-    /// operation fails with `reason`.
+    /// operation fails with `reason` — except on a reports-only consumer
+    /// (`LoopConfig::reports_only`), which retries with a growing delay for as long as it takes.
     Retry { reason: String, after: Duration, failed: Option<OpFailed> },
     /// This input cannot succeed: publish `pn.op.failed` (with `failed` if given, else built
-    /// from the subject) and terminate the message.
+    /// from the subject) and terminate the message. A reports-only consumer terminates it
+    /// without publishing (logged, counted in `pn_handler_terminated_total`).
     Fail { reason: String, failed: Option<OpFailed> },
     /// Ignore and terminate (e.g. a replay for an unknown operation). Logged.
     Drop(String),
@@ -489,14 +529,26 @@ async fn handle_one(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, handler:
         }
         Err(HandleError::Retry { reason, after, failed }) => {
             metrics::counter!("pn_handler_retries_total", "stage" => cfg.stage.as_str()).increment(1);
+            if !cfg.fails_operations {
+                // A failed report is not a failed operation: back off and try again, forever.
+                let delay = retry_backoff(after, delivered, cfg.retry_cap);
+                tracing::warn!(%subject, delivered, %reason, retry_in_ms = delay.as_millis() as u64, "will retry (this consumer never fails an operation)");
+                if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(%subject, error = %e, "nak not sent; redelivery after AckWait");
+                }
             // A parking consumer's deliveries include its parks: its handler counts attempts.
-            if cfg.parking == 0 && delivered >= cfg.max_deliver {
+            } else if cfg.parking == 0 && delivered >= cfg.max_deliver {
                 tracing::error!(%subject, delivered, %reason, "deliveries exhausted; failing the operation");
                 fail_and_term(&bus, &msg, &subject, &cfg, reason, failed, delivered).await;
             } else {
                 tracing::warn!(%subject, delivered, %reason, retry_in_ms = after.as_millis() as u64, "will retry");
                 let _ = msg.ack_with(AckKind::Nak(Some(after))).await;
             }
+        }
+        Err(HandleError::Fail { reason, .. }) if !cfg.fails_operations => {
+            metrics::counter!("pn_handler_terminated_total", "stage" => cfg.stage.as_str()).increment(1);
+            tracing::error!(%subject, %reason, "message cannot be handled; terminated (this consumer never fails an operation)");
+            let _ = msg.ack_with(AckKind::Term).await;
         }
         Err(HandleError::Fail { reason, failed }) => {
             tracing::error!(%subject, %reason, "operation failed");
@@ -578,6 +630,46 @@ mod tests {
 
     fn incoming(subject: &str, payload: Vec<u8>) -> Incoming {
         Incoming { subject: subject.into(), payload: Bytes::from(payload), headers: None, delivered: 1 }
+    }
+
+    #[test]
+    fn reports_only_backoff_doubles_per_delivery_up_to_the_cap() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let cap = s(60);
+        assert_eq!(retry_backoff(s(2), 1, cap), s(2));
+        assert_eq!(retry_backoff(s(2), 2, cap), s(4));
+        assert_eq!(retry_backoff(s(2), 3, cap), s(8));
+        assert_eq!(retry_backoff(s(2), 5, cap), s(32));
+        assert_eq!(retry_backoff(s(2), 6, cap), cap);
+        assert_eq!(retry_backoff(s(2), 7, cap), cap);
+        // No overflow however often it was delivered; a delivery count below 1 is the first.
+        assert_eq!(retry_backoff(s(2), i64::MAX, cap), cap);
+        assert_eq!(retry_backoff(s(2), 0, cap), s(2));
+        assert_eq!(retry_backoff(s(2), -5, cap), s(2));
+        // A zero `after` still waits (no hot loop); a small cap wins over the base.
+        assert_eq!(retry_backoff(Duration::ZERO, 1, cap), ms(100));
+        assert_eq!(retry_backoff(Duration::ZERO, 4, cap), ms(800));
+        assert_eq!(retry_backoff(s(2), 1, ms(500)), ms(500));
+        // Monotone in the delivery count.
+        let mut last = Duration::ZERO;
+        for d in 1..100 {
+            let b = retry_backoff(ms(250), d, cap);
+            assert!(b >= last && b <= cap);
+            last = b;
+        }
+    }
+
+    #[test]
+    fn only_a_failing_consumer_has_a_delivery_limit() {
+        let c = LoopConfig::new(Stage::Deploy, 4, Duration::from_secs(5));
+        assert!(c.fails_operations);
+        assert_eq!(c.consumer_max_deliver(), 8);
+        let r = c.clone().reports_only(Duration::from_secs(3));
+        assert!(!r.fails_operations);
+        assert_eq!(r.retry_cap, Duration::from_secs(3));
+        assert_eq!(r.consumer_max_deliver(), -1);
+        assert_eq!(c.with_parking(10).consumer_max_deliver(), -1);
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! publishes `pn.op.claimed`; it is the single writer of the operation's status at Center —
 //! `in_progress {instanceId, ipv4}` on `pn.op.instance`, `failed` on `pn.op.failed` — and keeps
 //! the leases of its in-flight operations alive. It never sends `done`.
+//!
+//! Fail safe: its consumers only *report* (`LoopConfig::reports_only`): a report Center keeps
+//! refusing is retried with back-off for as long as it takes and never becomes
+//! `pn.op.failed`; a `pn.op.failed` for an operation Center reports activated is recorded, not
+//! reported. It claims only what the pipeline can carry (`max_claimed`).
 
 mod handlers;
 mod poll;
@@ -45,12 +50,51 @@ pub struct Settings {
     pub holder: String,
     /// Claims attempted at once.
     pub claim_concurrency: usize,
+    /// `PN_MAX_CLAIMED`: the claim budget — operations this replica holds in flight at once
+    /// (claimed at Center, not yet verified or failed). Each poll claims at most the budget
+    /// minus what is in flight; the rest stay queued at Center, where no lease and no
+    /// operation timeout runs. Unset: `PN_MAX_IN_FLIGHT` (`common.max_in_flight`), the handler
+    /// slots each stage has — the number of operations a stage works on at once. A claim
+    /// beyond that would wait in a JetStream queue behind the others while its lease has to be
+    /// kept alive and Center's timeout for the operation runs, with nothing working on it; at
+    /// that budget every claimed operation can be in some stage's hands. Raise it when the
+    /// stages park their waits (a parked operation holds no slot) and throughput was measured
+    /// to carry more within the lease. At least 1.
+    pub max_claimed: Option<usize>,
+    /// `PN_REPORT_RETRY_CAP_MS`: the longest pause between two attempts of one report to Center
+    /// (`in_progress`, `failed`) while Center keeps refusing it. Attempts back off from 2 s up
+    /// to this and never run out: a failed report is not a failed operation.
+    pub report_retry_cap_ms: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { common: Common::default(), poll_interval_ms: 2000, lease_seconds: 600, holder: String::new(), claim_concurrency: 16 }
+        Settings {
+            common: Common::default(),
+            poll_interval_ms: 2000,
+            lease_seconds: 600,
+            holder: String::new(),
+            claim_concurrency: 16,
+            max_claimed: None,
+            report_retry_cap_ms: 60_000,
+        }
     }
+}
+
+impl Settings {
+    /// The claim budget (see `max_claimed`).
+    pub fn claim_budget(&self) -> usize {
+        self.max_claimed.unwrap_or(self.common.max_in_flight).max(1)
+    }
+}
+
+/// An operation this replica holds at Center.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Held {
+    /// When the lease was last renewed (ms; 0 = renew at the next round).
+    pub renewed_ms: i64,
+    /// The lease's end as Center last answered it (ms), if it did.
+    pub lease_expires_ms: Option<i64>,
 }
 
 /// State shared by the poller, the handlers and the lease keeper.
@@ -60,8 +104,38 @@ pub(crate) struct Ctx {
     pub seal: SealKey,
     pub holder: String,
     pub ops: Table<OpRecord>,
-    /// In-flight operations this replica holds: id → last lease renewal (ms).
-    pub active: Mutex<HashMap<String, i64>>,
+    /// In-flight operations this replica holds (its claim budget counts these).
+    pub active: Mutex<HashMap<String, Held>>,
+}
+
+impl Ctx {
+    /// How many operations this replica holds in flight (gauge `pn_claimed_in_flight`).
+    pub fn in_flight(&self) -> usize {
+        let n = self.active.lock().map(|a| a.len()).unwrap_or(0);
+        metrics::gauge!("pn_claimed_in_flight").set(n as f64);
+        n
+    }
+
+    /// Records that this replica holds `id`, its lease renewed now (to `lease_expires_ms` when
+    /// Center said so).
+    pub fn hold(&self, id: &str, lease_expires_ms: Option<i64>) {
+        if let Ok(mut a) = self.active.lock() {
+            let h = a.entry(id.to_string()).or_default();
+            h.renewed_ms = kit::now_ms();
+            if lease_expires_ms.is_some() {
+                h.lease_expires_ms = lease_expires_ms;
+            }
+        }
+        self.in_flight();
+    }
+
+    /// This replica no longer holds `id`.
+    pub fn forget(&self, id: &str) {
+        if let Ok(mut a) = self.active.lock() {
+            a.remove(id);
+        }
+        self.in_flight();
+    }
 }
 
 pub struct App {
@@ -78,11 +152,13 @@ impl App {
         for item in ops.iter() {
             let (id, rec) = item?;
             if rec.is_active() && rec.holder == holder {
-                active.insert(id, 0);
+                active.insert(id, Held::default());
             }
         }
-        tracing::info!(%holder, in_flight = active.len(), "claimer ready");
-        Ok(App { ctx: Arc::new(Ctx { rt, settings, seal, holder, ops, active: Mutex::new(active) }) })
+        tracing::info!(%holder, in_flight = active.len(), budget = settings.claim_budget(), "claimer ready");
+        let ctx = Arc::new(Ctx { rt, settings, seal, holder, ops, active: Mutex::new(active) });
+        ctx.in_flight();
+        Ok(App { ctx })
     }
 
     pub fn ops_addr(&self) -> std::net::SocketAddr {
@@ -95,7 +171,8 @@ impl App {
         // Operations claimed but never published (a crash between the two) go out first.
         handlers::republish_unpublished(&ctx).await;
         let mut set = JoinSet::new();
-        let cfg = rt.loop_config(Stage::Claim);
+        // Every consumer here reports; none may fail an operation.
+        let cfg = rt.loop_config(Stage::Claim).reports_only(Duration::from_millis(ctx.settings.report_retry_cap_ms.max(100)));
         let on_instance = handlers::OnInstance(ctx.clone());
         rt.spawn_consumer(&mut set, ConsumerSpec::ops("svc-claimer-instance", subjects::INSTANCE, &cfg), cfg.clone(), Arc::new(on_instance))
             .await?;

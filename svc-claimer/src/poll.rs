@@ -1,7 +1,10 @@
 //! The poller (runbook step 1: list queued provisions, lease one, on conflict move on) and the
-//! lease keeper (an in-flight operation's lease is renewed with `in_progress`).
+//! lease keeper (an in-flight operation's lease is renewed with `in_progress`, and the answer
+//! checked for the extension). The poller claims only within the claim budget
+//! (`Settings::max_claimed`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -27,14 +30,34 @@ pub async fn poll_loop(ctx: Arc<Ctx>, token: CancellationToken) {
     }
 }
 
-/// One pass over the queue. Returns how many operations this replica claimed.
+/// One pass over the queue. Returns how many operations this replica claimed: at most the
+/// claim budget minus the operations it holds in flight (those only go down meanwhile).
 pub async fn poll_once(ctx: &Arc<Ctx>) -> Result<usize, CenterError> {
+    let budget = ctx.settings.claim_budget();
+    let held = ctx.in_flight();
+    let room = budget.saturating_sub(held);
+    if room == 0 {
+        tracing::debug!(held, budget, "claim budget used up; queued operations stay at Center");
+        return Ok(0);
+    }
     let filter = OpFilter { action: Some("provision".into()), status: Some("queued".into()), id: None };
     let queued = ctx.rt.center.list_node_operations(&filter).await?;
+    let slots = Arc::new(AtomicUsize::new(room));
     let results = futures::stream::iter(queued)
         .map(|op| {
             let ctx = ctx.clone();
-            async move { claim_one(&ctx, op).await }
+            let slots = slots.clone();
+            async move {
+                // A slot is taken before the claim and given back unless a lease was taken.
+                if slots.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
+                    return false;
+                }
+                let leased = claim_one(&ctx, op).await;
+                if !leased {
+                    slots.fetch_add(1, Ordering::SeqCst);
+                }
+                leased
+            }
         })
         .buffer_unordered(ctx.settings.claim_concurrency.max(1))
         .collect::<Vec<_>>()
@@ -42,6 +65,7 @@ pub async fn poll_once(ctx: &Arc<Ctx>) -> Result<usize, CenterError> {
     Ok(results.into_iter().filter(|r| *r).count())
 }
 
+/// Claims one queued operation. True when Center leased it to this replica.
 async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
     if !subjects::is_token(&op.id) || !subjects::is_token(&op.sub_id) {
         tracing::error!(operation = %op.id.chars().take(64).collect::<String>(), "queued operation has an id or subId unfit for a subject; skipped");
@@ -68,9 +92,11 @@ async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
             return false;
         }
     };
+    let lease_expires_ms = claimed.operation.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
     let Some(identity) = claimed.identity else {
+        // Held at Center until the lease runs out: it counts against the budget meanwhile.
         tracing::error!(op = %op.id, "claim answered without an identity; cannot provision");
-        return false;
+        return true;
     };
     // Sealed at once: from here on the token exists only sealed (and in `identity`, dropped soon).
     let sealed = ctx.seal.seal_str(&identity.claim_token);
@@ -102,11 +128,9 @@ async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
     };
     if let Err(e) = ctx.ops.put(&op.id, &rec).await {
         tracing::error!(op = %op.id, error = %e, "could not record the claim; the lease will expire and Center requeues it");
-        return false;
+        return true;
     }
-    if let Ok(mut a) = ctx.active.lock() {
-        a.insert(op.id.clone(), kit::now_ms());
-    }
+    ctx.hold(&op.id, lease_expires_ms);
     publish_claimed(ctx, rec).await;
     true
 }
@@ -125,6 +149,13 @@ pub async fn publish_claimed(ctx: &Ctx, mut rec: OpRecord) {
     match ctx.rt.bus.publish(subject, Body::Claimed(OpClaimed { op: Some(op) }), &meta).await {
         Ok(()) => {
             rec.published = true;
+            if rec.holder == ctx.holder && rec.terminal.is_none() {
+                // A claim republished after a restart is in flight too (its lease renewed).
+                let known = ctx.active.lock().map(|a| a.contains_key(&rec.operation_id)).unwrap_or(true);
+                if !known {
+                    ctx.hold(&rec.operation_id, None);
+                }
+            }
             if let Err(e) = ctx.ops.put(&rec.operation_id, &rec).await {
                 tracing::warn!(op = %rec.operation_id, error = %e, "could not mark published (a restart republishes; dedup absorbs it)");
             }
@@ -150,9 +181,10 @@ pub async fn lease_keeper(ctx: Arc<Ctx>, token: CancellationToken) {
         }
         let now = kit::now_ms();
         let due: Vec<String> = match ctx.active.lock() {
-            Ok(a) => a.iter().filter(|(_, last)| now - **last >= lease_ms / 3).map(|(id, _)| id.clone()).collect(),
+            Ok(a) => a.iter().filter(|(_, h)| now - h.renewed_ms >= lease_ms / 3).map(|(id, _)| id.clone()).collect(),
             Err(_) => continue,
         };
+        ctx.in_flight();
         for id in due {
             renew(&ctx, &id).await;
         }
@@ -161,33 +193,79 @@ pub async fn lease_keeper(ctx: Arc<Ctx>, token: CancellationToken) {
 
 async fn renew(ctx: &Ctx, id: &str) {
     let Ok(Some(mut rec)) = ctx.ops.get(id) else {
-        if let Ok(mut a) = ctx.active.lock() {
-            a.remove(id);
-        }
+        ctx.forget(id);
         return;
     };
     if !rec.is_active() {
-        if let Ok(mut a) = ctx.active.lock() {
-            a.remove(id);
-        }
+        ctx.forget(id);
         return;
     }
     let result = crate::handlers::progress_result(&rec);
+    let before = ctx.active.lock().ok().and_then(|a| a.get(id).and_then(|h| h.lease_expires_ms));
+    let asked_at = kit::now_ms();
     match ctx.rt.center.update_node_operation(id, &rec.holder, "in_progress", result, None).await {
-        Ok(_) => {
-            if let Ok(mut a) = ctx.active.lock() {
-                a.insert(id.to_string(), kit::now_ms());
+        Ok(op) => {
+            let after = op.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
+            let lease_ms = i64::from(ctx.settings.lease_seconds.max(1)) * 1000;
+            if let Err(why) = lease_extended(before, after, asked_at, lease_ms) {
+                metrics::counter!("pn_lease_not_extended_total").increment(1);
+                tracing::warn!(
+                    op = %id,
+                    why,
+                    before = ?before,
+                    answered = ?op.lease_expires_at,
+                    asked_at_ms = asked_at,
+                    lease_ms,
+                    "lease renewal accepted but the lease was not extended; it may run out"
+                );
             }
+            ctx.hold(id, after);
         }
         Err(e) if matches!(e, CenterError::Conflict { .. } | CenterError::Rejected { .. }) => {
             // Terminal at Center (done by the node, or failed by its sweep) or no longer ours.
             tracing::info!(op = %id, reason = %e, "lease no longer renewable; operation left to its outcome");
             rec.terminal = Some("center".into());
             let _ = ctx.ops.put(id, &rec).await;
-            if let Ok(mut a) = ctx.active.lock() {
-                a.remove(id);
-            }
+            ctx.forget(id);
         }
+        // Still due: the next round of the keeper tries again; a renewal never fails the operation.
         Err(e) => tracing::warn!(op = %id, error = %e, "lease renewal failed; will retry"),
+    }
+}
+
+/// Whether a renewal's answer shows the lease extended: Center answered the lease's end
+/// (`after`), later than the end it answered before (`before`, when known), and at least half
+/// a lease beyond the moment we asked (`asked_at_ms`; half, so a skewed clock at Center does
+/// not cry wolf). `Err` says what is wrong.
+pub fn lease_extended(before: Option<i64>, after: Option<i64>, asked_at_ms: i64, lease_ms: i64) -> Result<(), &'static str> {
+    let Some(after) = after else { return Err("the answer has no leaseExpiresAt") };
+    if before.is_some_and(|b| after <= b) {
+        return Err("leaseExpiresAt did not move");
+    }
+    if after < asked_at_ms.saturating_add(lease_ms / 2) {
+        return Err("leaseExpiresAt is less than half a lease away");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renewal_extends_the_lease_only_when_the_answer_shows_it() {
+        let lease = 600_000;
+        let now = 1_000_000;
+        // The simulator's answer: now + lease, later than before.
+        assert_eq!(lease_extended(Some(now + 400_000), Some(now + lease), now, lease), Ok(()));
+        // First renewal after a restart: nothing known before.
+        assert_eq!(lease_extended(None, Some(now + lease + 50), now, lease), Ok(()));
+        // Center's clock a minute behind ours still counts as extended.
+        assert_eq!(lease_extended(Some(now + 300_000), Some(now + lease - 60_000), now, lease), Ok(()));
+        assert!(lease_extended(Some(now + 400_000), None, now, lease).is_err(), "no leaseExpiresAt");
+        assert!(lease_extended(Some(now + 400_000), Some(now + 400_000), now, lease).is_err(), "unchanged");
+        assert!(lease_extended(Some(now + 400_000), Some(now + 399_000), now, lease).is_err(), "earlier");
+        assert!(lease_extended(None, Some(now + 10_000), now, lease).is_err(), "far short of a lease");
+        assert!(lease_extended(Some(now + 5_000), Some(now + 10_000), now, lease).is_err(), "moved, but not by a lease");
     }
 }

@@ -17,7 +17,8 @@ pub struct OpRecord {
     pub instance_id: Option<String>,
     pub ipv4: Option<String>,
     pub reported_in_progress: bool,
-    /// `verified`, `failed`, or `center` (Center says the operation is terminal).
+    /// `verified`, `failed`, `center` (Center says the operation is terminal), or `activated`
+    /// (a failure event came for an operation Center reports activated; not reported).
     pub terminal: Option<String>,
     pub failed_reported: bool,
 }

@@ -168,6 +168,80 @@ async fn a_message_that_keeps_failing_ends_in_pn_op_failed() {
 }
 
 #[tokio::test]
+async fn a_reports_only_consumer_never_fails_an_operation() {
+    let n = Nats::start().unwrap();
+    let b = bus(&n).await;
+    let mut stage_cfg = LoopConfig::new(Stage::Claim, 2, Duration::from_secs(5));
+    stage_cfg.max_deliver = 2;
+    // The durable existed as a stage consumer (delivery limit 2); reports-only lifts the limit.
+    b.consumer(&ConsumerSpec::ops("reports", subjects::CLAIMED, &stage_cfg)).await.unwrap();
+    let cap = Duration::from_millis(400);
+    let cfg = stage_cfg.clone().reports_only(cap);
+    let mut consumer = b.consumer(&ConsumerSpec::ops("reports", subjects::CLAIMED, &cfg)).await.unwrap();
+    assert_eq!(consumer.info().await.unwrap().config.max_deliver, -1);
+
+    const RETRIES: usize = 6;
+    let seen: Arc<std::sync::Mutex<Vec<(String, i64, std::time::Instant)>>> = Arc::default();
+    let s2 = seen.clone();
+    let handler = move |m: Incoming| {
+        let seen = s2.clone();
+        async move {
+            let op = m.subject_op_id().unwrap_or("").to_string();
+            let retries = {
+                let mut s = seen.lock().unwrap();
+                s.push((op.clone(), m.delivered, std::time::Instant::now()));
+                s.iter().filter(|(o, _, _)| *o == op).count()
+            };
+            m.decode()?;
+            match op.as_str() {
+                "op-center-down" if retries < RETRIES => Err(HandleError::retry("center: transient: HTTP 503", Duration::from_millis(50))),
+                "op-hopeless" => Err(HandleError::fail("this report cannot be made")),
+                _ => Ok(()),
+            }
+        }
+    };
+    let token = CancellationToken::new();
+    let t = tokio::spawn(run_loop(b.clone(), consumer.clone(), cfg, Arc::new(handler), token.clone().cancelled_owned()));
+    for op in ["op-center-down", "op-hopeless"] {
+        b.publish(subjects::op_event(subjects::CLAIMED, op), claimed(op), &Meta::outcome(op, "s", Stage::Claim, 1)).await.unwrap();
+    }
+    // Garbage is terminated too, without a publish.
+    b.js.publish(subjects::op_event(subjects::CLAIMED, "op-garbage"), vec![0xff, 0x01].into()).await.unwrap().await.unwrap();
+    let calls = |op: &str| seen.lock().unwrap().iter().filter(|(o, _, _)| o == op).count();
+    eventually("the retried report succeeds past max_deliver", Duration::from_secs(30), || async {
+        (calls("op-center-down") >= RETRIES).then_some(())
+    })
+    .await
+    .unwrap();
+    eventually("the consumer has nothing left", Duration::from_secs(10), || {
+        let mut c = consumer.clone();
+        async move {
+            let i = c.info().await.ok()?;
+            (i.num_ack_pending == 0 && i.num_pending == 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    // Let any wrongly nak'ed message come back before judging.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(calls("op-center-down"), RETRIES, "retried past the stage's max_deliver of 2, then acked once");
+    assert_eq!(calls("op-hopeless"), 1, "a Fail is terminated, not redelivered");
+    assert_eq!(calls("op-garbage"), 1, "poison is terminated, not redelivered");
+    assert_eq!(count(&b, subjects::OPS_STREAM, "pn.op.failed.>").await, 0, "a reports-only consumer never publishes pn.op.failed");
+    // Each redelivery came no sooner than its back-off (doubling from 100 ms, capped at 400 ms).
+    let tries: Vec<(i64, std::time::Instant)> =
+        seen.lock().unwrap().iter().filter(|(o, _, _)| o == "op-center-down").map(|(_, d, at)| (*d, *at)).collect();
+    assert_eq!(tries.iter().map(|(d, _)| *d).collect::<Vec<_>>(), (1..=RETRIES as i64).collect::<Vec<_>>());
+    for w in tries.windows(2) {
+        let want = kit::bus::retry_backoff(Duration::from_millis(50), w[0].0, cap);
+        let gap = w[1].1 - w[0].1;
+        assert!(gap + Duration::from_millis(30) >= want, "delivery {} came {gap:?} after the previous one; back-off {want:?}", w[1].0);
+    }
+    token.cancel();
+    t.await.unwrap();
+}
+
+#[tokio::test]
 async fn nothing_that_holds_a_secret_prints_it() {
     use secrecy::SecretString;
     let secret = "sekrit-claim-token-0123456789";

@@ -62,6 +62,12 @@ pub struct PipelineArgs {
     /// waiting on a node's prep are parked, they hold no handler slot).
     #[arg(long)]
     pub max_in_flight: Option<usize>,
+    /// svc-claimer's claim budget (PN_MAX_CLAIMED). Default: every intent of the run plus the
+    /// highest capacity level — the bench measures the stages' overhead and capacity, not the
+    /// admission of work, so the claimer's own default (PN_MAX_IN_FLIGHT) must not throttle it.
+    /// Set lower to see the budget's effect (queued→verified then includes the wait at Center).
+    #[arg(long)]
+    pub max_claimed: Option<usize>,
     /// With --realistic: the in-flight levels at which memory is measured.
     #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000,8000,10000")]
     pub levels: Vec<usize>,
@@ -132,6 +138,8 @@ pub struct Details {
     /// p50/p99 of each step as pnctl saw the events: queued→claimed, →instance, →deployed, →verified.
     pub steps: Vec<(&'static str, f64, f64)>,
     pub max_in_flight: usize,
+    /// svc-claimer's claim budget for the run (PN_MAX_CLAIMED).
+    pub max_claimed: usize,
     pub data_dir: PathBuf,
 }
 
@@ -166,15 +174,21 @@ pub async fn run(args: &PipelineArgs, data_dir: Option<PathBuf>) -> anyhow::Resu
     anyhow::ensure!(args.scale > 0.0, "--scale must be positive");
     let capacity_on = args.realistic && !args.no_capacity;
     let max_in_flight = args.max_in_flight.unwrap_or(256);
-    let mut env = vec![("PN_MAX_IN_FLIGHT".to_string(), max_in_flight.to_string())];
+    let highest_level = if capacity_on { args.levels.iter().copied().max().unwrap_or(0) } else { 0 };
+    let max_claimed = args.max_claimed.unwrap_or(args.intents + highest_level).max(1);
+    // Only svc-claimer reads PN_MAX_CLAIMED.
+    let mut env = vec![("PN_MAX_IN_FLIGHT".to_string(), max_in_flight.to_string()), ("PN_MAX_CLAIMED".to_string(), max_claimed.to_string())];
     if capacity_on {
         // The capacity phase parks operations in the OS prep far longer than its 5-minute
         // default limit; the deployer alone reads this key.
         env.push(("PN_SSH__PREP_TIMEOUT_MS".into(), (4 * 3600 * 1000).to_string()));
     }
-    let mut details = Details { load_before: procfs::loadavg(), machine: procfs::machine(), max_in_flight, ..Default::default() };
+    let mut details = Details { load_before: procfs::loadavg(), machine: procfs::machine(), max_in_flight, max_claimed, ..Default::default() };
     if !args.json {
-        eprintln!("pnctl bench: starting a dev stack (PN_MAX_IN_FLIGHT={max_in_flight}); load average {}", details.load_before);
+        eprintln!(
+            "pnctl bench: starting a dev stack (PN_MAX_IN_FLIGHT={max_in_flight}, PN_MAX_CLAIMED={max_claimed}); load average {}",
+            details.load_before
+        );
     }
     let stack = BenchStack::start(data_dir, &env).await?;
     details.data_dir = stack.dir.clone();
@@ -525,9 +539,11 @@ fn human(args: &PipelineArgs, r: &PipelineReport, d: &Details) -> String {
     out.push_str(&format!("pnctl bench pipeline --intents {}{}\n", r.intents, if args.realistic { format!(" --realistic --scale {}", args.scale) } else { String::new() }));
     out.push_str(&format!("machine: {}; load average before {} / after {}\n", d.machine, d.load_before, d.load_after));
     out.push_str(&format!(
-        "sim faults: {}; PN_MAX_IN_FLIGHT={}; customer traffic: {}\n\n",
+        "sim faults: {}; PN_MAX_IN_FLIGHT={}; PN_MAX_CLAIMED={}{}; customer traffic: {}\n\n",
         d.faults,
         d.max_in_flight,
+        d.max_claimed,
+        if args.max_claimed.is_none() { " (the claimer's budget, set above the run so it does not throttle it)" } else { "" },
         if args.customer_traffic { "1 MiB per node once deployed" } else { "none (usage = the sidecars' interval chatter)" }
     ));
     out.push_str(&format!(
@@ -659,6 +675,7 @@ mod tests {
             usage_interval_ms: 200,
             customer_traffic: false,
             max_in_flight: None,
+            max_claimed: None,
             levels: vec![],
             no_capacity: true,
             timeout: None,

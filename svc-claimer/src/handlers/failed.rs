@@ -1,17 +1,27 @@
 //! `pn.op.failed`: report `failed` with a concise reason, once (runbook step 8). The reason is
 //! clipped and scrubbed of the claim token defensively; `done` is never sent.
+//!
+//! Activation is final: before reporting, Center is asked (`kit::world::activation`). An
+//! operation that is `done`, or whose node `pn-<subId>` is registered, is not reported failed —
+//! the failure event is recorded (`terminal = "activated"`), logged and counted
+//! (`pn_failed_for_activated_total`). When Center cannot tell, the report waits (retried with
+//! back-off) rather than going out blind.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kit::bus::{HandleError, Handler, Incoming};
 use kit::center::CenterError;
+use kit::world::Activation;
 use proto::{Body, Operation};
 use secrecy::ExposeSecret;
 
 use crate::Ctx;
 
 pub struct OnFailed(pub Arc<Ctx>);
+
+/// `OpRecord::terminal` of an operation Center reported activated when a failure event came.
+pub const ACTIVATED: &str = "activated";
 
 /// A concise, secret-free reason: `<stage>: <reason>`, at most 240 characters.
 pub fn concise_reason(stage: &str, reason: &str, secrets: &[&str]) -> String {
@@ -43,6 +53,26 @@ impl Handler for OnFailed {
             .and_then(|op: Operation| ctx.seal.open_str(&op.sealed_claim_token).ok());
         let secrets: Vec<&str> = token.as_ref().map(|t| vec![t.expose_secret()]).unwrap_or_default();
         let reason = concise_reason(&f.stage, &f.reason, &secrets);
+        if rec.as_ref().is_some_and(|r| r.terminal.as_deref() == Some(ACTIVATED)) {
+            return Ok(());
+        }
+        let sub_id = if f.sub_id.is_empty() { rec.as_ref().map(|r| r.sub_id.clone()).unwrap_or_default() } else { f.sub_id.clone() };
+        match kit::world::activation(ctx.rt.center.as_ref(), &id, &format!("pn-{sub_id}")).await {
+            Activation::Active { why } => {
+                metrics::counter!("pn_failed_for_activated_total").increment(1);
+                tracing::warn!(%why, failed_stage = %f.stage, %reason, "a failure event arrived for an activated operation; not reported to Center");
+                let mut rec = rec.unwrap_or_else(|| crate::OpRecord { operation_id: id.clone(), sub_id: sub_id.clone(), ..Default::default() });
+                // A verified operation stays `verified`; anything else is now known activated.
+                rec.terminal.get_or_insert_with(|| ACTIVATED.into());
+                ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
+                super::forget(ctx, &id);
+                return Ok(());
+            }
+            Activation::Unknown { why } => {
+                return Err(retry(format!("not reporting failed before Center says whether the operation is activated: {why}")));
+            }
+            Activation::Failed { .. } | Activation::InFlight { .. } => {}
+        }
         let holder = rec.as_ref().map(|r| r.holder.clone()).filter(|h| !h.is_empty()).unwrap_or(f.holder.clone());
         let outcome = ctx.rt.center.update_node_operation(&id, &holder, "failed", None, Some(&reason)).await;
         match outcome {

@@ -1,4 +1,7 @@
 //! `pn.op.instance`: the VPS exists — report `in_progress {instanceId, ipv4}` (runbook step 3).
+//! Center refusing the report (transiently) is retried with back-off for as long as it takes
+//! (the consumer is reports-only): the node registers meanwhile and activates the operation
+//! anyway, so a report that cannot be made never fails the operation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,13 +48,12 @@ impl Handler for OnInstance {
         let result = super::progress_result(&rec);
         let holder = if op.holder.is_empty() { rec.holder.clone() } else { op.holder.clone() };
         match ctx.rt.center.update_node_operation(&id, &holder, "in_progress", result, None).await {
-            Ok(_) => {
+            Ok(answer) => {
                 rec.reported_in_progress = true;
                 ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
-                if let Ok(mut a) = ctx.active.lock()
-                    && rec.holder == ctx.holder {
-                        a.insert(id.clone(), kit::now_ms());
-                    }
+                if rec.holder == ctx.holder {
+                    ctx.hold(&id, answer.lease_expires_at.as_deref().and_then(crate::poll::parse_rfc3339_ms));
+                }
                 tracing::info!(instance = %inst.instance_id, ipv4 = %inst.ipv4, "reported in_progress");
                 Ok(())
             }

@@ -24,9 +24,7 @@ pub fn progress_result(rec: &OpRecord) -> Option<Value> {
 }
 
 fn forget(ctx: &Ctx, id: &str) {
-    if let Ok(mut a) = ctx.active.lock() {
-        a.remove(id);
-    }
+    ctx.forget(id);
 }
 
 /// Claims recorded but not yet published (a crash in between) are published at start.
