@@ -48,7 +48,7 @@ impl Runtime {
     pub async fn start_with(service: &'static str, common: &Common, extra: axum::Router) -> anyhow::Result<Runtime> {
         crate::init_crypto();
         let token = common.center_token()?;
-        let bus = Bus::connect(&common.nats_url, service, Duration::from_secs(30)).await?;
+        let bus = Bus::connect_as(&common.nats_url, service, Duration::from_secs(30), &common.nats_auth()?).await?;
         bus.ensure_streams_with(common.stream_replicas).await?;
         let store = Store::open_with_cache(&common.data_dir.join(service), common.state_cache_mb).context("open state store")?;
         let center: Arc<dyn Center> =
@@ -58,7 +58,7 @@ impl Runtime {
             .await
             .context("ops endpoints")?;
         crate::ops::build_info(service);
-        tracing::info!(service, ops = %ops_addr, nats = %common.nats_url, "started");
+        tracing::info!(service, ops = %ops_addr, nats = %crate::bus::redact_url(&common.nats_url), nats_user = ?common.nats_user, "started");
         Ok(Runtime { service, bus, store, center, common: common.clone(), ops_addr, shutdown })
     }
 

@@ -72,18 +72,94 @@ impl Meta {
     }
 }
 
+/// How a connection authenticates: a user and password (`PN_NATS_USER`, `PN_NATS_PASSWORD`),
+/// and the CA of the server's TLS certificate (`PN_NATS_CA_FILE`). Prints without the password.
+#[derive(Clone, Default)]
+pub struct NatsAuth {
+    pub user: Option<String>,
+    pub password: Option<secrecy::SecretString>,
+    /// Set: TLS is required and the server's certificate must chain to this CA (PEM).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "[REDACTED]"))
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl NatsAuth {
+    /// A user and its password.
+    pub fn user(user: &str, password: secrecy::SecretString) -> NatsAuth {
+        NatsAuth { user: Some(user.to_string()), password: Some(password), ca_file: None }
+    }
+}
+
+/// Splits `nats://user:password@host:port` into the URL without credentials and them
+/// (async-nats ignores credentials in a URL).
+pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_string(), None) };
+    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (format!("{scheme}://{host}{path}"), Some((user.to_string(), password.to_string())))
+        }
+        None => (url.to_string(), None),
+    }
+}
+
+/// `url` without the password of a `nats://user:password@host` form, for messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
 impl Bus {
-    /// Connects, retrying for up to `patience` (NATS may start after the service).
+    /// Connects, retrying for up to `patience` (NATS may start after the service). Credentials,
+    /// if any, come from the URL (`nats://user:password@host:port`); see [`Bus::connect_as`].
     pub async fn connect(url: &str, name: &str, patience: Duration) -> Result<Bus, BusError> {
+        Bus::connect_as(url, name, patience, &NatsAuth::default()).await
+    }
+
+    /// Connects as `auth`'s user, retrying for up to `patience`. With a user, the reply inbox is
+    /// `_INBOX_<user>` (`kit::nats_auth::inbox_prefix`): what the server lets that identity
+    /// subscribe to. A refused login is retried like an unreachable server and reported with the
+    /// server's words at the end; the password is never part of an error.
+    pub async fn connect_as(url: &str, name: &str, patience: Duration, auth: &NatsAuth) -> Result<Bus, BusError> {
+        use secrecy::ExposeSecret;
         let deadline = tokio::time::Instant::now() + patience;
+        let (plain, in_url) = split_credentials(url);
+        let creds = match (&auth.user, &auth.password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.expose_secret().to_string())),
+            _ => in_url,
+        };
         loop {
-            let opts = async_nats::ConnectOptions::new()
+            let mut opts = async_nats::ConnectOptions::new()
                 .name(name)
-                .retry_on_initial_connect()
                 .connection_timeout(Duration::from_secs(2))
                 .max_reconnects(None);
+            if let Some((user, password)) = &creds {
+                opts = opts
+                    .user_and_password(user.clone(), password.clone())
+                    .custom_inbox_prefix(crate::nats_auth::inbox_prefix(user));
+            }
+            if let Some(ca) = &auth.ca_file {
+                opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+            }
             let res = tokio::time::timeout(Duration::from_secs(3), async {
-                let c = opts.connect(url).await.map_err(|e| e.to_string())?;
+                let c = opts.connect(plain.as_str()).await.map_err(|e| e.to_string())?;
                 c.flush().await.map_err(|e| e.to_string())?;
                 Ok::<_, String>(c)
             })
@@ -95,51 +171,48 @@ impl Bus {
                     return Ok(Bus { client, js });
                 }
                 Err(msg) if tokio::time::Instant::now() >= deadline => {
-                    return Err(BusError::Connect { url: url.to_string(), msg });
+                    return Err(BusError::Connect { url: redact_url(url), msg });
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         }
     }
 
-    /// Creates or updates the three streams of DESIGN.md (one replica). Safe to call any number
-    /// of times.
+    /// Creates the three streams of DESIGN.md (one replica) when they do not exist yet; an
+    /// existing stream is left as it is. Safe to call any number of times.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
         self.ensure_streams_with(1).await
     }
 
-    /// Like `ensure_streams`, with `replicas` JetStream replicas per stream.
+    /// Like `ensure_streams`, with `replicas` JetStream replicas per new stream. What a service
+    /// does at start: its NATS identity may create a missing stream but not change one
+    /// (`kit::nats_auth`); [`Bus::apply_streams_with`] (the operator) updates them.
     pub async fn ensure_streams_with(&self, replicas: usize) -> Result<(), BusError> {
-        let configs = [
-            stream::Config {
-                name: subjects::OPS_STREAM.into(),
-                subjects: vec![subjects::OPS_ALL.into()],
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                max_age: OPS_MAX_AGE,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            },
-            stream::Config {
-                name: subjects::REPLAY_STREAM.into(),
-                subjects: vec![subjects::REPLAY_ALL.into()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                max_age: Duration::from_secs(24 * 3600),
-                ..Default::default()
-            },
-            stream::Config {
-                name: subjects::METER_STREAM.into(),
-                subjects: vec![subjects::METER_ALL.into()],
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                max_age: Duration::from_secs(35 * 24 * 3600),
-                max_messages_per_subject: 1000,
-                ..Default::default()
-            },
-        ];
-        for mut cfg in configs {
-            cfg.num_replicas = replicas.max(1);
+        for cfg in stream_configs(replicas) {
+            let name = cfg.name.clone();
+            match self.js.get_stream(&name).await {
+                Ok(_) => continue,
+                Err(e) => match e.kind() {
+                    jetstream::context::GetStreamErrorKind::JetStream(je)
+                        if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {}
+                    _ => return Err(js_err(&format!("stream {name}"), e)),
+                },
+            }
+            if let Err(e) = self.js.create_stream(cfg).await {
+                // Another service may have created it meanwhile: fine if it is there now.
+                if self.js.get_stream(&name).await.is_err() {
+                    return Err(js_err(&format!("stream {name}"), e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates or updates the three streams to this code's configuration, with `replicas`
+    /// replicas: the operator's (setup identity's) step — `pnctl up` runs it before the
+    /// services start. A service's identity is not allowed to update a stream.
+    pub async fn apply_streams_with(&self, replicas: usize) -> Result<(), BusError> {
+        for cfg in stream_configs(replicas) {
             let name = cfg.name.clone();
             self.js.create_or_update_stream(cfg).await.map_err(|e| js_err(&format!("stream {name}"), e))?;
         }
@@ -205,6 +278,42 @@ impl Bus {
         };
         stream.create_consumer(cfg).await.map_err(|e| js_err(&format!("consumer {}", spec.durable), e))
     }
+}
+
+/// The three streams of DESIGN.md, with `replicas` replicas each.
+fn stream_configs(replicas: usize) -> [stream::Config; 3] {
+    let mut configs = [
+        stream::Config {
+            name: subjects::OPS_STREAM.into(),
+            subjects: vec![subjects::OPS_ALL.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: OPS_MAX_AGE,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects::REPLAY_STREAM.into(),
+            subjects: vec![subjects::REPLAY_ALL.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(24 * 3600),
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects::METER_STREAM.into(),
+            subjects: vec![subjects::METER_ALL.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(35 * 24 * 3600),
+            max_messages_per_subject: 1000,
+            ..Default::default()
+        },
+    ];
+    for cfg in &mut configs {
+        cfg.num_replicas = replicas.max(1);
+    }
+    configs
 }
 
 /// A W3C `traceparent` derived from the message id, so one message's trace id is stable

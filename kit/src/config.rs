@@ -46,6 +46,15 @@ pub enum LogFormat {
 #[serde(default)]
 pub struct Common {
     pub nats_url: String,
+    /// This service's NATS identity (`PN_NATS_USER`, e.g. `svc-claimer`); with
+    /// `PN_NATS_PASSWORD`. Both unset: no credentials (only a server without authorization
+    /// accepts that; every Pnp server has it, see `kit::nats_auth`).
+    pub nats_user: Option<String>,
+    /// The password of `PN_NATS_USER` (`PN_NATS_PASSWORD`); never logged.
+    pub nats_password: Option<SecretString>,
+    /// PEM file with the CA that signed the NATS server's certificate (`PN_NATS_CA_FILE`); when
+    /// set the connection must be TLS and the server's certificate is checked against it.
+    pub nats_ca_file: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub ops_listen: SocketAddr,
     pub center_url: String,
@@ -73,6 +82,9 @@ impl Default for Common {
     fn default() -> Self {
         Common {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_user: None,
+            nats_password: None,
+            nats_ca_file: None,
             data_dir: PathBuf::from("./data"),
             ops_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             center_url: "http://127.0.0.1:8080".into(),
@@ -97,6 +109,17 @@ impl Common {
             Some(t) if !t.expose_secret().trim().is_empty() => Ok(t.clone()),
             _ => Err(ConfigError("PN_CENTER_TOKEN is missing or empty".into())),
         }
+    }
+
+    /// How this service authenticates to NATS: `PN_NATS_USER` and `PN_NATS_PASSWORD` go
+    /// together (one without the other is an error naming both), `PN_NATS_CA_FILE` optional.
+    pub fn nats_auth(&self) -> Result<crate::bus::NatsAuth, ConfigError> {
+        let user = self.nats_user.as_ref().map(|u| u.trim().to_string()).filter(|u| !u.is_empty());
+        let password = self.nats_password.clone().filter(|p| !p.expose_secret().is_empty());
+        if user.is_some() != password.is_some() {
+            return Err(ConfigError("PN_NATS_USER and PN_NATS_PASSWORD must be set together".into()));
+        }
+        Ok(crate::bus::NatsAuth { user, password, ca_file: self.nats_ca_file.clone() })
     }
 
     /// The seal key, parsed, or a clear error naming the variable.
@@ -131,6 +154,17 @@ mod tests {
             assert_eq!(s.n, 7);
             let dbg = format!("{s:?}");
             assert!(!dbg.contains("tok-very-secret"), "{dbg}");
+            let auth = s.common.nats_auth().map_err(|e| e.0)?;
+            assert!(auth.user.is_none() && auth.password.is_none());
+            jail.set_env("PN_NATS_USER", "svc-claimer");
+            let err = load::<S>().map_err(|e| e.0)?.common.nats_auth().err().map(|e| e.0).unwrap_or_default();
+            assert!(err.contains("PN_NATS_PASSWORD"), "{err}");
+            jail.set_env("PN_NATS_PASSWORD", "nats-very-secret");
+            let s: S = load().map_err(|e| e.0)?;
+            let auth = s.common.nats_auth().map_err(|e| e.0)?;
+            assert_eq!(auth.user.as_deref(), Some("svc-claimer"));
+            let dbg = format!("{s:?} {auth:?}");
+            assert!(!dbg.contains("nats-very-secret"), "{dbg}");
             jail.set_env("PN_N", "not-a-number");
             let err = load::<S>().err().map(|e| e.0).unwrap_or_default();
             assert!(err.contains("n"), "{err}");

@@ -10,6 +10,7 @@ pub mod bus;
 pub mod center;
 pub mod cloud;
 pub mod config;
+pub mod nats_auth;
 pub mod ops;
 pub mod seal;
 pub mod shutdown;

@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::endpoints::{self, get_json, post_json};
+use secrecy::SecretString;
 use crate::events::{human_bytes, human_ms};
 use crate::stack::{self, StackFile, UpOptions};
 
@@ -170,7 +171,8 @@ fn bar_style() -> ProgressStyle {
 
 async fn drive(stack: &StackFile, opts: &DemoOptions) -> anyhow::Result<Report> {
     let http = endpoints::http()?;
-    let (_client, js) = endpoints::connect_nats(&stack.nats_url).await?;
+    let (_client, js) = endpoints::connect_nats(&stack.nats_url, &endpoints::operator_auth(&opts.up.data_dir)).await?;
+    let meter_token = endpoints::Endpoints::resolve(&opts.up.data_dir, None, None, None).meter_token()?;
     let stream = js.get_stream(subjects::OPS_STREAM).await.context("PN_OPS stream (are the services up?)")?;
     // Subscribed before the first intent is enqueued, so no event is missed.
     let consumer = stream
@@ -256,7 +258,7 @@ async fn drive(stack: &StackFile, opts: &DemoOptions) -> anyhow::Result<Report> 
                     last_sim_poll = Instant::now();
                 }
                 for op in ops.values_mut() {
-                    poll(op, stack, &http, poll_sim, plain_lines).await;
+                    poll(op, stack, (&http, &meter_token), poll_sim, plain_lines).await;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -373,7 +375,7 @@ fn on_event(op: &mut Op, body: &Body, plain_lines: bool) {
 }
 
 /// The periodic part: Center's view, emulated traffic, the meter's ledger.
-async fn poll(op: &mut Op, stack: &StackFile, http: &reqwest::Client, poll_sim: bool, plain_lines: bool) {
+async fn poll(op: &mut Op, stack: &StackFile, (http, meter_token): (&reqwest::Client, &SecretString), poll_sim: bool, plain_lines: bool) {
     if op.stage.done() {
         return;
     }
@@ -408,8 +410,9 @@ async fn poll(op: &mut Op, stack: &StackFile, http: &reqwest::Client, poll_sim: 
         }
     }
     if op.stage == Stage::Verified {
-        let url = format!("{}/v1/nodes/{}/usage", stack.meter_url, op.node);
-        if let Ok((200, v)) = get_json(http, &url).await {
+        // The ledger, on the meter's internal listener.
+        let url = format!("{}/v1/nodes/{}/usage", stack.meter_internal_url, op.node);
+        if let Ok((200, v)) = endpoints::get_json_bearer(http, &url, meter_token).await {
             let used = v["usedBytes"].as_u64().unwrap_or(0);
             op.quota_state = match &v["state"] {
                 Value::String(s) => s.clone(),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use secrecy::SecretString;
 use serde_json::Value;
 
 use crate::stack::StackFile;
@@ -19,6 +20,8 @@ pub struct Endpoints {
     pub nats_url: Option<String>,
     pub meter_url: Option<String>,
     pub center_url: Option<String>,
+    /// `--meter-url` as given (for the ledger: the meter's internal listener).
+    meter_override: Option<String>,
 }
 
 impl Endpoints {
@@ -34,6 +37,7 @@ impl Endpoints {
         Endpoints {
             data_dir: data_dir.to_path_buf(),
             nats_url: nats_url.or_else(|| from(|s| &s.nats_url)),
+            meter_override: meter_url.clone(),
             meter_url: meter_url.or_else(|| from(|s| &s.meter_url)),
             center_url: center_url.or_else(|| from(|s| &s.center_url)),
         }
@@ -58,18 +62,77 @@ impl Endpoints {
         self.center_url.as_deref().ok_or_else(|| self.missing("center URL", "--center-url"))
     }
 
-    /// Connects to NATS and returns the client and its JetStream context.
+    /// svc-meter's internal listener (the ledger): `--meter-url` when given (then it names the
+    /// internal listener), else stack.json's `meterInternalUrl`.
+    pub fn meter_internal(&self) -> anyhow::Result<String> {
+        if let Some(u) = self.meter_override.as_deref() {
+            return Ok(u.to_string());
+        }
+        StackFile::read(&self.data_dir)
+            .ok()
+            .map(|s| s.meter_internal_url)
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| self.missing("meter internal URL", "--meter-url"))
+    }
+
+    /// The meter's internal token: `PN_INTERNAL_TOKEN`, else the dev stack's
+    /// `secrets/meter-internal-token`.
+    pub fn meter_token(&self) -> anyhow::Result<SecretString> {
+        if let Ok(t) = std::env::var("PN_INTERNAL_TOKEN")
+            && !t.trim().is_empty()
+        {
+            return Ok(SecretString::from(t.trim().to_string()));
+        }
+        let f = self.data_dir.join("secrets").join("meter-internal-token");
+        let t = std::fs::read_to_string(&f).with_context(|| format!("no meter token: set PN_INTERNAL_TOKEN or start the dev stack ({})", f.display()))?;
+        Ok(SecretString::from(t.trim().to_string()))
+    }
+
+    /// The operator's NATS identity (see [`operator_auth`]).
+    pub fn nats_auth(&self) -> kit::bus::NatsAuth {
+        operator_auth(&self.data_dir)
+    }
+
+    /// Connects to NATS as the operator and returns the client and its JetStream context.
     pub async fn connect(&self) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::Context)> {
-        connect_nats(self.nats()?).await
+        connect_nats(self.nats()?, &self.nats_auth()).await
     }
 }
 
-pub async fn connect_nats(url: &str) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::Context)> {
-    let opts = async_nats::ConnectOptions::new().name("pnctl").connection_timeout(Duration::from_secs(3));
-    let client = tokio::time::timeout(Duration::from_secs(5), opts.connect(url))
+/// How `pnctl` logs in to NATS: `PN_NATS_USER` + `PN_NATS_PASSWORD` (and `PN_NATS_CA_FILE`)
+/// from the environment when set — e.g. against a cluster through `kubectl port-forward` —
+/// else the dev stack's operator identity (`<data_dir>/secrets/nats/pn-operator`), else none
+/// (which a Pnp NATS refuses).
+pub fn operator_auth(data_dir: &Path) -> kit::bus::NatsAuth {
+    let ca_file = std::env::var_os("PN_NATS_CA_FILE").filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let (Ok(user), Ok(pw)) = (std::env::var("PN_NATS_USER"), std::env::var("PN_NATS_PASSWORD"))
+        && !user.trim().is_empty()
+    {
+        return kit::bus::NatsAuth { user: Some(user.trim().to_string()), password: Some(SecretString::from(pw)), ca_file };
+    }
+    let mut auth = crate::stack::operator_auth(data_dir).unwrap_or_default();
+    auth.ca_file = ca_file;
+    auth
+}
+
+/// Connects as `auth` (credentials in `url`, `nats://user:password@host:port`, win); never
+/// prints the password.
+pub async fn connect_nats(url: &str, auth: &kit::bus::NatsAuth) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::Context)> {
+    use secrecy::ExposeSecret;
+    let (plain, in_url) = kit::bus::split_credentials(url);
+    let shown = kit::bus::redact_url(url);
+    let mut opts = async_nats::ConnectOptions::new().name("pnctl").connection_timeout(Duration::from_secs(3));
+    let creds = in_url.or_else(|| auth.user.clone().zip(auth.password.as_ref().map(|p| p.expose_secret().to_string())));
+    if let Some((user, password)) = creds {
+        opts = opts.user_and_password(user, password);
+    }
+    if let Some(ca) = &auth.ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let client = tokio::time::timeout(Duration::from_secs(5), opts.connect(plain.as_str()))
         .await
-        .map_err(|_| anyhow::anyhow!("NATS at {url} did not answer within 5s (is the stack up? `pnctl up`)"))?
-        .with_context(|| format!("cannot reach NATS at {url} (is the stack up? `pnctl up`)"))?;
+        .map_err(|_| anyhow::anyhow!("NATS at {shown} did not answer within 5s (is the stack up? `pnctl up`)"))?
+        .with_context(|| format!("cannot reach NATS at {shown} as {} (is the stack up? `pnctl up`)", auth.user.as_deref().unwrap_or("nobody")))?;
     let js = async_nats::jetstream::new(client.clone());
     Ok((client, js))
 }
@@ -87,6 +150,15 @@ pub fn http() -> anyhow::Result<reqwest::Client> {
 /// GET `url`: the status and the body as JSON (`Null` when it is not JSON).
 pub async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<(u16, Value)> {
     let resp = http.get(url).send().await.with_context(|| format!("GET {url}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.with_context(|| format!("GET {url}: reading the body"))?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+/// Like [`get_json`], with `Authorization: Bearer <token>` (the meter's internal API).
+pub async fn get_json_bearer(http: &reqwest::Client, url: &str, token: &SecretString) -> anyhow::Result<(u16, Value)> {
+    use secrecy::ExposeSecret;
+    let resp = http.get(url).bearer_auth(token.expose_secret()).send().await.with_context(|| format!("GET {url}"))?;
     let status = resp.status().as_u16();
     let text = resp.text().await.with_context(|| format!("GET {url}: reading the body"))?;
     Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))

@@ -1,20 +1,23 @@
-//! `pnctl ledger <node>`: the meter's quota ledger for one node (`GET <meter>/v1/nodes/<node>/usage`),
+//! `pnctl ledger <node>`: the meter's quota ledger for one node (`GET /v1/nodes/<node>/usage` on
+//! the meter's internal listener, with its bearer token),
 //! shown readably or, with `--json`, exactly as the meter answered. Read-only.
 
 use anyhow::bail;
 use serde_json::Value;
 
-use crate::endpoints::{Endpoints, get_json, http};
+use crate::endpoints::{Endpoints, get_json_bearer, http};
 use crate::events::human_bytes;
 
 pub async fn run(ep: &Endpoints, node: &str, json_out: bool) -> anyhow::Result<()> {
     if !proto::subjects::is_token(node) {
         bail!("{node:?} is not a node name (e.g. pn-<subId>)");
     }
-    let url = format!("{}/v1/nodes/{node}/usage", ep.meter()?);
-    let (status, v) = get_json(&http()?, &url).await?;
+    // The ledger is on the meter's internal listener, behind its token.
+    let url = format!("{}/v1/nodes/{node}/usage", ep.meter_internal()?);
+    let (status, v) = get_json_bearer(&http()?, &url, &ep.meter_token()?).await?;
     match status {
         200 => {}
+        401 => bail!("the meter refused the internal token (PN_INTERNAL_TOKEN or the stack's secrets/meter-internal-token)"),
         404 => bail!("the meter has no ledger for {node} (not deployed yet, or a typo?)"),
         s => bail!("GET {url}: {s}: {v}"),
     }

@@ -31,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 /// The five pipeline services, by crate (= binary) name.
 pub const SERVICES: [&str; 5] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter"];
 pub const NATS: &str = "nats-server";
+/// The services that get the seal key (they seal or unseal the claim token and node secret).
+pub const SEAL_KEY_USERS: [&str; 2] = ["svc-claimer", "svc-deployer"];
 pub const CENTER_SIM: &str = "center-sim";
 /// The dev stack's ingress at Center's host: forwards to center-sim, mirrors `/slave/usage`
 /// to the meter (Traefik's mirroring in production).
@@ -57,6 +59,10 @@ pub struct StackFile {
     pub nats_pid: Option<u32>,
     pub center_url: String,
     pub meter_url: String,
+    /// svc-meter's internal listener (the ledger, quota changes; a bearer token from
+    /// `secrets/meter-internal-token`). Empty in files of older stacks.
+    #[serde(default)]
+    pub meter_internal_url: String,
     /// `pn-ingress`, Center's public host as the nodes see it (their `K2_CENTER_URL`).
     #[serde(default)]
     pub ingress_url: String,
@@ -252,6 +258,28 @@ pub struct Secrets {
     pub seal_key: SecretString,
     pub admin_key: PathBuf,
     pub admin_pub: PathBuf,
+    /// One NATS password per identity (`kit::nats_auth::all`), from `secrets/nats/<user>`.
+    pub nats: BTreeMap<String, SecretString>,
+    /// svc-meter's internal listener token (`PN_INTERNAL_TOKEN`).
+    pub meter_internal_token: SecretString,
+}
+
+impl Secrets {
+    /// The NATS password of `user` (a service name or `pn-operator`).
+    pub fn nats_password(&self, user: &str) -> anyhow::Result<SecretString> {
+        self.nats.get(user).cloned().with_context(|| format!("no NATS password for {user}"))
+    }
+}
+
+/// Where the dev stack keeps `user`'s NATS password: `<secrets>/nats/<user>` (mode 600).
+pub fn nats_password_file(secrets_dir: &Path, user: &str) -> PathBuf {
+    secrets_dir.join("nats").join(user)
+}
+
+/// The operator's NATS identity of the stack in `data_dir` (what `pnctl` connects as).
+pub fn operator_auth(data_dir: &Path) -> anyhow::Result<kit::bus::NatsAuth> {
+    let f = nats_password_file(&data_dir.join("secrets"), kit::nats_auth::OPERATOR);
+    Ok(kit::bus::NatsAuth::user(kit::nats_auth::OPERATOR, read_secret(&f)?))
 }
 
 impl std::fmt::Debug for Secrets {
@@ -303,11 +331,34 @@ pub fn ensure_secrets(dir: &Path) -> anyhow::Result<Secrets> {
         write_secret(&key, &pem)?;
         write_secret(&public, &(pub_line + "\n"))?;
     }
+    // One NATS password per identity; nats-server reads them from its environment.
+    let nats_dir = dir.join("nats");
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(&nats_dir)?;
+    fs::set_permissions(&nats_dir, fs::Permissions::from_mode(0o700))?;
+    let mut nats = BTreeMap::new();
+    for id in kit::nats_auth::all() {
+        let f = nats_password_file(dir, &id.user);
+        if !f.exists() {
+            write_secret(&f, &hex::encode(rand::random::<[u8; 24]>()))?;
+        }
+        nats.insert(id.user.clone(), read_secret(&f)?);
+    }
+    let internal = dir.join("meter-internal-token");
+    if !internal.exists() {
+        write_secret(&internal, &hex::encode(rand::random::<[u8; 24]>()))?;
+    }
     let seal_key = read_secret(&seal)?;
     kit::seal::SealKey::parse(&seal_key).with_context(|| format!("{} holds no valid seal key", seal.display()))?;
     let _ = read_secret(&key)?;
     let _ = read_secret(&public)?;
-    Ok(Secrets { center_token: read_secret(&token)?, seal_key, admin_key: key, admin_pub: public })
+    Ok(Secrets {
+        center_token: read_secret(&token)?,
+        seal_key,
+        admin_key: key,
+        admin_pub: public,
+        nats,
+        meter_internal_token: read_secret(&internal)?,
+    })
 }
 
 /// Where a workspace binary is: `$PN_BIN_DIR`, then the directory of the running pnctl
@@ -386,6 +437,7 @@ struct Ports {
     nats: u16,
     center: u16,
     meter: u16,
+    meter_internal: u16,
     ingress: u16,
     ssh_fresh: u16,
     ssh_hardened: u16,
@@ -412,6 +464,7 @@ impl Ports {
         let nats = take(opts.nats_port, "nats")?;
         let center = take(opts.center_port, "center-sim")?;
         let meter = take(opts.meter_port, "svc-meter ingest")?;
+        let meter_internal = take(None, "svc-meter internal")?;
         let ingress = take(None, "pn-ingress")?;
         let ssh_fresh = take(None, "sim ssh (fresh)")?;
         let ssh_hardened = take(None, "sim ssh (hardened)")?;
@@ -419,7 +472,7 @@ impl Ports {
         for s in SERVICES {
             ops.insert(s, take(None, s)?);
         }
-        Ok(Ports { nats, center, meter, ingress, ssh_fresh, ssh_hardened, ops })
+        Ok(Ports { nats, center, meter, meter_internal, ingress, ssh_fresh, ssh_hardened, ops })
     }
 }
 
@@ -692,15 +745,18 @@ fn check_not_running(root: &Path) -> anyhow::Result<()> {
 
 fn build_specs(layout: &Layout, secrets: &Secrets, ports: &Ports) -> anyhow::Result<Vec<ChildSpec>> {
     let nats_conf = layout.nats.join("nats.conf");
+    // One identity per service and the operator's, no anonymous client (kit::nats_auth); the
+    // passwords reach nats-server through its environment, never this file.
     fs::write(
         &nats_conf,
         format!(
-            "# written by pnctl up\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
-            ports.nats,
-            layout.nats.join("js").display()
+            "# written by pnctl up\n{}",
+            kit::nats_auth::server_config(&format!("127.0.0.1:{}", ports.nats), &layout.nats.join("js"), &kit::nats_auth::all())
         ),
     )
     .with_context(|| format!("write {}", nats_conf.display()))?;
+    let nats_passwords: Vec<(String, SecretString)> =
+        secrets.nats.iter().map(|(user, pw)| (kit::nats_auth::password_var(user), pw.clone())).collect();
     let nats_url = format!("nats://127.0.0.1:{}", ports.nats);
     let center_url = format!("http://127.0.0.1:{}", ports.center);
     let meter_url = format!("http://127.0.0.1:{}", ports.meter);
@@ -712,7 +768,7 @@ fn build_specs(layout: &Layout, secrets: &Secrets, ports: &Ports) -> anyhow::Res
             program: find_nats_server()?,
             args: vec!["-c".into(), nats_conf.display().to_string()],
             env: vec![],
-            secret_env: vec![],
+            secret_env: nats_passwords,
             log: layout.log(NATS),
             ports: vec![(ports.nats, "nats".into())],
             health: Health::Tcp(ports.nats),
@@ -766,6 +822,7 @@ fn build_specs(layout: &Layout, secrets: &Secrets, ports: &Ports) -> anyhow::Res
         let ops_url = format!("http://127.0.0.1:{ops_port}");
         let mut env: Vec<(String, String)> = vec![
             ("PN_NATS_URL".into(), nats_url.clone()),
+            ("PN_NATS_USER".into(), name.to_string()),
             ("PN_CENTER_URL".into(), center_url.clone()),
             ("PN_DATA_DIR".into(), layout.data.display().to_string()),
             ("PN_OPS_LISTEN".into(), format!("127.0.0.1:{ops_port}")),
@@ -790,21 +847,32 @@ fn build_specs(layout: &Layout, secrets: &Secrets, ports: &Ports) -> anyhow::Res
             }
             "svc-meter" => {
                 env.push(("PN_LISTEN".into(), format!("127.0.0.1:{}", ports.meter)));
+                env.push(("PN_INTERNAL_LISTEN".into(), format!("127.0.0.1:{}", ports.meter_internal)));
+                listen.push((ports.meter_internal, "svc-meter internal".into()));
                 env.push(("PN_USAGE_INTERVAL_MS".into(), "2000".into()));
                 health.push(format!("{meter_url}/healthz"));
                 listen.push((ports.meter, "svc-meter ingest".into()));
             }
             _ => {}
         }
+        // Each service's own NATS password; the seal key only where something is sealed or
+        // unsealed; the meter's internal token only in the meter.
+        let mut secret_env = vec![
+            ("PN_CENTER_TOKEN".to_string(), secrets.center_token.clone()),
+            ("PN_NATS_PASSWORD".to_string(), secrets.nats_password(name)?),
+        ];
+        if SEAL_KEY_USERS.contains(&name) {
+            secret_env.push(("PN_SEAL_KEY".into(), secrets.seal_key.clone()));
+        }
+        if name == "svc-meter" {
+            secret_env.push(("PN_INTERNAL_TOKEN".into(), secrets.meter_internal_token.clone()));
+        }
         specs.push(ChildSpec {
             name: name.into(),
             program: find_bin(name)?,
             args: vec![],
             env,
-            secret_env: vec![
-                ("PN_CENTER_TOKEN".into(), secrets.center_token.clone()),
-                ("PN_SEAL_KEY".into(), secrets.seal_key.clone()),
-            ],
+            secret_env,
             log: layout.log(name),
             ports: listen,
             health: Health::Http(health),
@@ -930,12 +998,15 @@ pub async fn up(opts: &UpOptions, shutdown: impl std::future::Future<Output = ()
     let secrets = ensure_secrets(&layout.secrets)?;
     let ports = Ports::pick(opts)?;
     let specs = build_specs(&layout, &secrets, &ports)?;
+    let file_nats_url = format!("nats://127.0.0.1:{}", ports.nats);
+    let operator = kit::bus::NatsAuth::user(kit::nats_auth::OPERATOR, secrets.nats_password(kit::nats_auth::OPERATOR)?);
 
     let mut file = StackFile {
         nats_url: format!("nats://127.0.0.1:{}", ports.nats),
         nats_pid: None,
         center_url: format!("http://127.0.0.1:{}", ports.center),
         meter_url: format!("http://127.0.0.1:{}", ports.meter),
+        meter_internal_url: format!("http://127.0.0.1:{}", ports.meter_internal),
         ingress_url: format!("http://127.0.0.1:{}", ports.ingress),
         supervisor_pid: std::process::id(),
         state: StackState::Starting,
@@ -958,7 +1029,7 @@ pub async fn up(opts: &UpOptions, shutdown: impl std::future::Future<Output = ()
     let mut shutdown = std::pin::pin!(shutdown);
     let deadline = Instant::now() + opts.ready_timeout;
     let started = tokio::select! {
-        r = start_all(&mut sup, specs, deadline) => r,
+        r = start_all(&mut sup, specs, deadline, (&file_nats_url, &operator)) => r,
         _ = &mut shutdown => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = started {
@@ -993,14 +1064,26 @@ pub async fn up(opts: &UpOptions, shutdown: impl std::future::Future<Output = ()
     Ok(())
 }
 
-async fn start_all(sup: &mut Supervisor, specs: Vec<ChildSpec>, deadline: Instant) -> anyhow::Result<()> {
+async fn start_all(
+    sup: &mut Supervisor,
+    specs: Vec<ChildSpec>,
+    deadline: Instant,
+    (nats_url, operator): (&str, &kit::bus::NatsAuth),
+) -> anyhow::Result<()> {
     let mut specs = specs.into_iter();
     // NATS, center-sim and the ingress in front of it first: the services need the first two
     // to become ready, and the nodes they deploy report through the third.
-    for _ in 0..3 {
+    for i in 0..3 {
         let Some(spec) = specs.next() else { break };
         let tier = sup.start_tier(vec![spec])?;
         sup.wait_healthy(&tier, deadline).await?;
+        if i == 0 {
+            // The setup step, as the operator: the streams created or brought to this code's
+            // configuration (a service may only create a missing stream, never change one).
+            let patience = deadline.saturating_duration_since(Instant::now());
+            let bus = kit::bus::Bus::connect_as(nats_url, "pnctl-up", patience, operator).await.context("connect to NATS as pn-operator")?;
+            bus.apply_streams_with(1).await.context("create the streams")?;
+        }
     }
     let tier = sup.start_tier(specs.collect())?;
     sup.wait_healthy(&tier, deadline).await
@@ -1014,6 +1097,9 @@ pub fn summary_lines(s: &StackFile) -> Vec<String> {
         v.push(format!("  {:<13} {:<28} pid {}", name, e.ops_url, pid(e.pid)));
     }
     v.push(format!("  {:<13} {}", "meter ingest", s.meter_url));
+    if !s.meter_internal_url.is_empty() {
+        v.push(format!("  {:<13} {} (ledger; bearer token in secrets/meter-internal-token)", "meter intern.", s.meter_internal_url));
+    }
     if !s.ingress_url.is_empty() {
         v.push(format!("  {:<13} {} (Center's host for the nodes; /slave/usage mirrored to the meter)", "ingress", s.ingress_url));
     }
@@ -1169,11 +1255,17 @@ mod tests {
         let s2 = ensure_secrets(dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(s1.center_token.expose_secret(), s2.center_token.expose_secret());
         assert_eq!(s1.seal_key.expose_secret(), s2.seal_key.expose_secret());
-        for f in ["center-token", "seal-key", "ssh-admin-key", "ssh-admin-key.pub"] {
+        for f in ["center-token", "seal-key", "ssh-admin-key", "ssh-admin-key.pub", "meter-internal-token", "nats/pn-operator", "nats/svc-meter"] {
             let mode = fs::metadata(dir.path().join(f)).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
             assert_eq!(mode, 0o600, "{f}");
         }
         assert!(!format!("{s1:?}").contains(s1.center_token.expose_secret()));
+        let mode = fs::metadata(dir.path().join("nats")).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+        assert_eq!(mode, 0o700, "secrets/nats");
+        assert_eq!(s1.nats.len(), kit::nats_auth::all().len(), "one password per identity");
+        let pw = |s: &Secrets, u: &str| s.nats_password(u).map(|p| p.expose_secret().to_string()).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(pw(&s1, "svc-claimer"), pw(&s2, "svc-claimer"));
+        assert_ne!(pw(&s1, "svc-claimer"), pw(&s1, "svc-cloud"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub struct App {
     rt: Runtime,
     set: JoinSet<()>,
     http_addr: SocketAddr,
+    internal_addr: Option<SocketAddr>,
     meter: Arc<Meter>,
 }
 
@@ -61,17 +62,43 @@ impl App {
                 tracing::error!(error = %e, "ingest http server failed");
             }
         });
+        // The ledger and the quota change: only on the internal listener, only with its token.
+        let internal_addr = match settings.internal_token() {
+            Some(token) => {
+                let listener = tokio::net::TcpListener::bind(settings.internal_listen)
+                    .await
+                    .with_context(|| format!("listen on {} (PN_INTERNAL_LISTEN)", settings.internal_listen))?;
+                let addr = listener.local_addr()?;
+                let router = http::internal_router(meter.clone(), token);
+                let token = rt.shutdown.clone();
+                set.spawn(async move {
+                    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await {
+                        tracing::error!(error = %e, "internal http server failed");
+                    }
+                });
+                Some(addr)
+            }
+            None => {
+                tracing::info!("PN_INTERNAL_TOKEN unset: no internal listener (ledger and quota API off)");
+                None
+            }
+        };
         set.spawn(outbox::usage_loop(meter.clone(), rt.bus.clone(), rt.shutdown.clone()));
         set.spawn(outbox::quota_loop(meter.clone(), rt.bus.clone(), rt.center.clone(), rt.shutdown.clone()));
 
-        tracing::info!(listen = %http_addr, nodes = meter.node_count(), "svc-meter ready");
+        tracing::info!(listen = %http_addr, internal = ?internal_addr, nodes = meter.node_count(), "svc-meter ready");
         println!("svc-meter listening on http://{http_addr}");
-        Ok(App { rt, set, http_addr, meter })
+        Ok(App { rt, set, http_addr, internal_addr, meter })
     }
 
-    /// Where `/slave/usage` and `/v1/…` are served.
+    /// Where `/slave/usage` and `/v1/admission/…` are served.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where `/v1/nodes…` are served (with `PN_INTERNAL_TOKEN`), if the internal API is on.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal_addr
     }
 
     pub fn ops_addr(&self) -> SocketAddr {

@@ -1,12 +1,16 @@
-//! The meter's HTTP surface (`PN_LISTEN`): node ingest and the read/operator API.
+//! The meter's HTTP surfaces.
 //!
+//! Public (`PN_LISTEN`, what Traefik reaches):
 //! - `POST /slave/usage` (Basic `ipv4:secret`, JSON counters) → 200 `Ingested`; 401, 400, 413,
 //!   422 (impossible jump), 429 (too fast, `Retry-After`), 503 (ledger unavailable), 408 (slow).
-//! - `GET /v1/admission/<node>` → 200 `{"node","state"}` or 402 `{"node","state":"cutoff","reason"}`;
-//!   404 unknown.
+//! - `GET /v1/admission/<node>` → 200 `{"node","admitted":true}` or 402
+//!   `{"node","admitted":false}` — no state, no bytes used or sold; 404 unknown.
 //! - `GET /healthz` → `ok` (the ingest port answers).
+//!
+//! Internal (`PN_INTERNAL_LISTEN`, loopback; `Authorization: Bearer <PN_INTERNAL_TOKEN>`, else
+//! 401; `pnctl ledger`, the demo, an operator through `kubectl port-forward`):
 //! - `GET /v1/nodes` → `{"items":[{node,ipv4,usedBytes,soldBytes,state}]}`;
-//!   `GET /v1/nodes/<node>/usage` → the ledger view; `PUT /v1/nodes/<node>/quota` `{soldBytes}`.
+//! - `GET /v1/nodes/<node>/usage` → the ledger view; `PUT /v1/nodes/<node>/quota` `{soldBytes}`.
 //!
 //! Errors are JSON `{"error": <code>, "message": <text>}`; the 401 body is the same for every
 //! cause, so that an unknown address and a wrong secret cannot be told apart.
@@ -22,6 +26,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
 
@@ -77,7 +82,8 @@ impl From<IngestError> for ApiError {
     }
 }
 
-/// The router, with the body limit on ingest and a timeout on every request.
+/// The public router (`PN_LISTEN`), with the body limit on ingest and a timeout on every
+/// request: ingest, admission, health — nothing that reads the ledger or changes a quota.
 pub fn router(meter: Arc<Meter>) -> Router {
     let s = meter.settings();
     let limit = s.body_limit_bytes;
@@ -89,12 +95,48 @@ pub fn router(meter: Arc<Meter>) -> Router {
         // pnctl's health check polls the ingest port too.
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/admission/{node}", get(admission))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(meter)
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+}
+
+/// The internal router (`PN_INTERNAL_LISTEN`): the ledger and the quota change, each request
+/// checked against `token` (constant time) before anything else.
+pub fn internal_router(meter: Arc<Meter>, token: SecretString) -> Router {
+    let s = meter.settings();
+    let limit = s.body_limit_bytes;
+    let timeout = Duration::from_millis(s.request_timeout_ms);
+    let token = Arc::new(token);
+    Router::new()
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{node}/usage", get(usage))
         .route("/v1/nodes/{node}/quota", put(set_quota))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(meter)
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                if bearer_ok(req.headers(), &token) {
+                    next.run(req).await
+                } else {
+                    let body = json!({"error": "unauthorized", "message": "missing or wrong internal token"});
+                    let mut r = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"pnp-meter-internal\""));
+                    r
+                }
+            }
+        }))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+}
+
+/// `Authorization: Bearer <token>`, compared in constant time.
+fn bearer_ok(headers: &HeaderMap, token: &SecretString) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    let want = token.expose_secret().as_bytes();
+    !want.is_empty() && bool::from(given.ct_eq(want))
 }
 
 async fn post_usage(State(m): State<Arc<Meter>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -112,8 +154,10 @@ fn node_name(node: &str) -> Result<&str, ApiError> {
 
 async fn admission(State(m): State<Arc<Meter>>, Path(node): Path<String>) -> Result<Response, ApiError> {
     let a = m.admission(node_name(&node)?).await.ok_or(ApiError::NotFound)?;
-    let status = if a.state == QuotaState::Cutoff { StatusCode::PAYMENT_REQUIRED } else { StatusCode::OK };
-    Ok((status, axum::Json(a)).into_response())
+    // Public: admitted or not, never the state (warn says "above 80 %"), usage or quota.
+    let admitted = a.state != QuotaState::Cutoff;
+    let status = if admitted { StatusCode::OK } else { StatusCode::PAYMENT_REQUIRED };
+    Ok((status, axum::Json(json!({"node": a.node, "admitted": admitted}))).into_response())
 }
 
 async fn usage(State(m): State<Arc<Meter>>, Path(node): Path<String>) -> Result<Response, ApiError> {

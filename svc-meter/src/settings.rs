@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use kit::config::Common;
+use kit::secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Which NIC bytes count against the sold quota.
@@ -45,8 +46,18 @@ impl CountMode {
 pub struct Settings {
     #[serde(flatten)]
     pub common: Common,
-    /// Ingest + query HTTP (`PN_LISTEN`).
+    /// The public listener (`PN_LISTEN`): `POST /slave/usage` (the mirrored reports) and
+    /// `GET /v1/admission/<node>` (200/402, nothing else), `/healthz`. Nothing else is served
+    /// there.
     pub listen: SocketAddr,
+    /// The internal listener (`PN_INTERNAL_LISTEN`, loopback by default): the ledger
+    /// (`GET /v1/nodes`, `GET /v1/nodes/<node>/usage`) and the operator's quota change
+    /// (`PUT /v1/nodes/<node>/quota`), each only with `Authorization: Bearer
+    /// <PN_INTERNAL_TOKEN>`. Never on the public port.
+    pub internal_listen: SocketAddr,
+    /// The internal listener's bearer token (`PN_INTERNAL_TOKEN`); unset or empty, the internal
+    /// listener is not started at all.
+    pub internal_token: Option<SecretString>,
     /// At most one `meter.usage.<node>` per node per this many milliseconds.
     pub usage_interval_ms: u64,
     /// Per provider (lower-case name, e.g. `PN_COUNT_MODES__HETZNER=tx`); others count rx+tx.
@@ -73,6 +84,8 @@ impl Default for Settings {
         Settings {
             common: Common::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            internal_listen: SocketAddr::from(([127, 0, 0, 1], 8091)),
+            internal_token: None,
             usage_interval_ms: 10_000,
             count_modes: HashMap::new(),
             max_link_bytes_per_sec: 1_250_000_000,
@@ -113,6 +126,12 @@ impl Settings {
         if !proto::subjects::is_token(&self.deployed_consumer) {
             return Err(SettingsError("PN_DEPLOYED_CONSUMER must be a NATS name token".into()));
         }
+        if self.internal_listen == self.listen {
+            return Err(SettingsError("PN_INTERNAL_LISTEN must differ from PN_LISTEN (the internal API is never public)".into()));
+        }
+        if self.internal_token.as_ref().is_some_and(|t| !t.expose_secret().is_empty() && t.expose_secret().len() < 16) {
+            return Err(SettingsError("PN_INTERNAL_TOKEN must have at least 16 characters".into()));
+        }
         if self.max_link_bytes_per_sec == 0 {
             return Err(SettingsError("PN_MAX_LINK_BYTES_PER_SEC must be positive".into()));
         }
@@ -123,6 +142,11 @@ impl Settings {
     pub fn count_mode(&self, provider: &str) -> CountMode {
         let p = provider.trim();
         self.count_modes.iter().find(|(k, _)| k.trim().eq_ignore_ascii_case(p)).map(|(_, m)| *m).unwrap_or_default()
+    }
+
+    /// The internal listener's token, when the internal API is enabled.
+    pub fn internal_token(&self) -> Option<SecretString> {
+        self.internal_token.clone().filter(|t| !t.expose_secret().is_empty())
     }
 
     pub fn usage_interval(&self) -> Duration {

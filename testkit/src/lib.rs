@@ -2,6 +2,7 @@
 //! needs — `nats-server` with JetStream on a free port and a temporary store, the workspace's
 //! own binaries — each killed when its guard drops. No mocks of NATS or of our services.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -106,17 +107,43 @@ impl Drop for Proc {
     }
 }
 
-/// A real `nats-server -js` on a free loopback port with its own store, killed on drop.
+/// The test harness's own NATS identity: allowed everything (it forges events on purpose).
+/// Never a service's: a stack's services connect as themselves (`kit::nats_auth`).
+pub const TEST_USER: &str = "pn-test";
+
+/// A real `nats-server -js` on a free loopback port with its own store, killed on drop. It
+/// runs with the same authorization as the dev stack (`kit::nats_auth::server_config`: one
+/// identity per service, the operator, no anonymous client) plus [`TEST_USER`]; the passwords
+/// are random per server and reach nats-server through its environment only.
 pub struct Nats {
     pub proc: Proc,
     pub port: u16,
     pub store: PathBuf,
+    passwords: BTreeMap<String, String>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Nats {
+    /// The harness's URL, credentials included (`nats://pn-test:…@127.0.0.1:<port>`): what tests
+    /// pass to `kit::bus::Bus::connect` to read streams and forge events.
     pub fn url(&self) -> String {
+        format!("nats://{TEST_USER}:{}@127.0.0.1:{}", self.passwords.get(TEST_USER).map(String::as_str).unwrap_or(""), self.port)
+    }
+
+    /// The URL without credentials (a service's `PN_NATS_URL`, beside its `PN_NATS_USER` and
+    /// `PN_NATS_PASSWORD`).
+    pub fn plain_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The password of `user` (a service name, `pn-operator`, `pn-test`).
+    pub fn password(&self, user: &str) -> Option<String> {
+        self.passwords.get(user).cloned()
+    }
+
+    /// How `user` connects (`Bus::connect_as(&nats.plain_url(), …, &nats.auth(user))`).
+    pub fn auth(&self, user: &str) -> kit::bus::NatsAuth {
+        kit::bus::NatsAuth::user(user, secrecy::SecretString::from(self.password(user).unwrap_or_default()))
     }
 
     pub fn start() -> Result<Nats> {
@@ -127,34 +154,39 @@ impl Nats {
         Ok(n)
     }
 
-    /// Starts on a given store and port (a restart on the same store keeps the streams).
+    /// Starts on a given store and port (a restart on the same store keeps the streams), with
+    /// fresh passwords.
     pub fn start_at(store: &Path, port: u16) -> Result<Nats> {
+        let mut ids = kit::nats_auth::all();
+        ids.push(kit::nats_auth::Identity::unrestricted(TEST_USER));
+        let passwords = ids.iter().map(|i| (i.user.clone(), rand_hex(24))).collect();
+        Nats::start_with(store, port, passwords)
+    }
+
+    fn start_with(store: &Path, port: u16, passwords: BTreeMap<String, String>) -> Result<Nats> {
         std::fs::create_dir_all(store)?;
         let conf = store.join("nats.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
-                store.display()
-            ),
-        )?;
+        let mut ids = kit::nats_auth::all();
+        ids.push(kit::nats_auth::Identity::unrestricted(TEST_USER));
+        std::fs::write(&conf, kit::nats_auth::server_config(&format!("127.0.0.1:{port}"), store, &ids))?;
         let child = Command::new(nats_server_path()?)
             .arg("-c")
             .arg(&conf)
+            .envs(passwords.iter().map(|(u, p)| (kit::nats_auth::password_var(u), p)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("spawn nats-server")?;
         let proc = Proc { child, name: "nats-server".into() };
         wait_tcp(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(15))?;
-        Ok(Nats { proc, port, store: store.to_path_buf(), _dir: None })
+        Ok(Nats { proc, port, store: store.to_path_buf(), passwords, _dir: None })
     }
 
-    /// Kills the server (SIGKILL) and starts it again on the same store and port.
+    /// Kills the server (SIGKILL) and starts it again on the same store, port and passwords.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
         let dir = self._dir.take();
-        let mut n = Nats::start_at(&self.store, self.port)?;
+        let mut n = Nats::start_with(&self.store, self.port, self.passwords.clone())?;
         n._dir = dir;
         *self = n;
         Ok(())

@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 use crate::{Nats, Proc, bin, free_port};
 
 pub const SERVICES: [&str; 5] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter"];
+/// The services that hold the seal key (the claim token and the node secret are sealed and
+/// unsealed only there); the others start without `PN_SEAL_KEY`.
+pub const SEAL_KEY_USERS: [&str; 2] = ["svc-claimer", "svc-deployer"];
 
 pub struct StackBuilder {
     env: BTreeMap<String, BTreeMap<String, String>>,
@@ -63,7 +66,12 @@ pub struct Stack {
     pub procs: BTreeMap<String, Proc>,
     pub dir: tempfile::TempDir,
     pub center_url: String,
+    /// The meter's public listener: `/slave/usage`, `/v1/admission/<node>`, `/healthz`.
     pub meter_url: String,
+    /// The meter's internal listener (the ledger, quota changes), with [`Stack::meter_internal_token`]:
+    /// use [`Stack::meter_internal`].
+    pub meter_internal_url: String,
+    pub meter_internal_token: String,
     pub token: String,
     pub seal_key: String,
     pub fresh_port: u16,
@@ -95,6 +103,8 @@ impl Stack {
         std::fs::write(secrets.join("ssh-admin-key.pub"), &public)?;
         let meter_port = free_port();
         let meter_url = format!("http://127.0.0.1:{meter_port}");
+        let meter_internal_url = format!("http://127.0.0.1:{}", free_port());
+        let meter_internal_token = crate::rand_hex(24);
         let fresh_port = free_port();
         let hardened_port = free_port();
         let ingress_port = free_port();
@@ -138,6 +148,8 @@ impl Stack {
             dir,
             center_url,
             meter_url,
+            meter_internal_url,
+            meter_internal_token,
             token,
             seal_key,
             fresh_port,
@@ -165,11 +177,13 @@ impl Stack {
     pub fn service_env(&self, name: &str) -> BTreeMap<String, String> {
         let d = self.dir.path();
         let keys = format!("sim-lightsail={}", d.join("secrets/ssh-admin-key").display());
+        // Each service connects as itself (kit::nats_auth), with the dev stack's permissions.
         let mut e: BTreeMap<String, String> = [
-            ("PN_NATS_URL", self.nats.url()),
+            ("PN_NATS_URL", self.nats.plain_url()),
+            ("PN_NATS_USER", name.to_string()),
+            ("PN_NATS_PASSWORD", self.nats.password(name).unwrap_or_default()),
             ("PN_CENTER_URL", self.center_url.clone()),
             ("PN_CENTER_TOKEN", self.token.clone()),
-            ("PN_SEAL_KEY", self.seal_key.clone()),
             ("PN_DATA_DIR", d.join("data").display().to_string()),
             ("PN_LOG_FORMAT", "json".into()),
             ("PN_ACK_WAIT_MS", "5000".into()),
@@ -178,6 +192,10 @@ impl Stack {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        // The seal key only where something is sealed or unsealed.
+        if SEAL_KEY_USERS.contains(&name) {
+            e.insert("PN_SEAL_KEY".into(), self.seal_key.clone());
+        }
         let extra: &[(&str, String)] = match name {
             "svc-claimer" => &[("PN_POLL_INTERVAL_MS", "200".into())],
             "svc-cloud" => &[
@@ -199,7 +217,12 @@ impl Stack {
                 ("PN_POLL_MIN_MS", "200".into()),
                 ("PN_POLL_MAX_MS", "1000".into()),
             ],
-            "svc-meter" => &[("PN_LISTEN", self.meter_url.trim_start_matches("http://").to_string()), ("PN_USAGE_INTERVAL_MS", "1000".into())],
+            "svc-meter" => &[
+                ("PN_LISTEN", self.meter_url.trim_start_matches("http://").to_string()),
+                ("PN_INTERNAL_LISTEN", self.meter_internal_url.trim_start_matches("http://").to_string()),
+                ("PN_INTERNAL_TOKEN", self.meter_internal_token.clone()),
+                ("PN_USAGE_INTERVAL_MS", "1000".into()),
+            ],
             _ => &[],
         };
         for (k, v) in extra {
@@ -338,6 +361,24 @@ impl Stack {
         .await
     }
 
+    /// A request to the meter's internal API (`path` like `/v1/nodes/<node>/usage`), with its
+    /// token.
+    pub fn meter_internal(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.meter_internal_url)).bearer_auth(&self.meter_internal_token)
+    }
+
+    /// The meter's ledger view of `node` (`GET /v1/nodes/<node>/usage` on the internal
+    /// listener): the JSON on 200, an error otherwise.
+    pub async fn meter_usage(&self, node: &str) -> Result<Value> {
+        let r = self.meter_internal(reqwest::Method::GET, &format!("/v1/nodes/{node}/usage")).send().await?;
+        let st = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        if !st.is_success() {
+            bail!("GET /v1/nodes/{node}/usage: {st} {v}");
+        }
+        Ok(v)
+    }
+
     /// Every log file's text, for secret scans.
     pub fn all_logs(&self) -> String {
         let mut s = String::new();
@@ -400,6 +441,12 @@ impl Stack {
         }
         out.push(self.token.clone());
         out.push(self.seal_key.clone());
+        out.push(self.meter_internal_token.clone());
+        // Every deployment identity's NATS password (the services', the operator's); the
+        // harness's own (`TEST_USER`) travels in test URLs on purpose.
+        for i in kit::nats_auth::all() {
+            out.extend(self.nats.password(&i.user));
+        }
         Ok(out)
     }
 

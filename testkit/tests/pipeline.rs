@@ -82,9 +82,8 @@ async fn e2e_intents_become_verified_metered_nodes_without_leaking_a_secret() {
     assert_eq!(nodes.iter().filter(|n| n["class"] == "private").count(), ops.len(), "{nodes:?}");
     assert_eq!(stack.items("/admin/violations").await.unwrap(), Vec::<Value>::new());
     // Metered: the meter's ledger has the node's usage.
-    let http = reqwest::Client::new();
     for (_, sub) in &ops {
-        let u: Value = http.get(format!("{}/v1/nodes/pn-{sub}/usage", stack.meter_url)).send().await.unwrap().json().await.unwrap();
+        let u: Value = stack.meter_usage(&format!("pn-{sub}")).await.unwrap();
         assert!(u["usedBytes"].as_u64().unwrap_or(0) > 0, "{u}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

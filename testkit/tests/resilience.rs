@@ -168,12 +168,11 @@ async fn check_invariants(stack: &Stack, ops: &[(String, String)], states: &Hash
     r.check("one create per subscription (no-IP fail path aside)", created_twice == 0, format!("{created_twice}"));
     // No double usage: the meter never bills more than the node's NIC counters reported. A node
     // that just registered may not have reported past its baseline yet: wait for it (bounded).
-    let http = reqwest::Client::new();
+    // The ledger is on the meter's internal listener (with its token).
     let usage = |name: String| {
-        let http = http.clone();
-        let url = format!("{}/v1/nodes/{name}/usage", stack.meter_url);
+        let req = stack.meter_internal(reqwest::Method::GET, &format!("/v1/nodes/{name}/usage"));
         async move {
-            match http.get(url).send().await {
+            match req.send().await {
                 Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null)["usedBytes"].as_u64().unwrap_or(0),
                 Err(_) => 0,
             }

@@ -134,7 +134,7 @@ pub async fn run(stack: &BenchStack, http: &reqwest::Client, opts: &CapacityOpts
     let center = stack.file.center_url.clone();
     put_faults(http, &center, &json!({ "prepDelayMs": PARK_PREP_MS, "operationTimeoutMs": 4 * PARK_PREP_MS })).await?;
     // A fresh view of PN_OPS: failures of parked operations are what this phase watches.
-    let (_client, mut events) = ops_events(&stack.file.nats_url).await?;
+    let (_client, mut events) = ops_events(&stack.file.nats_url, &stack.dir).await?;
     let procs = stack.all_procs();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let base = Level { in_flight: 0, rss_bytes: sample(http, &procs).await, open_fds: fds(&procs), reached_in_ms: 0, load1: procfs::load1() };

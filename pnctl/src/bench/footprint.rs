@@ -182,11 +182,15 @@ async fn start_to_ready(name: &str, stack: &BenchStack, secrets: &stack::Secrets
         .env("PN_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))
         .env("PN_LOG_FORMAT", "json")
         .env("PN_CENTER_TOKEN", secrets.center_token.expose_secret())
-        .env("PN_SEAL_KEY", secrets.seal_key.expose_secret())
+        .env("PN_NATS_USER", name)
+        .env("PN_NATS_PASSWORD", secrets.nats_password(name)?.expose_secret())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
+    if stack::SEAL_KEY_USERS.contains(&name) {
+        cmd.env("PN_SEAL_KEY", secrets.seal_key.expose_secret());
+    }
     match name {
         "svc-deployer" | "svc-verifier" => {
             cmd.env("PN_SSH__ADMIN_KEYS", format!("sim-lightsail={}", secrets.admin_key.display()));

@@ -346,8 +346,9 @@ impl Tracker {
 }
 
 /// A live view of PN_OPS from now on (subscribed before the first intent is enqueued).
-pub async fn ops_events(nats_url: &str) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::consumer::pull::Ordered)> {
-    let (client, js) = endpoints::connect_nats(nats_url).await?;
+/// `data_dir` is the stack's (its operator identity connects).
+pub async fn ops_events(nats_url: &str, data_dir: &std::path::Path) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::consumer::pull::Ordered)> {
+    let (client, js) = endpoints::connect_nats(nats_url, &endpoints::operator_auth(data_dir)).await?;
     let stream = js.get_stream(subjects::OPS_STREAM).await.context("PN_OPS stream (are the services up?)")?;
     let consumer = stream
         .create_consumer(OrderedConfig { filter_subject: subjects::OPS_ALL.into(), deliver_policy: DeliverPolicy::New, ..Default::default() })
@@ -416,7 +417,7 @@ async fn measure(args: &PipelineArgs, stack: &BenchStack, details: &mut Details)
     });
     put_faults(&http, &center, &faults).await?;
     details.faults = faults.to_string();
-    let (_client, mut events) = ops_events(&stack.file.nats_url).await?;
+    let (_client, mut events) = ops_events(&stack.file.nats_url, &stack.dir).await?;
     // Let the services settle (their first polls, consumer creation) before the baseline.
     tokio::time::sleep(Duration::from_secs(1)).await;
 

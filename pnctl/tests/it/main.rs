@@ -64,7 +64,7 @@ fn stack_pids(s: &Value) -> BTreeSet<u32> {
 }
 
 fn assert_secrets_600(data_dir: &Path) {
-    for f in ["center-token", "seal-key", "ssh-admin-key", "ssh-admin-key.pub"] {
+    for f in ["center-token", "seal-key", "ssh-admin-key", "ssh-admin-key.pub", "meter-internal-token", "nats/pn-operator", "nats/svc-claimer"] {
         let p = data_dir.join("secrets").join(f);
         let mode = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
@@ -277,6 +277,38 @@ async fn up_detach_supervises_restarts_and_down_stops_everything() {
     let supervisor = s["supervisorPid"].as_u64().unwrap() as u32;
     assert!(alive(supervisor));
     let mut every_pid = stack_pids(&s);
+
+    // Least privilege in the dev stack (issue #18): its nats-server refuses an anonymous
+    // client and lets the operator in; the seal key is only in svc-claimer's and
+    // svc-deployer's environment (the others start and run without it); each service logs in
+    // to NATS as itself.
+    let nats_url = s["natsUrl"].as_str().unwrap().to_string();
+    let anon = async_nats::ConnectOptions::new().connect(nats_url.as_str()).await;
+    let err = anon.err().map(|e| e.to_string().to_lowercase()).unwrap_or_default();
+    assert!(err.contains("authorization violation"), "the dev stack's NATS must refuse an anonymous client: {err:?}");
+    let op = pnctl::endpoints::operator_auth(&data);
+    assert_eq!(op.user.as_deref(), Some("pn-operator"));
+    Bus::connect_as(&nats_url, "t", Duration::from_secs(5), &op).await.expect("the operator logs in");
+    for n in ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter"] {
+        let pid = s["services"][n]["pid"].as_u64().unwrap();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let vars: BTreeSet<String> =
+            env.split(|b| *b == 0).filter_map(|kv| std::str::from_utf8(kv).ok()?.split('=').next().map(str::to_string)).collect();
+        let wants_seal = ["svc-claimer", "svc-deployer"].contains(&n);
+        assert_eq!(vars.contains("PN_SEAL_KEY"), wants_seal, "{n}: PN_SEAL_KEY only in svc-claimer and svc-deployer");
+        assert!(vars.contains("PN_NATS_PASSWORD"), "{n}: its own NATS password");
+        let user = env.split(|b| *b == 0).find_map(|kv| std::str::from_utf8(kv).ok()?.strip_prefix("PN_NATS_USER=").map(str::to_string));
+        assert_eq!(user.as_deref(), Some(n), "{n} connects as itself");
+    }
+    // The ledger is behind the meter's internal listener and token: `pnctl ledger` reaches it
+    // (404 for a node it does not know, not 401), the public port does not serve it.
+    let out = run(&["ledger", "pn-nope", "--data-dir", &data_s], None, dir.path());
+    assert!(!out.status.success() && text(&out.stderr).contains("no ledger for pn-nope"), "{}", text(&out.stderr));
+    let public = format!("{}/v1/nodes/pn-nope/usage", s["meterUrl"].as_str().unwrap());
+    let internal = s["meterInternalUrl"].as_str().unwrap().to_string();
+    let http0 = pnctl::endpoints::http().unwrap();
+    assert_eq!(http0.get(&public).send().await.unwrap().status().as_u16(), 404, "no ledger on the public port");
+    assert_eq!(http0.get(format!("{internal}/v1/nodes")).send().await.unwrap().status().as_u16(), 401, "no ledger without the token");
 
     // A second `up` on the same directory refuses.
     let out = run(&["up", "--detach", "--data-dir", &data_s], None, dir.path());

@@ -153,8 +153,16 @@ impl Meter {
         self.get(&format!("/v1/admission/{node}")).await
     }
 
+    /// GET on the meter's internal listener (the ledger), with its token.
+    pub async fn internal_get(&self, path: &str) -> Result<(u16, Value)> {
+        let r = self.stack.meter_internal(reqwest::Method::GET, path).send().await?;
+        let s = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((s, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
     pub async fn usage(&self, node: &str) -> Result<Value> {
-        let (s, v) = self.get(&format!("/v1/nodes/{node}/usage")).await?;
+        let (s, v) = self.internal_get(&format!("/v1/nodes/{node}/usage")).await?;
         if s != 200 {
             bail!("usage of {node}: {s} {v}");
         }
@@ -166,7 +174,7 @@ impl Meter {
     }
 
     pub async fn set_quota(&self, node: &str, sold: u64) -> Result<(u16, Value)> {
-        let r = self.http.put(format!("{}/v1/nodes/{node}/quota", self.url())).json(&json!({"soldBytes": sold})).send().await?;
+        let r = self.stack.meter_internal(reqwest::Method::PUT, &format!("/v1/nodes/{node}/quota")).json(&json!({"soldBytes": sold})).send().await?;
         let s = r.status().as_u16();
         Ok((s, r.json().await.unwrap_or_default()))
     }
