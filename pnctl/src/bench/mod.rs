@@ -161,26 +161,22 @@ pub struct StageFigures {
     pub count: u64,
     /// Mean over the run (from the lifetime `_sum`/`_count` deltas).
     pub mean_ms: f64,
-    /// The largest p50 / p99 / max seen over the run's scrapes (the summaries roll over ~60 s).
+    /// The run's p50 / p99 from the histogram's buckets (interpolated), and the upper bound of
+    /// the highest bucket that saw a sample (the most any sample can have been).
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
 }
 
-/// Scrapes every service's `/metrics` during a run and keeps, per stage, the worst quantiles
-/// seen and the lifetime sums at the start, so the figures cover the run and only the run.
-///
-/// Two properties of metrics-exporter-prometheus 0.18 shape how it is used: kit installs the
-/// recorder without an upkeep task, so samples wait in a buffer until a scrape drains them; and
-/// the rolling summary drops, from the drain that creates its first time bucket, every sample
-/// older than the first one it processes (the buffer is drained newest block first). So a run
-/// is preceded by a warm-up that creates the buckets, and scraped every few seconds.
+/// Scrapes every service's `/metrics` at the start of a run and again at its end; a stage's
+/// figures are the difference of the two histograms, so they cover the run and only the run
+/// (the services export cumulative histograms with buckets, kit::ops::SECONDS_BUCKETS).
+/// Quantiles are interpolated inside a bucket, so they are as fine as the buckets around them.
 pub struct StageWatch {
     http: reqwest::Client,
     urls: Vec<String>,
-    base: BTreeMap<(String, String), prom::Summary>,
-    last: BTreeMap<(String, String), prom::Summary>,
-    worst: BTreeMap<(String, String), (f64, f64, f64)>,
+    base: BTreeMap<(String, String), prom::Histogram>,
+    last: BTreeMap<(String, String), prom::Histogram>,
 }
 
 pub const PICKUP: &str = "pn_stage_pickup_seconds";
@@ -189,58 +185,49 @@ pub const HANDLER: &str = "pn_handler_seconds";
 impl StageWatch {
     pub async fn new(http: reqwest::Client, procs: &[Proc]) -> StageWatch {
         let urls = procs.iter().filter(|p| !p.ops_url.is_empty()).map(|p| format!("{}/metrics", p.ops_url)).collect();
-        let mut w = StageWatch { http, urls, base: BTreeMap::new(), last: BTreeMap::new(), worst: BTreeMap::new() };
+        let mut w = StageWatch { http, urls, base: BTreeMap::new(), last: BTreeMap::new() };
         w.base = w.scrape_all().await;
         w
     }
 
-    async fn scrape_all(&self) -> BTreeMap<(String, String), prom::Summary> {
+    async fn scrape_all(&self) -> BTreeMap<(String, String), prom::Histogram> {
         let mut out = BTreeMap::new();
         for url in &self.urls {
             let Ok(resp) = self.http.get(url).send().await else { continue };
             let Ok(text) = resp.text().await else { continue };
             for metric in [PICKUP, HANDLER] {
-                for (stage, s) in prom::summaries(&text, metric) {
-                    out.insert((metric.to_string(), stage), s);
+                for (stage, h) in prom::histograms(&text, metric) {
+                    out.insert((metric.to_string(), stage), h);
                 }
             }
         }
         out
     }
 
-    /// One scrape: remembers the worst p50/p99 of every stage.
+    /// One scrape; the last one taken is the end of the run.
     pub async fn observe(&mut self) {
-        let now = self.scrape_all().await;
-        for (k, s) in &now {
-            let w = self.worst.entry(k.clone()).or_insert((0.0, 0.0, 0.0));
-            w.0 = w.0.max(s.q("0.5").unwrap_or(0.0));
-            w.1 = w.1.max(s.q("0.99").unwrap_or(0.0));
-            w.2 = w.2.max(s.q("1").unwrap_or(0.0));
-        }
-        self.last = now;
+        self.last = self.scrape_all().await;
     }
 
     /// The figures of `metric` per stage, for the stages that saw messages during the run.
     pub fn figures(&self, metric: &str) -> BTreeMap<String, StageFigures> {
         let mut out = BTreeMap::new();
-        for ((m, stage), s) in &self.last {
+        for ((m, stage), h) in &self.last {
             if m != metric {
                 continue;
             }
-            let base = self.base.get(&(m.clone(), stage.clone())).cloned().unwrap_or_default();
-            let count = s.count.saturating_sub(base.count);
-            if count == 0 {
+            let run = h.since(&self.base.get(&(m.clone(), stage.clone())).cloned().unwrap_or_default());
+            if run.count == 0 {
                 continue;
             }
-            let (p50, p99, max) = self.worst.get(&(m.clone(), stage.clone())).copied().unwrap_or((0.0, 0.0, 0.0));
             out.insert(
                 stage.clone(),
                 StageFigures {
-                    count,
-                    mean_ms: (s.sum - base.sum).max(0.0) / count as f64 * 1000.0,
-                    p50_ms: p50 * 1000.0,
-                    p99_ms: p99 * 1000.0,
-                    max_ms: max * 1000.0,
+                    count: run.count,
+                    mean_ms: run.sum / run.count as f64 * 1000.0,
+                    p50_ms: run.quantile(0.5).unwrap_or(0.0) * 1000.0,
+                    p99_ms: run.quantile(0.99).unwrap_or(0.0) * 1000.0,
+                    max_ms: run.max_bound().unwrap_or(0.0) * 1000.0,
                 },
             );
         }

@@ -1,27 +1,81 @@
-//! Reads the Prometheus summaries the services export on `/metrics` (kit's recorder renders
-//! histograms as summaries: quantiles over a rolling ~60 s window, plus lifetime `_sum` and
-//! `_count`). Only what the benchmarks need: one metric's quantiles, sum and count per `stage`.
+//! Reads the Prometheus histograms the services export on `/metrics` (kit's recorder renders
+//! every `*_seconds` series as a histogram: cumulative `_bucket{le=…}` counts, `_sum` and
+//! `_count`, all over the process's lifetime). A run's figures are the difference of two scrapes
+//! — the run and only the run — and its quantiles are read off the difference's buckets, with
+//! linear interpolation inside a bucket, as Prometheus's `histogram_quantile` does.
 
 use std::collections::BTreeMap;
 
-/// One stage's summary as scraped.
+/// One stage's histogram as scraped: cumulative counts by upper bound (`le`), sum, count.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Summary {
-    /// quantile → seconds (e.g. "0.99" → 0.012).
-    pub quantiles: BTreeMap<String, f64>,
+pub struct Histogram {
+    /// (upper bound in seconds, cumulative count), ascending; `+Inf` last.
+    pub buckets: Vec<(f64, u64)>,
     pub sum: f64,
     pub count: u64,
 }
 
-impl Summary {
-    pub fn q(&self, q: &str) -> Option<f64> {
-        self.quantiles.get(q).copied().filter(|v| v.is_finite())
+impl Histogram {
+    /// What was observed since `base` (a process restarted in between counts from zero).
+    pub fn since(&self, base: &Histogram) -> Histogram {
+        if self.count < base.count {
+            return self.clone();
+        }
+        let before = |le: f64| base.buckets.iter().find(|(b, _)| *b == le).map(|(_, c)| *c).unwrap_or(0);
+        Histogram {
+            buckets: self.buckets.iter().map(|(le, c)| (*le, c.saturating_sub(before(*le)))).collect(),
+            sum: (self.sum - base.sum).max(0.0),
+            count: self.count - base.count,
+        }
+    }
+
+    /// The `q` quantile (0..=1) in seconds, interpolated inside its bucket; `None` when empty.
+    /// A quantile in the `+Inf` bucket is reported as the largest finite bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.buckets.last().map(|(_, c)| *c).unwrap_or(0);
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut prev_le = 0.0;
+        let mut prev_c = 0u64;
+        for (le, c) in &self.buckets {
+            if (*c as f64) >= rank && *c > prev_c {
+                if le.is_infinite() {
+                    return Some(prev_le);
+                }
+                let within = (rank - prev_c as f64) / (*c - prev_c) as f64;
+                return Some(prev_le + (le - prev_le) * within.clamp(0.0, 1.0));
+            }
+            if le.is_finite() {
+                prev_le = *le;
+            }
+            prev_c = *c;
+        }
+        Some(prev_le)
+    }
+
+    /// The upper bound of the highest non-empty bucket: the most a sample can have been.
+    pub fn max_bound(&self) -> Option<f64> {
+        let mut prev_c = 0u64;
+        let mut prev_le = 0.0;
+        let mut top = None;
+        for (le, c) in &self.buckets {
+            if *c > prev_c {
+                top = Some(if le.is_finite() { *le } else { prev_le });
+            }
+            if le.is_finite() {
+                prev_le = *le;
+            }
+            prev_c = *c;
+        }
+        top
     }
 }
 
-/// The summaries of `metric` in `text`, by the value of their `stage` label.
-pub fn summaries(text: &str, metric: &str) -> BTreeMap<String, Summary> {
-    let mut out: BTreeMap<String, Summary> = BTreeMap::new();
+/// The histograms of `metric` in `text`, by the value of their `stage` label.
+pub fn histograms(text: &str, metric: &str) -> BTreeMap<String, Histogram> {
+    let mut out: BTreeMap<String, Histogram> = BTreeMap::new();
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -30,15 +84,24 @@ pub fn summaries(text: &str, metric: &str) -> BTreeMap<String, Summary> {
         let Some((name, labels, value)) = split_sample(line) else { continue };
         let Ok(v) = value.parse::<f64>() else { continue };
         let stage = label(labels, "stage").unwrap_or_default();
-        if name == metric {
-            if let Some(q) = label(labels, "quantile") {
-                out.entry(stage).or_default().quantiles.insert(q, v);
-            }
+        if name.strip_suffix("_bucket") == Some(metric) {
+            let le = match label(labels, "le").as_deref() {
+                Some("+Inf") => f64::INFINITY,
+                Some(s) => match s.parse::<f64>() {
+                    Ok(le) => le,
+                    Err(_) => continue,
+                },
+                None => continue,
+            };
+            out.entry(stage).or_default().buckets.push((le, v.max(0.0) as u64));
         } else if name.strip_suffix("_sum") == Some(metric) {
             out.entry(stage).or_default().sum = v;
         } else if name.strip_suffix("_count") == Some(metric) {
             out.entry(stage).or_default().count = v.max(0.0) as u64;
         }
+    }
+    for h in out.values_mut() {
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     out
 }
@@ -70,30 +133,47 @@ fn label(labels: &str, key: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    const TEXT: &str = r#"# TYPE pn_stage_pickup_seconds summary
-pn_stage_pickup_seconds{stage="cloud",quantile="0"} 0.001
-pn_stage_pickup_seconds{stage="cloud",quantile="0.5"} 0.004
-pn_stage_pickup_seconds{stage="cloud",quantile="0.99"} 0.0125
-pn_stage_pickup_seconds_sum{stage="cloud"} 0.75
-pn_stage_pickup_seconds_count{stage="cloud"} 150
-pn_handler_seconds{stage="cloud",quantile="0.99"} 1.5
-pn_handler_seconds_sum{stage="cloud"} 90
-pn_handler_seconds_count{stage="cloud"} 150
+    const BEFORE: &str = r#"# TYPE pn_stage_pickup_seconds histogram
+pn_stage_pickup_seconds_bucket{stage="cloud",le="0.005"} 10
+pn_stage_pickup_seconds_bucket{stage="cloud",le="0.01"} 10
+pn_stage_pickup_seconds_bucket{stage="cloud",le="0.1"} 10
+pn_stage_pickup_seconds_bucket{stage="cloud",le="+Inf"} 10
+pn_stage_pickup_seconds_sum{stage="cloud"} 0.02
+pn_stage_pickup_seconds_count{stage="cloud"} 10
+"#;
+    const AFTER: &str = r#"# TYPE pn_stage_pickup_seconds histogram
+pn_stage_pickup_seconds_bucket{stage="cloud",le="0.005"} 10
+pn_stage_pickup_seconds_bucket{stage="cloud",le="0.01"} 60
+pn_stage_pickup_seconds_bucket{stage="cloud",le="0.1"} 109
+pn_stage_pickup_seconds_bucket{stage="cloud",le="+Inf"} 110
+pn_stage_pickup_seconds_sum{stage="cloud"} 1.02
+pn_stage_pickup_seconds_count{stage="cloud"} 110
+pn_handler_seconds_bucket{stage="cloud",le="1"} 3
+pn_handler_seconds_bucket{stage="cloud",le="+Inf"} 3
+pn_handler_seconds_sum{stage="cloud"} 1.5
+pn_handler_seconds_count{stage="cloud"} 3
 pn_center_errors_total{tool="x"} 3
 "#;
 
     #[test]
-    fn summaries_are_read_per_stage() {
-        let s = summaries(TEXT, "pn_stage_pickup_seconds");
-        let c = &s["cloud"];
-        assert_eq!(c.q("0.99"), Some(0.0125));
-        assert_eq!(c.q("0.5"), Some(0.004));
-        assert_eq!(c.count, 150);
-        assert!((c.sum - 0.75).abs() < 1e-12);
-        assert_eq!(s.len(), 1);
-        let h = summaries(TEXT, "pn_handler_seconds");
-        assert_eq!(h["cloud"].q("0.99"), Some(1.5));
-        assert_eq!(h["cloud"].count, 150);
-        assert!(summaries("garbage {\n}", "x").is_empty());
+    fn a_run_is_the_difference_of_two_scrapes() {
+        let b = &histograms(BEFORE, "pn_stage_pickup_seconds")["cloud"];
+        let a = &histograms(AFTER, "pn_stage_pickup_seconds")["cloud"];
+        let run = a.since(b);
+        assert_eq!(run.count, 100);
+        assert!((run.sum - 1.0).abs() < 1e-9);
+        // 50 samples in (0.005, 0.01], 49 in (0.01, 0.1], 1 above 0.1.
+        let p50 = run.quantile(0.5).unwrap();
+        assert!((p50 - 0.01).abs() < 1e-9, "{p50}");
+        let p25 = run.quantile(0.25).unwrap();
+        assert!((p25 - 0.0075).abs() < 1e-9, "{p25}");
+        let p99 = run.quantile(0.99).unwrap();
+        assert!((p99 - 0.1).abs() < 1e-9, "{p99}");
+        assert_eq!(run.max_bound(), Some(0.1), "the +Inf bucket reports the largest finite bound");
+        assert_eq!(histograms(AFTER, "pn_handler_seconds")["cloud"].count, 3);
+        assert_eq!(Histogram::default().quantile(0.5), None);
+        assert!(histograms("garbage {\n}", "x").is_empty());
+        // A restarted process (count went down) counts from zero.
+        assert_eq!(b.since(a).count, 10);
     }
 }
