@@ -41,13 +41,17 @@ impl App {
         settings.validate()?;
         let rt = Runtime::start(SERVICE, &settings.common).await?;
         let meter = Meter::open(&rt.store, settings.clone()).await.context("load the ledger")?;
+        // Read only: confirms a deployment that would change a known node's address or secret.
+        meter.set_provider(kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, rt.center.clone(), true)?);
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listen on {} (PN_LISTEN)", settings.listen))?;
         let http_addr = listener.local_addr()?;
 
         let mut set = JoinSet::new();
-        let cfg = rt.loop_config(Stage::Meter);
+        // A side consumer: it never fails an operation (a retry — the ledger, the provider —
+        // backs off for as long as it takes).
+        let cfg = rt.loop_config(Stage::Meter).reports_only(std::time::Duration::from_secs(30));
         let spec = ConsumerSpec::ops(&settings.deployed_consumer, subjects::DEPLOYED, &cfg);
         rt.spawn_consumer(&mut set, spec, cfg, Arc::new(DeployedHandler { meter: meter.clone() })).await?;
 
@@ -58,7 +62,9 @@ impl App {
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await {
+            // The peer's address: the budget of failed authentications is kept per source.
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(listener, service).with_graceful_shutdown(token.cancelled_owned()).await {
                 tracing::error!(error = %e, "ingest http server failed");
             }
         });

@@ -2,7 +2,10 @@
 //!
 //! Public (`PN_LISTEN`, what Traefik reaches):
 //! - `POST /slave/usage` (Basic `ipv4:secret`, JSON counters) → 200 `Ingested`; 401, 400, 413,
-//!   422 (impossible jump), 429 (too fast, `Retry-After`), 503 (ledger unavailable), 408 (slow).
+//!   422 (impossible jump; an `at` more than `PN_MAX_CLOCK_AHEAD_MS` ahead), 429 (too fast, or
+//!   the source — the peer, or what a `PN_TRUSTED_PROXIES` proxy names in `X-Forwarded-For` —
+//!   spent its budget of failed authentications; `Retry-After`), 503 (ledger unavailable),
+//!   408 (slow).
 //! - `GET /v1/admission/<node>` → 200 `{"node","admitted":true}` or 402
 //!   `{"node","admitted":false}` — no state, no bytes used or sold; 404 unknown.
 //! - `GET /healthz` → `ok` (the ingest port answers).
@@ -15,13 +18,15 @@
 //! Errors are JSON `{"error": <code>, "message": <text>}`; the 401 body is the same for every
 //! cause, so that an unknown address and a wrong secret cannot be told apart.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::Extension;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -39,7 +44,7 @@ pub enum ApiError {
     Unauthorized,
     BadRequest(String),
     PayloadTooLarge,
-    TooManyRequests { retry_after: Duration },
+    TooManyRequests { retry_after: Duration, message: &'static str },
     Unprocessable(String),
     NotFound,
     Unavailable(String),
@@ -51,9 +56,9 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "bad or missing node credentials".to_string()),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "body too large".to_string()),
-            ApiError::TooManyRequests { retry_after } => {
+            ApiError::TooManyRequests { retry_after, message } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                let body = json!({"error": "too_many_requests", "message": "reports too frequent", "retryAfterMs": retry_after.as_millis() as u64});
+                let body = json!({"error": "too_many_requests", "message": message, "retryAfterMs": retry_after.as_millis() as u64});
                 let mut r = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
                 return r;
@@ -75,7 +80,11 @@ impl From<IngestError> for ApiError {
         match e {
             IngestError::Unauthorized => ApiError::Unauthorized,
             IngestError::BadRequest(b) => ApiError::BadRequest(b.to_string()),
-            IngestError::TooFast { retry_after, .. } => ApiError::TooManyRequests { retry_after },
+            IngestError::TooFast { retry_after, .. } => ApiError::TooManyRequests { retry_after, message: "reports too frequent" },
+            IngestError::Flooded { retry_after } => {
+                ApiError::TooManyRequests { retry_after, message: "too many failed authentications from this address; slow down" }
+            }
+            IngestError::FutureAt(f) => ApiError::Unprocessable(f.to_string()),
             IngestError::Refused(r) => ApiError::Unprocessable(r.to_string()),
             IngestError::Unavailable(m) => ApiError::Unavailable(m),
         }
@@ -139,12 +148,19 @@ fn bearer_ok(headers: &HeaderMap, token: &SecretString) -> bool {
     !want.is_empty() && bool::from(given.ct_eq(want))
 }
 
-async fn post_usage(State(m): State<Arc<Meter>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn post_usage(
+    State(m): State<Arc<Meter>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    // The source's budget of failed authentications is looked at first (inside `ingest`).
+    let source = peer.map(|Extension(ConnectInfo(p))| m.source(p.ip(), headers.get("x-forwarded-for").map(HeaderValue::as_bytes)));
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::PayloadTooLarge } else { ApiError::BadRequest("unreadable body".into()) }
     })?;
     let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-    let ok = m.ingest(auth, &body).await?;
+    let ok = m.ingest(source, auth, &body).await?;
     Ok(axum::Json(ok).into_response())
 }
 

@@ -5,12 +5,20 @@
 //!
 //! Invariant: a report is answered 2xx only after its ledger write is durable (`put_nowait`
 //! then the store's group-commit `flush`). The in-memory ledger never runs ahead of sled.
+//!
+//! Hostile input is bounded before it costs anything: a source that spent its budget of
+//! failed authentications gets 429 before its credentials are parsed or hashed and before any
+//! node's lock (`auth::FailureLimiter`); the credentials are compared outside the node's lock;
+//! wrong-secret warnings are one line per node per interval. A `pn.op.deployed` changes a known
+//! node's address or secret hash (or takes an address another node holds) only when the
+//! provider confirms the instance (`needs_confirmation`, `register(.., confirmed)`).
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use kit::cloud::{Claim, Confirmation, Provider};
 use kit::state::{StateError, Store, Table};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -19,7 +27,7 @@ use crate::auth;
 use crate::delta::{Epoch, Outcome, Refusal};
 use crate::ledger::{Deployment, LastReport, NodeLedger};
 use crate::quota::{State, Thresholds};
-use crate::report::{BodyError, UsageReport};
+use crate::report::{BodyError, FutureAt, UsageReport};
 use crate::settings::Settings;
 
 /// The sled table of ledgers, keyed by node name.
@@ -39,6 +47,11 @@ pub enum IngestError {
     BadRequest(#[from] BodyError),
     #[error("reports of one node must be {min_interval:?} apart")]
     TooFast { min_interval: Duration, retry_after: Duration },
+    /// The source spent its budget of failed authentications: refused unread.
+    #[error("too many failed authentications from this address")]
+    Flooded { retry_after: Duration },
+    #[error(transparent)]
+    FutureAt(#[from] FutureAt),
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error("ledger unavailable: {0}")]
@@ -64,6 +77,9 @@ pub enum Registered {
     New,
     Updated,
     Unchanged,
+    /// It would change a node's address or secret hash, or take another node's address,
+    /// without the provider's confirmation: nothing changed.
+    Refused,
 }
 
 /// The answer of `GET /v1/admission/<node>`.
@@ -124,6 +140,9 @@ pub(crate) struct SlotState {
 
 pub(crate) struct Slot {
     pub name: String,
+    /// The node's address and secret hash, readable without the node's lock (the credentials
+    /// are checked before it is taken); written together with the ledger's.
+    auth: RwLock<(Ipv4Addr, Option<[u8; 32]>)>,
     pub st: tokio::sync::Mutex<SlotState>,
 }
 
@@ -132,6 +151,7 @@ impl Slot {
         let name = ledger.node.clone();
         Arc::new(Slot {
             name,
+            auth: RwLock::new((ledger.ipv4, ledger.secret_hash())),
             st: tokio::sync::Mutex::new(SlotState {
                 ledger,
                 last_accepted: None,
@@ -211,6 +231,12 @@ pub struct Meter {
     min_interval: Duration,
     register_lock: tokio::sync::Mutex<()>,
     counters: Counters,
+    /// Failed authentications per source (429 before any work once spent).
+    failures: auth::FailureLimiter,
+    trusted: auth::TrustedProxies,
+    wrong_secret_log: auth::WarnEvery,
+    /// Asked before a deployment changes a known node's identity (`set_provider`).
+    provider: OnceLock<Arc<dyn Provider>>,
 }
 
 /// Metric handles, registered once (a `counter!` per report would hash its key every time).
@@ -221,6 +247,8 @@ struct Counters {
     too_fast: metrics::Counter,
     refused: metrics::Counter,
     stale: metrics::Counter,
+    flooded: metrics::Counter,
+    future: metrics::Counter,
     billed_bytes: metrics::Counter,
 }
 
@@ -234,6 +262,8 @@ impl Counters {
             too_fast: r("too_fast"),
             refused: r("refused"),
             stale: r("stale"),
+            flooded: r("flooded"),
+            future: r("future_at"),
             billed_bytes: metrics::counter!("pn_meter_billed_bytes_total"),
         }
     }
@@ -252,6 +282,9 @@ impl Meter {
         let table: Table<NodeLedger> = store.table(LEDGER_TABLE)?;
         let thresholds = settings.thresholds();
         let min_interval = Duration::from_millis(settings.min_report_interval_ms);
+        let failures = auth::FailureLimiter::new(settings.auth_fail_burst, settings.auth_fail_per_sec, settings.auth_fail_sources);
+        let trusted = auth::TrustedProxies::parse(&settings.trusted_proxies).map_err(|e| StateError::Store(format!("PN_TRUSTED_PROXIES: {e}")))?;
+        let wrong_secret_log = auth::WarnEvery::new(Duration::from_millis(settings.wrong_secret_log_interval_ms));
         let meter = Meter {
             settings: Arc::new(settings),
             thresholds,
@@ -263,6 +296,10 @@ impl Meter {
             min_interval,
             register_lock: tokio::sync::Mutex::new(()),
             counters: Counters::new(),
+            failures,
+            trusted,
+            wrong_secret_log,
+            provider: OnceLock::new(),
         };
         let now = kit::now_ms();
         let mut ledgers = Vec::new();
@@ -307,6 +344,24 @@ impl Meter {
         &self.settings
     }
 
+    /// The provider that confirms identity changes (set once, at start).
+    pub fn set_provider(&self, provider: Arc<dyn Provider>) {
+        let _ = self.provider.set(provider);
+    }
+
+    /// Where a request comes from: the peer, or what a trusted proxy says it forwarded.
+    pub fn source(&self, peer: IpAddr, forwarded_for: Option<&[u8]>) -> IpAddr {
+        auth::source_of(peer, forwarded_for, &self.trusted)
+    }
+
+    fn unauthorized(&self, source: Option<IpAddr>) -> IngestError {
+        self.counters.unauthorized.increment(1);
+        if let Some(src) = source {
+            self.failures.charge(src, Instant::now());
+        }
+        IngestError::Unauthorized
+    }
+
     pub(crate) fn slot(&self, node: &str) -> Option<Arc<Slot>> {
         read(&self.by_name).get(node).cloned()
     }
@@ -319,14 +374,21 @@ impl Meter {
         read(&self.by_name).len()
     }
 
-    /// Applies one `POST /slave/usage`: authenticate, parse, rate-limit, bill, write, flush.
-    pub async fn ingest(&self, authorization: Option<&[u8]>, body: &[u8]) -> Result<Ingested, IngestError> {
+    /// Applies one `POST /slave/usage` from `source` (None: not over the network, no source
+    /// budget): the source's failure budget, authenticate, parse, the clock bound, rate-limit,
+    /// bill, write, flush.
+    pub async fn ingest(&self, source: Option<IpAddr>, authorization: Option<&[u8]>, body: &[u8]) -> Result<Ingested, IngestError> {
+        if let Some(src) = source
+            && let Err(retry_after) = self.failures.check(src, Instant::now())
+        {
+            self.counters.flooded.increment(1);
+            return Err(IngestError::Flooded { retry_after });
+        }
         let creds = match auth::parse_basic(authorization) {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(reason = %e, "usage report without usable credentials");
-                self.counters.unauthorized.increment(1);
-                return Err(IngestError::Unauthorized);
+                return Err(self.unauthorized(source));
             }
         };
         let presented = auth::secret_sha256(&creds.secret);
@@ -335,20 +397,32 @@ impl Meter {
         let Some(slot) = slot else {
             let _ = auth::hashes_match(&presented, &UNKNOWN_NODE_HASH);
             tracing::debug!(ipv4 = %creds.ipv4, "usage report from an unknown address");
-            self.counters.unauthorized.increment(1);
-            return Err(IngestError::Unauthorized);
+            return Err(self.unauthorized(source));
         };
-        let mut st = slot.st.lock().await;
-        let stored = st.ledger.secret_hash().unwrap_or(UNKNOWN_NODE_HASH);
-        if !auth::hashes_match(&presented, &stored) || st.ledger.ipv4 != creds.ipv4 {
-            tracing::warn!(node = %slot.name, "usage report with a wrong secret");
-            self.counters.unauthorized.increment(1);
-            return Err(IngestError::Unauthorized);
+        // Checked before the node's lock: a flood of wrong secrets does not queue behind (or
+        // in front of) the node's own reports.
+        let authentic = |ip: Ipv4Addr, hash: Option<[u8; 32]>| auth::hashes_match(&presented, &hash.unwrap_or(UNKNOWN_NODE_HASH)) && ip == creds.ipv4;
+        let (ip, hash) = *read(&slot.auth);
+        if !authentic(ip, hash) {
+            if let Some(count) = self.wrong_secret_log.hit(&slot.name, Instant::now()) {
+                tracing::warn!(node = %slot.name, count, source = ?source, "usage reports with a wrong secret (one line per node per PN_WRONG_SECRET_LOG_INTERVAL_MS)");
+            }
+            return Err(self.unauthorized(source));
         }
         let report = UsageReport::parse(body).inspect_err(|e| {
             tracing::debug!(node = %slot.name, error = %e, "malformed usage report");
             self.counters.malformed.increment(1);
         })?;
+        let max_ahead = i64::try_from(self.settings.max_clock_ahead_ms).unwrap_or(i64::MAX);
+        report.check_at(kit::now_ms(), max_ahead).inspect_err(|e| {
+            tracing::debug!(node = %slot.name, error = %e, "usage report from the future refused");
+            self.counters.future.increment(1);
+        })?;
+        let mut st = slot.st.lock().await;
+        // A deployment may have changed the credentials meanwhile.
+        if !authentic(st.ledger.ipv4, st.ledger.secret_hash()) {
+            return Err(self.unauthorized(source));
+        }
         let now = Instant::now();
         if let Some(t) = st.last_accepted {
             let since = now.saturating_duration_since(t);
@@ -359,6 +433,8 @@ impl Meter {
         }
         let now_ms = kit::now_ms();
         let mode = self.settings.count_mode(&st.ledger.provider);
+        // A node time accepted from the future before such reports were refused is forgotten.
+        st.ledger.usage.forget_future(now_ms.saturating_add(max_ahead));
         // Applied in place (no copy of the ledger per report): `apply` changes nothing when it
         // refuses, and a failed write puts back what sled holds.
         let outcome = st.ledger.usage.apply(&report.reading(), mode, now_ms, self.settings.max_link_bytes_per_sec).inspect_err(|r| {
@@ -407,12 +483,53 @@ impl Meter {
         Ok(answer)
     }
 
-    /// Learns (or updates) a node from its deployment. Idempotent.
-    pub async fn register(&self, d: &Deployment) -> Result<Registered, StateError> {
+    /// Why `d` may only be applied with the provider's confirmation, if it may: it changes a
+    /// known node's address or secret hash, or a new node takes an address another node holds.
+    pub async fn needs_confirmation(&self, d: &Deployment) -> Option<String> {
+        match self.slot(&d.node) {
+            Some(slot) => {
+                let (ip, hash) = *read(&slot.auth);
+                if ip != d.ipv4 {
+                    Some(format!("it moves {} from {ip} to {}", d.node, d.ipv4))
+                } else if hash != Some(d.secret_sha256) {
+                    Some(format!("it changes the secret of {}", d.node))
+                } else {
+                    None
+                }
+            }
+            None => read(&self.by_ip).get(&d.ipv4).map(|(_, other)| format!("{} is {}'s address", d.ipv4, other.name)),
+        }
+    }
+
+    /// Asks the provider whether `instance` (the event's) is named `d.node` and holds `d.ipv4`.
+    pub async fn confirm(&self, d: &Deployment, instance_id: &str, account: &str) -> Confirmation {
+        let Some(p) = self.provider.get() else {
+            return Confirmation::Mismatch("no provider configured to confirm it".into());
+        };
+        let ip = d.ipv4.to_string();
+        let claim = Claim { instance_id, name: &d.node, ipv4: &ip, account };
+        let verdict = kit::cloud::confirm_instance(p.as_ref(), &claim).await;
+        let result = match &verdict {
+            Confirmation::Confirmed(_) => "confirmed",
+            Confirmation::Mismatch(_) => "mismatch",
+            Confirmation::Unanswered(_) => "unanswered",
+        };
+        metrics::counter!("pn_instance_checks_total", "service" => "svc-meter", "result" => result).increment(1);
+        verdict
+    }
+
+    /// Learns (or updates) a node from its deployment. Idempotent. Without `confirmed` (the
+    /// provider's word, see `needs_confirmation`) a deployment that would change a known node's
+    /// address or secret hash, or take another node's address, changes nothing (`Refused`).
+    pub async fn register(&self, d: &Deployment, confirmed: bool) -> Result<Registered, StateError> {
         if self.slot(&d.node).is_none() {
             // New nodes are created one at a time: two deliveries racing must not both write
             // a fresh ledger (the second would overwrite reports accepted in between).
             let _guard = self.register_lock.lock().await;
+            if !confirmed && self.slot(&d.node).is_none() && read(&self.by_ip).contains_key(&d.ipv4) {
+                tracing::warn!(node = %d.node, ipv4 = %d.ipv4, "deployment takes another node's address without the provider's confirmation; refused");
+                return Ok(Registered::Refused);
+            }
             if self.slot(&d.node).is_none() {
                 let now = kit::now_ms();
                 let mut l = NodeLedger::new(d, now);
@@ -433,6 +550,10 @@ impl Meter {
             return Err(StateError::Store(format!("node {} vanished during registration", d.node)));
         };
         let mut st = slot.st.lock().await;
+        if !confirmed && (st.ledger.ipv4 != d.ipv4 || st.ledger.secret_hash() != Some(d.secret_sha256)) {
+            tracing::warn!(node = %d.node, "deployment changes the node's address or secret without the provider's confirmation; refused");
+            return Ok(Registered::Refused);
+        }
         let mut next = st.ledger.clone();
         next.redeploy(d);
         let change = next.evaluate(&self.thresholds, kit::now_ms());
@@ -444,6 +565,7 @@ impl Meter {
         let new_ip = next.ipv4;
         let deployed_at = next.deployed_at_ms;
         tracing::info!(node = %d.node, ipv4 = %new_ip, sold = next.sold_bytes, state = next.state.as_str(), "node updated by a deployment");
+        *write(&slot.auth) = (next.ipv4, next.secret_hash());
         st.ledger = next;
         drop(st);
         self.store.flush().await?;

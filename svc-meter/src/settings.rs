@@ -74,6 +74,35 @@ pub struct Settings {
     pub warn_ratio: f64,
     /// `→ cutoff` (402 + hidden at Center) at this fraction of the sold quota.
     pub cutoff_ratio: f64,
+    /// A report whose `at` is further ahead of the meter's clock than this is refused (422),
+    /// and a `pn.op.deployed` whose `deployed_at_ms` is that far ahead is dropped
+    /// (`PN_MAX_CLOCK_AHEAD_MS`).
+    pub max_clock_ahead_ms: u64,
+    /// Failed authentications one source may spend at once (`PN_AUTH_FAIL_BURST`); past that
+    /// its reports get 429 before their credentials are even read. 0 turns the limit off.
+    pub auth_fail_burst: u32,
+    /// How fast a source's failure budget refills, per second (`PN_AUTH_FAIL_PER_SEC`).
+    pub auth_fail_per_sec: f64,
+    /// Sources whose failures are remembered at once (`PN_AUTH_FAIL_SOURCES`); beyond, new
+    /// sources share one budget.
+    pub auth_fail_sources: usize,
+    /// Connections from these networks are proxies whose `X-Forwarded-For` names the source
+    /// (`PN_TRUSTED_PROXIES`, comma-separated addresses/CIDRs). The default trusts loopback
+    /// and the private ranges, where Traefik (in k8s) and `pn-ingress` (dev stack) connect
+    /// from; nodes report from public addresses. Narrow it to the pod network where other
+    /// in-cluster clients could reach the meter.
+    pub trusted_proxies: String,
+    /// At most one "wrong secret" warning per node per this interval, with the count
+    /// (`PN_WRONG_SECRET_LOG_INTERVAL_MS`).
+    pub wrong_secret_log_interval_ms: u64,
+    /// The cloud the nodes live in (`PN_PROVIDER`: `center` | `hetzner`), asked before a
+    /// `pn.op.deployed` may change a known node's address or secret hash (or take an address
+    /// another node holds): the instance must be named as the node and hold that IPv4.
+    pub provider: String,
+    /// The `center` provider's cloud account (`PN_ACCOUNT`); empty: any account Center lists.
+    pub account: String,
+    /// The `hetzner` provider's API (`PN_HETZNER__API_URL`, a read-only `PN_HETZNER__TOKEN`).
+    pub hetzner: kit::cloud::hetzner::HetznerSettings,
     /// Durable consumer name on `pn.op.deployed` (`PN_DEPLOYED_CONSUMER`); only an in-process
     /// bench meter changes it, so that it never shares the real meter's consumer.
     pub deployed_consumer: String,
@@ -95,6 +124,15 @@ impl Default for Settings {
             warn_ratio: 0.8,
             cutoff_ratio: 0.95,
             deployed_consumer: "svc-meter-deployed".into(),
+            max_clock_ahead_ms: 300_000,
+            auth_fail_burst: 20,
+            auth_fail_per_sec: 1.0,
+            auth_fail_sources: 65_536,
+            trusted_proxies: "127.0.0.0/8,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7".into(),
+            wrong_secret_log_interval_ms: 60_000,
+            provider: "center".into(),
+            account: String::new(),
+            hetzner: Default::default(),
         }
     }
 }
@@ -131,6 +169,15 @@ impl Settings {
         }
         if self.internal_token.as_ref().is_some_and(|t| !t.expose_secret().is_empty() && t.expose_secret().len() < 16) {
             return Err(SettingsError("PN_INTERNAL_TOKEN must have at least 16 characters".into()));
+        }
+        if let Err(e) = crate::auth::TrustedProxies::parse(&self.trusted_proxies) {
+            return Err(SettingsError(format!("PN_TRUSTED_PROXIES: {e}")));
+        }
+        if !self.auth_fail_per_sec.is_finite() || self.auth_fail_per_sec < 0.0 {
+            return Err(SettingsError("PN_AUTH_FAIL_PER_SEC must be a non-negative number".into()));
+        }
+        if !matches!(self.provider.as_str(), "center" | "hetzner") {
+            return Err(SettingsError("PN_PROVIDER must be center or hetzner".into()));
         }
         if self.max_link_bytes_per_sec == 0 {
             return Err(SettingsError("PN_MAX_LINK_BYTES_PER_SEC must be positive".into()));
