@@ -126,9 +126,9 @@ impl Identity {
 
     /// This identity's block in the server's `authorization.users` list.
     fn render(&self) -> String {
-        let list = |v: Vec<String>| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+        let list = |v: Vec<String>| v.iter().map(|s| format!("            \"{s}\"\n")).collect::<String>();
         format!(
-            "    {{\n      user: \"{user}\"\n      password: ${var}\n      permissions: {{\n        publish: {{ allow: [{p}] }}\n        subscribe: {{ allow: [{s}] }}\n      }}\n    }}\n",
+            "    {{\n      user: \"{user}\"\n      password: ${var}\n      permissions: {{\n        publish: {{\n          allow: [\n{p}          ]\n        }}\n        subscribe: {{\n          allow: [\n{s}          ]\n        }}\n      }}\n    }}\n",
             user = self.user,
             var = password_var(&self.user),
             p = list(self.publish_allow()),

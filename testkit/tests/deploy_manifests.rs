@@ -18,7 +18,11 @@
 //! - Center's host: everything routed to Center (`center-origin`), `POST /slave/usage` through a
 //!   mirroring `TraefikService` with the meter as its one 100 % mirror;
 //! - the NATS configurations are checked by a real `nats-server` (`sync_interval: always`
-//!   must show as `sync_always` in its `/jsz`).
+//!   must show as `sync_always` in its `/jsz`), and the base's is run with throwaway
+//!   certificates: TLS and an identity are required, each identity logs in;
+//! - least privilege (issue #18): which workload holds which Secret (the seal key only in
+//!   svc-claimer and svc-deployer, each service its own Center token and NATS password), and
+//!   every NATS configuration (k8s, chart, dev) carries `kit::nats_auth`'s identities.
 //!
 //! A missing tool fails the test with what to install; nothing is skipped.
 
@@ -42,7 +46,26 @@ const PROGRAMS: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-ve
 /// The image's one binary (pnctl/src/bin/pnp.rs, dispatch in pnctl/src/multicall.rs) and where it goes.
 const IMAGE_BINARY: &str = "pnp";
 const IMAGE_BINARY_PATH: &str = "/usr/local/bin/pnp";
-const SECRETS: [&str; 3] = ["pn-seal-key", "pn-center-token", "pn-ssh-admin-keys"];
+/// Every Secret the manifests reference (created out of band, deploy/k8s/README.md).
+const SECRETS: [&str; 15] = [
+    "pn-seal-key",
+    "pn-center-token-svc-claimer",
+    "pn-center-token-svc-cloud",
+    "pn-center-token-svc-deployer",
+    "pn-center-token-svc-verifier",
+    "pn-center-token-svc-meter",
+    "pn-nats-svc-claimer",
+    "pn-nats-svc-cloud",
+    "pn-nats-svc-deployer",
+    "pn-nats-svc-verifier",
+    "pn-nats-svc-meter",
+    "pn-nats-operator",
+    "pn-nats-tls",
+    "pn-meter-internal-token",
+    "pn-ssh-admin-keys",
+];
+/// The services that hold the seal key (they seal and unseal the claim token and node secret).
+const SEAL_KEY_USERS: [&str; 2] = ["svc-claimer", "svc-deployer"];
 const NONROOT: i64 = 65532;
 /// The services that open SSH sessions to nodes: they alone hold the admin keys and reach port 22/1022.
 const SSH_USERS: [&str; 2] = ["svc-deployer", "svc-verifier"];
@@ -832,14 +855,27 @@ fn services_run_as_the_contract_says() {
             let get = |v: &str| env_value(&r, c, v).unwrap_or_else(|| panic!("{at}: {v} not set"));
             assert_eq!(get("PN_DATA_DIR"), "/data", "{at}");
             assert_eq!(get("PN_OPS_LISTEN"), "0.0.0.0:9090", "{at}");
-            assert_eq!(get("PN_NATS_URL"), "nats://nats.pn-system.svc:4222", "{at}");
+            assert_eq!(get("PN_NATS_URL"), "tls://nats.pn-system.svc:4222", "{at}: NATS over TLS");
+            // Its own NATS identity, password from its own Secret, the server checked against
+            // the CA from ConfigMap pn-nats-ca.
+            assert_eq!(get("PN_NATS_USER"), svc, "{at}: connects to NATS as itself");
+            assert_eq!(get("PN_NATS_PASSWORD"), format!("secret:pn-nats-{svc}/password"), "{at}");
+            assert_eq!(get("PN_NATS_CA_FILE"), "/etc/pn/nats-ca/ca.crt", "{at}");
+            let ca = arr(&c["volumeMounts"]).iter().find(|m| m["mountPath"] == "/etc/pn/nats-ca").unwrap_or_else(|| panic!("{at}: no CA mount"));
+            assert_eq!(ca["readOnly"], true, "{at}");
+            let vol = arr(&w.spec()["volumes"]).iter().find(|v| v["name"] == ca["name"]).unwrap();
+            assert_eq!(vol["configMap"]["name"], "pn-nats-ca", "{at}: the CA from ConfigMap pn-nats-ca");
             assert!(get("PN_CENTER_URL").starts_with("https://"), "{at}: PN_CENTER_URL {}", get("PN_CENTER_URL"));
             assert!(
                 arr(&c["env"]).iter().any(|e| e["name"] == "PN_CENTER_URL" && e["valueFrom"].get("configMapKeyRef").is_some()),
                 "{at}: PN_CENTER_URL from a ConfigMap"
             );
-            assert_eq!(get("PN_SEAL_KEY"), "secret:pn-seal-key/seal-key", "{at}");
-            assert_eq!(get("PN_CENTER_TOKEN"), "secret:pn-center-token/token", "{at}");
+            if SEAL_KEY_USERS.contains(&svc) {
+                assert_eq!(get("PN_SEAL_KEY"), "secret:pn-seal-key/seal-key", "{at}");
+            } else {
+                assert!(env_value(&r, c, "PN_SEAL_KEY").is_none(), "{at}: the seal key only in {SEAL_KEY_USERS:?}");
+            }
+            assert_eq!(get("PN_CENTER_TOKEN"), format!("secret:pn-center-token-{svc}/token"), "{at}: its own Center token");
 
             for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
                 let p = &c[probe]["httpGet"];
@@ -886,6 +922,13 @@ fn services_run_as_the_contract_says() {
 
             if svc == "svc-meter" {
                 assert_eq!(get("PN_LISTEN"), "0.0.0.0:8090", "{at}: ingest listener");
+                // The ledger and quota API: on the pod's loopback, with its own token, on no
+                // container port and behind no Service.
+                let internal = get("PN_INTERNAL_LISTEN");
+                assert!(internal.starts_with("127.0.0.1:"), "{at}: PN_INTERNAL_LISTEN {internal} must be loopback");
+                let iport: i64 = internal.rsplit(':').next().unwrap().parse().unwrap();
+                assert!(w.container_ports().iter().all(|(_, p)| *p != iport), "{at}: the internal port is no container port");
+                assert_eq!(get("PN_INTERNAL_TOKEN"), "secret:pn-meter-internal-token/token", "{at}");
                 let service = find(&r, "Service", "svc-meter");
                 let sp = &arr(&service["spec"]["ports"])[0];
                 assert_eq!(sp["port"], 8090, "{at}: Service port");
@@ -1328,12 +1371,14 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     head.split_whitespace().nth(1).is_some_and(|code| code == "200").then(|| body.to_string())
 }
 
-/// Starts nats-server on `conf` and returns its `/jsz` config once it answers.
+/// Starts nats-server on `conf` (with every identity's password in its environment) and returns
+/// its `/jsz` config once it answers.
 fn run_nats(conf: &Path, envs: &[(&str, String)], monitor: u16) -> Value {
     let child = Command::new(nats_server())
         .arg("-c")
         .arg(conf)
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(password_env(&nats_passwords()))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -1372,6 +1417,9 @@ fn dev_nats_config_runs_with_jetstream_fsync_always() {
     ];
     let js = run_nats(&conf, &envs, monitor);
     assert_eq!(js["sync_always"], true, "dev.conf must fsync every write: {js}");
+    // Without the identities' passwords it does not start at all (auth.conf needs them).
+    let out = run(Command::new(nats_server()).arg("-c").arg(&conf).arg("-t").envs(envs.iter().map(|(k, v)| (*k, v.as_str()))));
+    assert!(!out.ok, "dev.conf must not run without the passwords:\n{}{}", out.stdout, out.stderr);
     assert!(js["store_dir"].as_str().unwrap().starts_with(store.to_str().unwrap()), "store_dir from PN_NATS_STORE_DIR: {js}");
     assert!(store.join("jetstream").is_dir(), "the file store is where the template says");
 }
@@ -1381,12 +1429,16 @@ fn k8s_nats_configs_are_valid_and_fsync_always() {
     let base = render("deploy/k8s/base");
     let ov = render("deploy/k8s/overlays/example");
     let dir = tempfile::tempdir().unwrap();
+    // The certificates the pod mounts from pn-nats-tls, and auth.conf, here.
+    test_certs(dir.path());
 
     // Both configurations parse (`-t`), with the env the pod gives them.
-    for (label, conf) in [("base", nats_conf_of(&base)), ("overlay", nats_conf_of(&ov))] {
+    for (label, conf, r) in [("base", nats_conf_of(&base), &base), ("overlay", nats_conf_of(&ov), &ov)] {
         let f = dir.path().join(format!("{label}.conf"));
-        std::fs::write(&f, &conf).unwrap();
-        let out = run(Command::new(nats_server()).arg("-c").arg(f.as_path()).arg("-t").env("SERVER_NAME", "nats-0"));
+        std::fs::write(&f, localize(&conf, r, dir.path())).unwrap();
+        let out = run(
+            Command::new(nats_server()).arg("-c").arg(f.as_path()).arg("-t").env("SERVER_NAME", "nats-0").envs(password_env(&nats_passwords())),
+        );
         assert!(out.ok, "{label} nats.conf is not valid:\n{}{}", out.stdout, out.stderr);
         let js =
             conf.split("jetstream {").nth(1).and_then(|s| s.split('}').next()).unwrap_or_else(|| panic!("{label}: no jetstream block"));
@@ -1397,7 +1449,7 @@ fn k8s_nats_configs_are_valid_and_fsync_always() {
     // The base's one-server config, run for real with only ports and paths moved into a temp dir.
     let (port, monitor) = (testkit::free_port(), testkit::free_port());
     let store = dir.path().join("data");
-    let conf = nats_conf_of(&base)
+    let conf = localize(&nats_conf_of(&base), &base, dir.path())
         .replace("port: 4222", &format!("port: {port}\nhost: 127.0.0.1"))
         .replace("http_port: 8222", &format!("http_port: {monitor}"))
         .replace("store_dir: /data", &format!("store_dir: \"{}\"", store.display()))
@@ -1421,4 +1473,276 @@ fn k8s_nats_configs_are_valid_and_fsync_always() {
     let tag = v["container"]["image"]["tag"].as_str().unwrap();
     let ours = find(&base, "StatefulSet", "nats")["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap().to_string();
     assert_eq!(ours, format!("nats:{tag}"), "the chart values and the base run the same NATS version");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Least privilege (issue #18): who holds which Secret; NATS wants an identity and TLS
+
+/// Every Secret a workload's pods can read: env `secretKeyRef`s, `envFrom`, secret volumes
+/// (projected ones too).
+fn secrets_of(w: &Workload<'_>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for c in w.containers() {
+        for e in arr(&c["env"]) {
+            if let Some(n) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
+                out.insert(n.to_string());
+            }
+        }
+        for e in arr(&c["envFrom"]) {
+            if let Some(n) = e["secretRef"]["name"].as_str() {
+                out.insert(n.to_string());
+            }
+        }
+    }
+    for v in arr(&w.spec()["volumes"]) {
+        if let Some(n) = v["secret"]["secretName"].as_str() {
+            out.insert(n.to_string());
+        }
+        for src in arr(&v["projected"]["sources"]) {
+            if let Some(n) = src["secret"]["name"].as_str() {
+                out.insert(n.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn each_workload_holds_only_its_own_secrets() {
+    let identities: Vec<String> = kit::nats_auth::all().into_iter().map(|i| i.user).collect();
+    for r in both() {
+        let mut want: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for svc in SERVICES {
+            let mut s: BTreeSet<String> = [format!("pn-center-token-{svc}"), format!("pn-nats-{svc}")].into();
+            if SEAL_KEY_USERS.contains(&svc) {
+                s.insert("pn-seal-key".into());
+            }
+            if SSH_USERS.contains(&svc) {
+                s.insert("pn-ssh-admin-keys".into());
+            }
+            if svc == "svc-meter" {
+                s.insert("pn-meter-internal-token".into());
+            }
+            want.insert(svc.to_string(), s);
+        }
+        // NATS: every identity's password (it checks them) and its TLS certificate; no Center
+        // token, no seal key.
+        let mut nats: BTreeSet<String> =
+            identities.iter().map(|u| format!("pn-nats-{}", u.strip_prefix("pn-").unwrap_or(u))).collect();
+        nats.insert("pn-nats-tls".into());
+        want.insert("nats".into(), nats);
+        let got: BTreeMap<String, BTreeSet<String>> = workloads(&r).iter().map(|w| (w.app(), secrets_of(w))).collect();
+        assert_eq!(got, want, "{}: which workload holds which Secret", r.label);
+        // The seal key in exactly two places; each Center token and NATS password in one service.
+        let holders = |secret: &str| got.iter().filter(|(_, s)| s.contains(secret)).map(|(w, _)| w.clone()).collect::<Vec<_>>();
+        assert_eq!(holders("pn-seal-key"), SEAL_KEY_USERS.to_vec(), "{}", r.label);
+        for svc in SERVICES {
+            assert_eq!(holders(&format!("pn-center-token-{svc}")), vec![svc.to_string()], "{}", r.label);
+            assert_eq!(holders(&format!("pn-nats-{svc}")), vec!["nats".to_string(), svc.to_string()], "{}", r.label);
+        }
+        assert_eq!(holders("pn-nats-operator"), vec!["nats".to_string()], "{}: the operator's password is for people, not pods", r.label);
+    }
+}
+
+/// `kit::nats_auth`'s identities as the chart's `config.merge.authorization.users` (passwords
+/// as the chart's unquoted variable syntax).
+fn chart_users() -> Value {
+    Value::Array(
+        kit::nats_auth::all()
+            .iter()
+            .map(|i| {
+                json!({
+                    "user": i.user,
+                    "password": format!("<< ${} >>", kit::nats_auth::password_var(&i.user)),
+                    "permissions": {"publish": {"allow": i.publish_allow()}, "subscribe": {"allow": i.subscribe_allow()}},
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The Secret holding `user`'s NATS password: `pn-nats-<service>`, `pn-nats-operator`.
+fn nats_secret(user: &str) -> String {
+    format!("pn-nats-{}", user.strip_prefix("pn-").unwrap_or(user))
+}
+
+#[test]
+fn nats_wants_an_identity_and_tls_in_every_configuration() {
+    let block = kit::nats_auth::authorization_block(&kit::nats_auth::all());
+    // The committed copies are the code's table, byte for byte.
+    for f in ["deploy/nats/auth.conf", "deploy/k8s/base/nats/auth.conf"] {
+        let text = std::fs::read_to_string(root().join(f)).unwrap();
+        assert!(text == block, "{f} differs from kit::nats_auth; write exactly this:\n{block}");
+    }
+    let dev = std::fs::read_to_string(root().join("deploy/nats/dev.conf")).unwrap();
+    assert!(dev.lines().any(|l| l.trim() == "include ./auth.conf"), "dev.conf includes auth.conf");
+    for r in both() {
+        let at = r.label;
+        let nats = find(&r, "StatefulSet", "nats");
+        let conf = nats_conf_of(&r);
+        assert!(conf.lines().any(|l| l.trim() == "include ./auth.conf"), "{at}: nats.conf includes auth.conf");
+        assert!(!conf.lines().chain(block.lines()).any(|l| l.trim_start().starts_with("no_auth_user")), "{at}: no anonymous user");
+        let vol = arr(&nats["spec"]["template"]["spec"]["volumes"]).iter().find(|v| v["name"] == "config").unwrap();
+        let cm = find(&r, "ConfigMap", vol["configMap"]["name"].as_str().unwrap());
+        assert_eq!(cm["data"]["auth.conf"].as_str(), Some(block.as_str()), "{at}: the ConfigMap carries auth.conf");
+        // TLS for clients: certificate and key from the mounted Secret pn-nats-tls.
+        let tls = conf.split("\ntls {").nth(1).and_then(|s| s.split('}').next()).unwrap_or_else(|| panic!("{at}: no top-level tls block"));
+        let c = &nats["spec"]["template"]["spec"]["containers"][0];
+        let mount = arr(&c["volumeMounts"]).iter().find(|m| m["name"] == "tls").unwrap_or_else(|| panic!("{at}: no tls mount"));
+        let dir = mount["mountPath"].as_str().unwrap();
+        assert_eq!(mount["readOnly"], true);
+        assert!(tls.contains(&format!("cert_file: {dir}/tls.crt")) && tls.contains(&format!("key_file: {dir}/tls.key")), "{at}: {tls}");
+        let tls_vol = arr(&nats["spec"]["template"]["spec"]["volumes"]).iter().find(|v| v["name"] == "tls").unwrap();
+        assert_eq!(tls_vol["secret"]["secretName"], "pn-nats-tls", "{at}");
+        // Every password the authorization names comes from the identity's own Secret.
+        for i in kit::nats_auth::all() {
+            let var = kit::nats_auth::password_var(&i.user);
+            let e = arr(&c["env"]).iter().find(|e| e["name"] == var.as_str()).unwrap_or_else(|| panic!("{at}: nats lacks {var}"));
+            assert_eq!(e["valueFrom"]["secretKeyRef"], json!({"name": nats_secret(&i.user), "key": "password"}), "{at}: {var}");
+        }
+    }
+    // The overlay's routes are mutual TLS.
+    let cluster = nats_conf_of(&render("deploy/k8s/overlays/example"));
+    let routes = cluster.split("cluster {").nth(1).unwrap();
+    assert!(routes.contains("ca_file: /etc/nats-certs/ca.crt") && routes.contains("verify: true"), "routes verify their peers: {routes}");
+
+    // The chart values say the same: TLS from pn-nats-tls, the identities, passwords from Secrets.
+    let text = std::fs::read_to_string(root().join("deploy/nats/values.yaml")).unwrap();
+    let v = parse_yaml_docs(&text, "deploy/nats/values.yaml").pop().unwrap();
+    let c = &v["config"];
+    assert_eq!(c["nats"]["tls"]["enabled"], true, "chart: client TLS");
+    assert_eq!(c["nats"]["tls"]["secretName"], "pn-nats-tls");
+    assert_eq!(c["cluster"]["tls"]["enabled"], true, "chart: route TLS");
+    assert_eq!(c["cluster"]["tls"]["secretName"], "pn-nats-tls");
+    let users = chart_users();
+    assert!(
+        c["merge"]["authorization"]["users"] == users,
+        "deploy/nats/values.yaml config.merge.authorization.users must be kit::nats_auth's identities:\n{}",
+        serde_yaml::to_string(&users).unwrap()
+    );
+    assert!(c["merge"]["authorization"].get("no_auth_user").is_none());
+    for i in kit::nats_auth::all() {
+        let var = kit::nats_auth::password_var(&i.user);
+        assert_eq!(
+            v["container"]["env"][var.as_str()]["valueFrom"]["secretKeyRef"],
+            json!({"name": nats_secret(&i.user), "key": "password"}),
+            "chart: {var} from its Secret"
+        );
+    }
+}
+
+/// A throwaway CA and a server certificate for `localhost`/127.0.0.1 (and the in-cluster names),
+/// made with openssl: `ca.crt`, `tls.crt`, `tls.key` in `dir`; and another CA, `other-ca.crt`.
+fn test_certs(dir: &Path) {
+    let openssl = testkit::which("openssl").expect("openssl (apt `openssl`) makes the test certificates");
+    let sh = |args: &[&str]| {
+        let out = run(Command::new(&openssl).args(args).current_dir(dir));
+        assert!(out.ok, "openssl {args:?}:\n{}{}", out.stdout, out.stderr);
+    };
+    for ca in ["ca", "other-ca"] {
+        sh(&[
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", &format!("/CN=pn-test-{ca}"),
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.crt"),
+        ]);
+    }
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n\
+         subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:nats.pn-system.svc,DNS:*.nats-headless\n",
+    )
+    .unwrap();
+    sh(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=nats", "-keyout", "tls.key", "-out", "tls.csr"]);
+    sh(&["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-out", "tls.crt", "-extfile", "ext.cnf"]);
+}
+
+/// Random passwords for every identity, as the env nats-server reads them from.
+fn nats_passwords() -> BTreeMap<String, String> {
+    kit::nats_auth::all().into_iter().map(|i| (i.user, testkit::rand_hex(16))).collect()
+}
+
+fn password_env(pw: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    pw.iter().map(|(u, p)| (kit::nats_auth::password_var(u), p.clone())).collect()
+}
+
+/// A rendered nats.conf made runnable here: certificates and auth.conf in `dir`.
+fn localize(conf: &str, r: &Rendered, dir: &Path) -> String {
+    let nats = find(r, "StatefulSet", "nats");
+    let vol = arr(&nats["spec"]["template"]["spec"]["volumes"]).iter().find(|v| v["name"] == "config").unwrap();
+    let cm = find(r, "ConfigMap", vol["configMap"]["name"].as_str().unwrap());
+    std::fs::write(dir.join("auth.conf"), cm["data"]["auth.conf"].as_str().unwrap()).unwrap();
+    conf.replace("/etc/nats-certs/", &format!("{}/", dir.display()))
+}
+
+#[tokio::test]
+async fn the_k8s_nats_refuses_anonymous_and_plaintext_clients_and_admits_each_identity_over_tls() {
+    let base = render("deploy/k8s/base");
+    let dir = tempfile::tempdir().unwrap();
+    test_certs(dir.path());
+    let (port, monitor) = (testkit::free_port(), testkit::free_port());
+    let conf = localize(&nats_conf_of(&base), &base, dir.path())
+        .replace("port: 4222", &format!("port: {port}\nhost: 127.0.0.1"))
+        .replace("http_port: 8222", &format!("http_port: {monitor}"))
+        .replace("store_dir: /data", &format!("store_dir: \"{}\"", dir.path().join("data").display()))
+        .replace("pid_file: /tmp/nats.pid", &format!("pid_file: \"{}\"", dir.path().join("nats.pid").display()));
+    let f = dir.path().join("nats.conf");
+    std::fs::write(&f, conf).unwrap();
+    let pw = nats_passwords();
+    let child = Command::new(nats_server())
+        .arg("-c")
+        .arg(&f)
+        .env("SERVER_NAME", "nats-0")
+        .envs(password_env(&pw))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = testkit::Proc { child, name: "nats-server".into() };
+    testkit::wait_tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(20)).unwrap();
+
+    // Plaintext: the server says TLS is required and refuses a CONNECT without it.
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut info = [0u8; 4096];
+    let n = tcp.read(&mut info).unwrap();
+    let info = String::from_utf8_lossy(&info[..n]).to_string();
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    assert!(info.contains("\"auth_required\":true"), "{info}");
+    let _ = tcp.write_all(format!("CONNECT {{\"user\":\"svc-claimer\",\"pass\":\"{}\"}}\r\nPING\r\n", pw["svc-claimer"]).as_bytes());
+    let mut answer = String::new();
+    let _ = tcp.read_to_string(&mut answer);
+    assert!(!answer.contains("PONG"), "a plaintext client must not be served: {answer:?}");
+
+    let url = format!("tls://localhost:{port}");
+    let ca = dir.path().join("ca.crt");
+    let auth = |user: &str, ca: &Path| kit::bus::NatsAuth {
+        user: Some(user.to_string()),
+        password: Some(kit::secrecy::SecretString::from(pw[user].clone())),
+        ca_file: Some(ca.to_path_buf()),
+    };
+    // TLS without credentials, or with another identity's password: refused.
+    let anon = kit::bus::NatsAuth { ca_file: Some(ca.clone()), ..Default::default() };
+    let e = kit::bus::Bus::connect_as(&url, "anon", Duration::from_secs(1), &anon).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.to_lowercase().contains("authorization violation"), "anonymous over TLS: {e}");
+    let mut swapped = auth("svc-deployer", &ca);
+    swapped.password = Some(kit::secrecy::SecretString::from(pw["svc-meter"].clone()));
+    assert!(kit::bus::Bus::connect_as(&url, "x", Duration::from_secs(1), &swapped).await.is_err(), "svc-meter's password is not svc-deployer's");
+    // A server certificate from another CA is not trusted.
+    let e = kit::bus::Bus::connect_as(&url, "x", Duration::from_secs(1), &auth("svc-claimer", &dir.path().join("other-ca.crt"))).await;
+    assert!(e.is_err(), "a certificate the configured CA did not sign must be refused");
+    // Each identity over TLS with the right CA; the operator creates the streams, a service
+    // publishes its own event and nothing else.
+    for i in kit::nats_auth::all() {
+        kit::bus::Bus::connect_as(&url, "t", Duration::from_secs(5), &auth(&i.user, &ca))
+            .await
+            .unwrap_or_else(|e| panic!("{} over TLS: {e}", i.user));
+    }
+    let op = kit::bus::Bus::connect_as(&url, "op", Duration::from_secs(5), &auth(kit::nats_auth::OPERATOR, &ca)).await.unwrap();
+    op.apply_streams_with(1).await.unwrap();
+    let claimer = kit::bus::Bus::connect_as(&url, "c", Duration::from_secs(5), &auth("svc-claimer", &ca)).await.unwrap();
+    claimer.js.publish("pn.op.claimed.op-1", "x".into()).await.unwrap().await.unwrap();
+    let forged = tokio::time::timeout(Duration::from_secs(3), async { claimer.js.publish("pn.op.instance.op-1", "x".into()).await?.await }).await;
+    assert!(!matches!(forged, Ok(Ok(_))), "svc-claimer must not get pn.op.instance acknowledged");
+    let mut s = op.js.get_stream("PN_OPS").await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 1, "only the claimer's own event landed");
 }
