@@ -181,6 +181,33 @@ mod tests {
     }
 
     #[test]
+    fn only_exactly_the_confirmed_facts_are_confirmed() {
+        let mut input = ir("i-1", 1);
+        if let Some(i) = input.instance.as_mut() {
+            (i.ipv4, i.account) = ("203.0.113.7".into(), "acct".into());
+        }
+        if let Some(o) = input.op.as_mut() {
+            o.sub_id = "s1".into();
+        }
+        let mut r = DeployRecord::new(&input);
+        assert!(!r.confirms(&input), "nothing is confirmed by being recorded");
+        r.confirmed = Some(Confirmed { at_ms: 5, ..Confirmed::facts(&input) });
+        assert_eq!(r.confirmed.as_ref().map(|c| c.name.as_str()), Some("pn-s1"));
+        assert!(r.confirms(&input));
+        let mut other = input.clone();
+        if let Some(i) = other.instance.as_mut() {
+            i.ipv4 = "127.250.0.1".into();
+        }
+        assert!(!r.confirms(&other), "another address is not confirmed");
+        let mut other = input.clone();
+        if let Some(o) = other.op.as_mut() {
+            o.sub_id = "s2".into();
+        }
+        assert!(!r.confirms(&other), "another subscription is not confirmed");
+        assert_eq!(r.sub_id().as_deref(), Some("s1"));
+    }
+
+    #[test]
     fn a_new_instance_forgets_pin_and_prep_but_keeps_the_secret() {
         let mut r = DeployRecord::new(&ir("i-1", 1));
         r.host_key = Some("ssh-ed25519 AAAA".into());

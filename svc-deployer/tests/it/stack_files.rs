@@ -138,7 +138,9 @@ fn shell_scripts_pass_shellcheck_and_never_run_down() {
 fn the_prep_script_covers_the_runbook_steps() {
     let text = svc_deployer::stack::PROVISION_NODE_SH;
     for needle in [
-        "ID:-}\" = ubuntu",
+        // The OS gate: Ubuntu (and, since the node VM work, Debian) by /etc/os-release's ID.
+        "OS_ID=${ID:-unknown}",
+        "    ubuntu)",
         "id -u",
         "Asia/Singapore",
         "snapd",
