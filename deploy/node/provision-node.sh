@@ -200,7 +200,10 @@ make_swap() {
 
 base_packages() {
   step "base packages"
-  apt_install ca-certificates curl gnupg ufw cron util-linux iproute2 logrotate
+  local pkgs=(ca-certificates curl ufw cron util-linux iproute2 logrotate)
+  # gnupg is for Docker's repository key; the distribution's own packages need none.
+  [ "$DOCKER_SOURCE" = distro ] || pkgs+=(gnupg)
+  apt_install "${pkgs[@]}"
 }
 
 docker_works() { command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; }
