@@ -27,6 +27,7 @@ pub fn routes() -> Router<Sim> {
         .route("/admin/intents", post(add_intent))
         .route("/admin/operations", get(list_operations))
         .route("/admin/operations/{id}", get(get_operation))
+        .route("/admin/operations/{id}/revoke", post(revoke))
         .route("/admin/instances", get(list_instances))
         .route("/admin/instances/{id}/rekey", post(rekey))
         .route("/admin/nodes", get(list_nodes))
@@ -113,6 +114,32 @@ async fn get_operation(State(sim): State<Sim>, Path(id): Path<String>) -> Respon
     match st.ops.get(&id) {
         Some(op) => Json(op.to_admin()).into_response(),
         None => err(StatusCode::NOT_FOUND, format!("operation {id} not found")),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RevokeBody {
+    /// Another agent that claims the operation at once.
+    claim_by: Option<String>,
+}
+
+/// Center's operator takes a held operation's lease back: its token is revoked (a node that
+/// registers with it is refused) and it is queued again — or, with `claimBy`, claimed at once
+/// by that other agent (a lease lost to someone else).
+async fn revoke(State(sim): State<Sim>, Path(id): Path<String>, body: Bytes) -> Response {
+    let b: RevokeBody = match parse_json(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let claim_by = b.claim_by.filter(|h| !h.trim().is_empty()).map(|h| (h, format!("pnclaim_{}", hex::encode(rand::random::<[u8; 32]>()))));
+    let mut st = sim.st_ticked();
+    match st.ops.revoke(&id, claim_by.as_ref().map(|(h, t)| (h.as_str(), t.clone())), kit::now_ms()) {
+        Ok(op) => {
+            tracing::warn!(op = %id, claimed_by = ?claim_by.as_ref().map(|c| &c.0), "lease revoked by the operator");
+            Json(json!({"operation": op})).into_response()
+        }
+        Err(e) => err(StatusCode::from_u16(e.code).unwrap_or(StatusCode::BAD_REQUEST), e.message),
     }
 }
 

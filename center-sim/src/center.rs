@@ -1,7 +1,8 @@
-//! Center's operations: intents, atomic claims with a holder and a lease, progress/failure
-//! reports, lease expiry (back to `queued`, old token revoked), the timeout sweep, and the
-//! check a registering node's claim goes through. Pure state transitions with the clock passed
-//! in, so the rules are unit-tested without waiting.
+//! Center's operations: intents, atomic claims with a holder and a lease (a claim by the
+//! current holder renews it), progress/failure reports, lease expiry (back to `queued`, old
+//! token revoked), the timeout sweep, and the check a registering node's claim goes through
+//! (only the live token of a held operation activates it; a revoked or used one is refused).
+//! Pure state transitions with the clock passed in, so the rules are unit-tested without waiting.
 //!
 //! Never: return a claim token anywhere but the claim answer, or put one in an error text.
 
@@ -90,7 +91,14 @@ pub struct Op {
     /// The token of the current claim; `None` once used or revoked (done, lease expiry,
     /// failure, sweep).
     live_token: Option<String>,
+    /// The token that activated the operation and the node (name, ipv4) that carried it: only
+    /// that node may register with it again.
+    used: Option<(String, String, String)>,
     pub claims: u32,
+    /// Claims by the current holder that renewed its lease (no new token).
+    pub lease_renewals: u32,
+    /// Registrations carrying one of this operation's tokens that were refused (revoked or used).
+    pub claim_refusals: u32,
     pub terminal_reports: u32,
     pub progress_reports: u32,
     pub lease_expiries: u32,
@@ -123,7 +131,10 @@ impl Op {
             result: None,
             error: None,
             live_token: None,
+            used: None,
             claims: 0,
+            lease_renewals: 0,
+            claim_refusals: 0,
             terminal_reports: 0,
             progress_reports: 0,
             lease_expiries: 0,
@@ -131,8 +142,16 @@ impl Op {
         }
     }
 
-    /// Leases a queued operation to `holder`.
-    pub fn claim(&mut self, holder: &str, lease_seconds: u64, now: i64, token: String) -> Result<(), ToolError> {
+    /// Leases a queued operation to `holder` (`Ok(true)`: a new claim with `token`), or renews
+    /// the lease of the holder that holds it (`Ok(false)`: the lease runs `lease_seconds` from
+    /// now, the live token stays, `token` is not used).
+    pub fn claim(&mut self, holder: &str, lease_seconds: u64, now: i64, token: String) -> Result<bool, ToolError> {
+        if self.status.is_held() && self.holder.as_deref() == Some(holder) {
+            self.lease_seconds = lease_seconds;
+            self.lease_expires_ms = Some(now + (lease_seconds as i64) * 1000);
+            self.lease_renewals += 1;
+            return Ok(false);
+        }
         if self.status != OpStatus::Queued {
             return Err(ToolError::conflict(format!("operation {} is {}", self.id, self.status.as_str())));
         }
@@ -143,11 +162,21 @@ impl Op {
         self.first_claimed_ms.get_or_insert(now);
         self.live_token = Some(token);
         self.claims += 1;
-        Ok(())
+        Ok(true)
     }
 
-    /// `update_node_operation` by `holder`: only `in_progress` (extends the lease) or `failed`.
-    pub fn update(&mut self, holder: &str, status: &str, result: Option<Value>, error: Option<&str>, now: i64) -> Result<(), ToolError> {
+    /// `update_node_operation`: only `in_progress` (extends the lease when `extends`) or
+    /// `failed`, of a held operation. `holder`, when given, must be the lease's holder; the
+    /// runbook's call names none (the caller's credentials stand for it).
+    pub fn update(
+        &mut self,
+        holder: Option<&str>,
+        status: &str,
+        result: Option<Value>,
+        error: Option<&str>,
+        now: i64,
+        extends: bool,
+    ) -> Result<(), ToolError> {
         let next = match OpStatus::parse(status) {
             Some(OpStatus::Done) => {
                 return Err(ToolError::rejected("done is set by the node's self-registration; a provision accepts in_progress or failed"));
@@ -158,13 +187,18 @@ impl Op {
         if self.status.is_terminal() {
             return Err(ToolError::conflict(format!("operation {} is already {}", self.id, self.status.as_str())));
         }
-        if !self.status.is_held() || self.holder.as_deref() != Some(holder) {
+        if !self.status.is_held() {
+            return Err(ToolError::conflict(format!("operation {} is not held", self.id)));
+        }
+        if holder.is_some_and(|h| self.holder.as_deref() != Some(h)) {
             return Err(ToolError::conflict(format!("operation {} is not held by this holder", self.id)));
         }
         match next {
             OpStatus::InProgress => {
                 self.status = OpStatus::InProgress;
-                self.lease_expires_ms = Some(now + (self.lease_seconds as i64) * 1000);
+                if extends {
+                    self.lease_expires_ms = Some(now + (self.lease_seconds as i64) * 1000);
+                }
                 if let Some(r) = result {
                     self.result = Some(merge(self.result.take(), r));
                 }
@@ -209,18 +243,33 @@ impl Op {
         None
     }
 
-    /// A node registers carrying `token` (known to belong to this operation): the operation
-    /// becomes `done` only if `token` is the live claim of a held operation.
-    fn activate(&mut self, token: &str, node_name: &str, now: i64) -> ClaimCheck {
-        let activated = self.status.is_held() && self.live_token.as_deref() == Some(token);
-        if activated {
+    /// A node (`node_name` at `ipv4`) registers carrying `token` (known to belong to this
+    /// operation). The live token of a held operation activates it (`done`); the token that
+    /// activated it is accepted again from the same node only (re-registration after a
+    /// re-`up`, a reboot); any other — a token revoked by lease expiry, a newer claim, a
+    /// failure or the sweep, or one another node used — is refused.
+    fn activate(&mut self, token: &str, node_name: &str, ipv4: &str, now: i64) -> ClaimCheck {
+        let accepted = |op: &Op, activated| ClaimCheck::Accepted { op_id: op.id.clone(), sub_id: op.sub_id.clone(), activated };
+        if let Some((used, name, ip)) = &self.used
+            && used == token
+        {
+            if name == node_name && ip == ipv4 {
+                return accepted(self, false);
+            }
+            self.claim_refusals += 1;
+            return ClaimCheck::Refused("claim refused: already used by another node");
+        }
+        if self.status.is_held() && self.live_token.as_deref() == Some(token) {
             self.status = OpStatus::Done;
             self.done_ms = Some(now);
             self.lease_expires_ms = None;
             self.live_token = None;
+            self.used = Some((token.to_string(), node_name.to_string(), ipv4.to_string()));
             self.node_name = Some(node_name.to_string());
+            return accepted(self, true);
         }
-        ClaimCheck::Accepted { op_id: self.id.clone(), sub_id: self.sub_id.clone(), activated }
+        self.claim_refusals += 1;
+        ClaimCheck::Refused("claim revoked: not the live claim of this operation")
     }
 
     pub fn to_wire(&self) -> NodeOperation {
@@ -243,6 +292,8 @@ impl Op {
             op: self.to_wire(),
             domain: self.domain.clone(),
             claims: self.claims,
+            lease_renewals: self.lease_renewals,
+            claim_refusals: self.claim_refusals,
             terminal_reports: self.terminal_reports,
             progress_reports: self.progress_reports,
             lease_expiries: self.lease_expiries,
@@ -261,6 +312,8 @@ pub struct AdminOp {
     pub op: NodeOperation,
     pub domain: String,
     pub claims: u32,
+    pub lease_renewals: u32,
+    pub claim_refusals: u32,
     pub terminal_reports: u32,
     pub progress_reports: u32,
     pub lease_expiries: u32,
@@ -272,22 +325,26 @@ pub struct AdminOp {
 /// The outcome of checking a registering node's claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimCheck {
-    /// A claim this Center issued: the node is private and bound to `sub_id`. `activated`: this
-    /// registration set the operation `done` (false for a re-registration, or a token that is
-    /// no longer live).
+    /// The live claim of a held operation (`activated`: this registration set it `done`), or
+    /// the node that used it registering again (`activated` false): the node is private and
+    /// bound to `sub_id`.
     Accepted { op_id: String, sub_id: String, activated: bool },
-    /// Not a claim this Center ever issued.
+    /// Not a claim this Center ever issued, a revoked one, or one another node used.
     Refused(&'static str),
 }
 
 /// `GET /admin/stats`: how many operations are held (`claimed` or `in_progress`) now, the most
-/// ever held at once, and how many leases ran out (each requeued an operation).
+/// ever held at once, how many leases ran out (each requeued an operation), how many were
+/// renewed by a claim of their holder, and how many registrations carried a claim that was
+/// refused (revoked, used by another node, or never issued).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeldStats {
     pub held_now: u64,
     pub held_peak: u64,
     pub lease_expiries: u64,
+    pub lease_renewals: u64,
+    pub claim_refusals: u64,
 }
 
 /// Every operation, plus an index of every claim token ever issued.
@@ -340,6 +397,8 @@ impl Operations {
     }
 
     /// Claims `id`; the caller passes a fresh token and whether an injected conflict fires.
+    /// `(operation, true)`: a new claim with `token`; `(operation, false)`: the holder's lease
+    /// renewed, `token` unused (the answer carries no identity).
     pub fn claim(
         &mut self,
         id: &str,
@@ -348,31 +407,38 @@ impl Operations {
         now: i64,
         token: String,
         injected_conflict: bool,
-    ) -> Result<NodeOperation, ToolError> {
+    ) -> Result<(NodeOperation, bool), ToolError> {
         let op = self.ops.get_mut(id).ok_or_else(|| ToolError::not_found(format!("operation {id} not found")))?;
         if injected_conflict && op.status == OpStatus::Queued {
             return Err(ToolError::conflict(format!("operation {id} is claimed")));
         }
         let was = op.status.is_held();
-        op.claim(holder, lease_seconds, now, token.clone())?;
+        let new = op.claim(holder, lease_seconds, now, token.clone())?;
         self.stats.moved(was, op.status.is_held());
-        self.token_lens.insert(token.len());
-        self.tokens.insert(token, id.to_string());
-        Ok(op.to_wire())
+        let wire = op.to_wire();
+        if new {
+            self.token_lens.insert(token.len());
+            self.tokens.insert(token, id.to_string());
+        } else {
+            self.stats.lease_renewals += 1;
+        }
+        Ok((wire, new))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
         id: &str,
-        holder: &str,
+        holder: Option<&str>,
         status: &str,
         result: Option<Value>,
         error: Option<&str>,
         now: i64,
+        extends: bool,
     ) -> Result<NodeOperation, ToolError> {
         let op = self.ops.get_mut(id).ok_or_else(|| ToolError::not_found(format!("operation {id} not found")))?;
         let was = op.status.is_held();
-        op.update(holder, status, result, error, now)?;
+        op.update(holder, status, result, error, now, extends)?;
         self.stats.moved(was, op.status.is_held());
         Ok(op.to_wire())
     }
@@ -391,6 +457,29 @@ impl Operations {
                 Some(ev)
             })
             .collect()
+    }
+
+    /// Center's operator takes the lease of a held operation back (`POST
+    /// /admin/operations/<id>/revoke`): as at a lease expiry, it is queued again, its holder
+    /// cleared and its token revoked. With `claim_by`, another agent claims it at once (with
+    /// `token`, which nobody is shown). Not held → 409.
+    pub fn revoke(&mut self, id: &str, claim_by: Option<(&str, String)>, now: i64) -> Result<NodeOperation, ToolError> {
+        let op = self.ops.get_mut(id).ok_or_else(|| ToolError::not_found(format!("operation {id} not found")))?;
+        if !op.status.is_held() {
+            return Err(ToolError::conflict(format!("operation {id} is {}, not held", op.status.as_str())));
+        }
+        op.status = OpStatus::Queued;
+        op.holder = None;
+        op.lease_expires_ms = None;
+        op.live_token = None;
+        self.stats.moved(true, false);
+        if let Some((holder, token)) = claim_by {
+            op.claim(holder, DEFAULT_LEASE_SECONDS, now, token.clone())?;
+            self.stats.moved(false, true);
+            self.token_lens.insert(token.len());
+            self.tokens.insert(token, id.to_string());
+        }
+        Ok(op.to_wire())
     }
 
     /// Held now, the peak, and the lease expiries so far (`GET /admin/stats`).
@@ -412,20 +501,22 @@ impl Operations {
         crate::sim::contains_any(text, &self.token_lens, |w| self.tokens.contains_key(w))
     }
 
-    /// A node registers with `token`: `done` if it is the live token of a held operation.
-    pub fn register_claim(&mut self, token: &str, node_name: &str, now: i64) -> ClaimCheck {
-        let Some(id) = self.tokens.get(token) else {
-            return ClaimCheck::Refused("unknown claim");
-        };
-        match self.ops.get_mut(id) {
+    /// A node (`node_name` at `ipv4`) registers with `token`: `done` if it is the live token of
+    /// a held operation; accepted again from the node that used it; otherwise refused.
+    pub fn register_claim(&mut self, token: &str, node_name: &str, ipv4: &str, now: i64) -> ClaimCheck {
+        let check = match self.tokens.get(token).and_then(|id| self.ops.get_mut(id)) {
             Some(op) => {
                 let was = op.status.is_held();
-                let check = op.activate(token, node_name, now);
+                let check = op.activate(token, node_name, ipv4, now);
                 self.stats.moved(was, op.status.is_held());
                 check
             }
-            None => ClaimCheck::Refused("unknown claim"),
+            None => ClaimCheck::Refused("claim refused: unknown claim"),
+        };
+        if matches!(check, ClaimCheck::Refused(_)) {
+            self.stats.claim_refusals += 1;
         }
+        check
     }
 }
 
@@ -450,6 +541,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const IP: &str = "127.0.1.1";
+
     fn ops_with_one() -> Operations {
         let mut o = Operations::default();
         o.add(
@@ -469,7 +562,8 @@ mod tests {
     #[test]
     fn claim_is_exclusive_and_unknown_is_not_found() {
         let mut o = ops_with_one();
-        let op = o.claim("op-1", "a", 600, 0, "t1".into(), false).unwrap();
+        let (op, new) = o.claim("op-1", "a", 600, 0, "t1".into(), false).unwrap();
+        assert!(new);
         assert_eq!(op.status, "claimed");
         assert_eq!(op.holder.as_deref(), Some("a"));
         assert_eq!(o.claim("op-1", "b", 600, 1, "t2".into(), false).unwrap_err().code, 409);
@@ -487,18 +581,23 @@ mod tests {
     #[test]
     fn update_rules() {
         let mut o = ops_with_one();
-        assert_eq!(o.update("op-1", "a", "in_progress", None, None, 0).unwrap_err().code, 409, "not held");
+        let a = Some("a");
+        assert_eq!(o.update("op-1", a, "in_progress", None, None, 0, true).unwrap_err().code, 409, "not held");
+        assert_eq!(o.update("op-1", None, "in_progress", None, None, 0, true).unwrap_err().code, 409, "not held");
         o.claim("op-1", "a", 10, 0, "t1".into(), false).unwrap();
-        assert_eq!(o.update("op-1", "a", "done", None, None, 1).unwrap_err().code, 422);
-        assert_eq!(o.update("op-1", "a", "queued", None, None, 1).unwrap_err().code, 400);
-        assert_eq!(o.update("op-1", "b", "in_progress", None, None, 1).unwrap_err().code, 409);
-        let op = o.update("op-1", "a", "in_progress", Some(json!({"instanceId": "i-1"})), None, 5_000).unwrap();
+        assert_eq!(o.update("op-1", a, "done", None, None, 1, true).unwrap_err().code, 422);
+        assert_eq!(o.update("op-1", a, "queued", None, None, 1, true).unwrap_err().code, 400);
+        assert_eq!(o.update("op-1", Some("b"), "in_progress", None, None, 1, true).unwrap_err().code, 409);
+        let op = o.update("op-1", a, "in_progress", Some(json!({"instanceId": "i-1"})), None, 5_000, true).unwrap();
         assert_eq!(op.status, "in_progress");
-        let op = o.update("op-1", "a", "in_progress", Some(json!({"ipv4": "127.0.1.1"})), None, 6_000).unwrap();
+        // The runbook's own call names no holder: accepted for a held operation.
+        let op = o.update("op-1", None, "in_progress", Some(json!({"ipv4": "127.0.1.1"})), None, 6_000, true).unwrap();
         assert_eq!(op.result, Some(json!({"instanceId": "i-1", "ipv4": "127.0.1.1"})));
         assert_eq!(o.get("op-1").unwrap().lease_expires_ms, Some(16_000), "in_progress extends the lease");
-        o.update("op-1", "a", "failed", None, Some("boom"), 7_000).unwrap();
-        assert_eq!(o.update("op-1", "a", "failed", None, Some("again"), 8_000).unwrap_err().code, 409);
+        o.update("op-1", a, "in_progress", None, None, 6_500, false).unwrap();
+        assert_eq!(o.get("op-1").unwrap().lease_expires_ms, Some(16_000), "leaseExtendsOnProgress off: unchanged");
+        o.update("op-1", a, "failed", None, Some("boom"), 7_000, true).unwrap();
+        assert_eq!(o.update("op-1", a, "failed", None, Some("again"), 8_000, true).unwrap_err().code, 409);
         let op = o.get("op-1").unwrap();
         assert_eq!(op.terminal_reports, 1);
         assert_eq!(op.error.as_deref(), Some("boom"));
@@ -512,14 +611,21 @@ mod tests {
         assert_eq!(o.tick(1_000, 1_800_000), vec![TickEvent::LeaseExpired("op-1".into())]);
         let op = o.get("op-1").unwrap();
         assert_eq!((op.status, op.holder.clone(), op.lease_expiries), (OpStatus::Queued, None, 1));
-        assert!(matches!(o.register_claim("t1", "pn-s1", 1_001), ClaimCheck::Accepted { activated: false, .. }));
+        assert!(matches!(o.register_claim("t1", "pn-s1", IP, 1_001), ClaimCheck::Refused(w) if w.starts_with("claim revoked")));
         assert_eq!(o.get("op-1").unwrap().status, OpStatus::Queued, "a revoked token does not activate");
-        assert_eq!(o.update("op-1", "a", "in_progress", None, None, 1_001).unwrap_err().code, 409);
+        assert_eq!(o.update("op-1", Some("a"), "in_progress", None, None, 1_001, true).unwrap_err().code, 409);
         o.claim("op-1", "b", 600, 2_000, "t2".into(), false).unwrap();
         assert_eq!(o.get("op-1").unwrap().claims, 2);
-        assert!(matches!(o.register_claim("t2", "pn-s1", 2_001), ClaimCheck::Accepted { activated: true, .. }));
+        assert!(matches!(o.register_claim("t1", "pn-s1", IP, 2_001), ClaimCheck::Refused(_)), "the old token stays revoked");
+        assert!(matches!(o.register_claim("t2", "pn-s1", IP, 2_001), ClaimCheck::Accepted { activated: true, .. }));
         assert_eq!(o.get("op-1").unwrap().status, OpStatus::Done);
-        assert!(matches!(o.register_claim("t2", "pn-s1", 2_002), ClaimCheck::Accepted { activated: false, .. }));
+        assert!(matches!(o.register_claim("t2", "pn-s1", IP, 2_002), ClaimCheck::Accepted { activated: false, .. }), "the same node again");
+        let used = o.register_claim("t2", "pn-evil", "127.0.9.9", 2_003);
+        assert!(matches!(used, ClaimCheck::Refused(w) if w.contains("already used")), "{used:?}");
+        assert!(matches!(o.register_claim("t2", "pn-s1", "127.0.9.9", 2_003), ClaimCheck::Refused(_)), "same name, another host");
+        assert!(matches!(o.register_claim("t1", "pn-s1", IP, 2_004), ClaimCheck::Refused(_)));
+        let op = o.get("op-1").unwrap();
+        assert_eq!((op.claim_refusals, o.stats().claim_refusals), (5, 5));
         assert!(o.tick(10_000_000, 1_000).is_empty(), "done is final");
     }
 
@@ -533,9 +639,9 @@ mod tests {
         let op = o.get("op-1").unwrap();
         assert_eq!(op.status, OpStatus::Failed);
         assert_eq!(op.terminal_reports, 0, "the sweep is not a report");
-        assert!(matches!(o.register_claim("t2", "pn-s1", 5_001), ClaimCheck::Accepted { activated: false, .. }));
+        assert!(matches!(o.register_claim("t2", "pn-s1", IP, 5_001), ClaimCheck::Refused(w) if w.starts_with("claim revoked")));
         assert_eq!(o.get("op-1").unwrap().status, OpStatus::Failed);
-        assert_eq!(o.register_claim("nope", "pn-s1", 5_001), ClaimCheck::Refused("unknown claim"));
+        assert_eq!(o.register_claim("nope", "pn-s1", IP, 5_001), ClaimCheck::Refused("claim refused: unknown claim"));
     }
 
     #[test]
@@ -552,17 +658,48 @@ mod tests {
         o.claim("op-3", "a", 600, 0, "t3".into(), false).unwrap();
         assert_eq!(st(&o), (3, 3, 0));
         o.claim("op-3", "b", 600, 0, "t4".into(), false).unwrap_err();
-        o.update("op-2", "a", "in_progress", None, None, 10).unwrap();
+        o.update("op-2", Some("a"), "in_progress", None, None, 10, true).unwrap();
         assert_eq!(st(&o), (3, 3, 0), "in_progress is still held");
         o.tick(1_000, 1_800_000);
         assert_eq!(st(&o), (2, 3, 1), "op-1's lease ran out");
-        assert!(matches!(o.register_claim("t2", "pn-s2", 1_001), ClaimCheck::Accepted { activated: true, .. }));
+        assert!(matches!(o.register_claim("t2", "pn-s2", IP, 1_001), ClaimCheck::Accepted { activated: true, .. }));
         assert_eq!(st(&o), (1, 3, 1), "done is not held");
-        o.update("op-3", "a", "failed", None, Some("x"), 1_002).unwrap();
+        o.update("op-3", Some("a"), "failed", None, Some("x"), 1_002, true).unwrap();
         assert_eq!(st(&o), (0, 3, 1));
         o.claim("op-1", "a", 600, 2_000, "t5".into(), false).unwrap();
         o.tick(3_000, 2_000);
         assert_eq!(st(&o), (0, 3, 1), "the sweep's failure is not held, and not a lease expiry");
+    }
+
+    #[test]
+    fn a_claim_by_the_holder_renews_the_lease_and_keeps_the_token() {
+        let mut o = ops_with_one();
+        o.claim("op-1", "a", 10, 0, "t1".into(), false).unwrap();
+        o.update("op-1", Some("a"), "in_progress", None, None, 1_000, false).unwrap();
+        let (op, new) = o.claim("op-1", "a", 10, 8_000, "t-unused".into(), false).unwrap();
+        assert!(!new, "a renewal issues no token");
+        assert_eq!(op.status, "in_progress", "a renewal keeps the status");
+        assert_eq!(o.get("op-1").unwrap().lease_expires_ms, Some(18_000));
+        assert!(o.tick(12_000, 1_800_000).is_empty(), "renewed: not expired at the first lease's end");
+        assert!(o.op_of_token("t-unused").is_none());
+        assert_eq!(o.claim("op-1", "b", 10, 9_000, "t3".into(), false).unwrap_err().code, 409, "another holder");
+        assert_eq!((o.get("op-1").unwrap().claims, o.get("op-1").unwrap().lease_renewals, o.stats().lease_renewals), (1, 1, 1));
+        assert!(matches!(o.register_claim("t1", "pn-s1", IP, 9_500), ClaimCheck::Accepted { activated: true, .. }), "the first token is live");
+        assert_eq!(o.claim("op-1", "a", 10, 9_600, "t4".into(), false).unwrap_err().code, 409, "done: nothing to renew");
+    }
+
+    #[test]
+    fn a_revoked_lease_refuses_its_token_and_may_go_to_another_holder() {
+        let mut o = ops_with_one();
+        o.claim("op-1", "a", 600, 0, "t1".into(), false).unwrap();
+        let op = o.revoke("op-1", Some(("other", "t2".into())), 10).unwrap();
+        assert_eq!((op.status.as_str(), op.holder.as_deref()), ("claimed", Some("other")));
+        assert!(matches!(o.register_claim("t1", "pn-s1", IP, 20), ClaimCheck::Refused(w) if w.starts_with("claim revoked")));
+        assert_eq!(o.update("op-1", Some("a"), "in_progress", None, None, 30, true).unwrap_err().code, 409, "the old holder lost it");
+        assert_eq!(o.stats().held_now, 1);
+        o.revoke("op-1", None, 40).unwrap();
+        assert_eq!((o.get("op-1").unwrap().status, o.stats().held_now), (OpStatus::Queued, 0));
+        assert_eq!(o.revoke("op-1", None, 50).unwrap_err().code, 409, "not held");
     }
 
     #[test]

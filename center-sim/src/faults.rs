@@ -52,6 +52,42 @@ pub struct Faults {
     /// Extra lines the emulated k2s and k2-sidecar log right after their start-up lines (so
     /// `server ready` is far out of any `docker logs --tail`). At most 10,000,000.
     pub log_noise_lines: u64,
+    // ---- Center assumptions (issue #19): each knob turns one guess about Center off. ----
+    /// Every list tool answers at most this many items per page, whatever `pageSize` asks
+    /// (1–100; 100 is the sim's own cap). Below the client's page size, a short page is not
+    /// the last one.
+    pub max_page_size: u64,
+    /// `update_node_operation(in_progress)` by the holder extends the lease. False: it does
+    /// not; only a claim does (a claim by the current holder renews the lease).
+    pub lease_extends_on_progress: bool,
+    /// `list_node_operations` honours its `id` filter. False: the filter is accepted and
+    /// ignored — the whole list comes back.
+    pub id_filter: bool,
+    /// Center has the `update_node` tool (the meter's hide/show). False: the tool does not
+    /// exist (not in `tools/list`; a call is an unknown-tool error).
+    pub update_node_tool: bool,
+    /// Center has the `delete_cloud_instance` tool (the reaper). False: as `updateNodeTool`.
+    pub delete_instance_tool: bool,
+    /// The argument names the tools' schemas publish and accept (see `ArgCase`).
+    pub arg_case: ArgCase,
+}
+
+/// How strictly tool argument names are checked, and which spelling the schemas publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgCase {
+    /// Exactly the names runbook 000 shows — `account_name`, `image_id` (snake) beside
+    /// `leaseSeconds`, `pageSize` (camel) — and nothing else.
+    #[default]
+    Runbook,
+    /// Every multi-word name in camelCase (`accountName`, `imageId`, `leaseSeconds`,
+    /// `pageSize`); the snake spelling is unknown.
+    Camel,
+    /// Every multi-word name in snake_case (`account_name`, `image_id`, `lease_seconds`,
+    /// `page_size`); the camel spelling is unknown.
+    Snake,
+    /// Forgiving: the published (runbook) names in either spelling.
+    Any,
 }
 
 impl Default for Faults {
@@ -74,6 +110,12 @@ impl Default for Faults {
             no_ip_rate: 0.0,
             update_operation_error_rate: 0.0,
             log_noise_lines: 0,
+            max_page_size: 100,
+            lease_extends_on_progress: true,
+            id_filter: true,
+            update_node_tool: true,
+            delete_instance_tool: true,
+            arg_case: ArgCase::Runbook,
         }
     }
 }
@@ -90,6 +132,8 @@ pub enum FaultsError {
     IntervalTooSmall,
     #[error("logNoiseLines must be at most 10000000")]
     TooMuchNoise,
+    #[error("maxPageSize must be between 1 and 100")]
+    PageSizeOutOfRange,
 }
 
 impl Faults {
@@ -128,6 +172,9 @@ impl Faults {
         }
         if self.log_noise_lines > 10_000_000 {
             return Err(FaultsError::TooMuchNoise);
+        }
+        if !(1..=100).contains(&self.max_page_size) {
+            return Err(FaultsError::PageSizeOutOfRange);
         }
         Ok(())
     }
@@ -185,6 +232,20 @@ mod tests {
         assert_eq!(f.update_operation_error_rate, 0.0);
         assert_eq!(f.merged(&json!({"updateOperationErrorRate": 1.0})).unwrap().update_operation_error_rate, 1.0);
         assert_eq!(f.merged(&json!({"updateOperationErrorRate": -0.1})), Err(FaultsError::RateOutOfRange("updateOperationErrorRate")));
+    }
+
+    #[test]
+    fn the_assumption_knobs_default_to_the_assumption_and_validate() {
+        let f = Faults::default();
+        assert_eq!((f.max_page_size, f.lease_extends_on_progress, f.id_filter, f.update_node_tool, f.delete_instance_tool), (100, true, true, true, true));
+        assert_eq!(f.arg_case, ArgCase::Runbook);
+        let g = f.merged(&json!({"maxPageSize": 7, "leaseExtendsOnProgress": false, "idFilter": false, "updateNodeTool": false, "deleteInstanceTool": false, "argCase": "snake"})).unwrap();
+        assert_eq!((g.max_page_size, g.lease_extends_on_progress, g.id_filter, g.update_node_tool, g.delete_instance_tool), (7, false, false, false, false));
+        assert_eq!(g.arg_case, ArgCase::Snake);
+        assert_eq!(serde_json::to_value(&g).unwrap()["argCase"], "snake");
+        assert_eq!(f.merged(&json!({"maxPageSize": 0})), Err(FaultsError::PageSizeOutOfRange));
+        assert_eq!(f.merged(&json!({"maxPageSize": 101})), Err(FaultsError::PageSizeOutOfRange));
+        assert!(matches!(f.merged(&json!({"argCase": "kebab"})), Err(FaultsError::Invalid(_))));
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl Sim {
         let (class, owner, op_id) = if b.private_claim.is_empty() {
             ("shared", None, None)
         } else {
-            match st.ops.register_claim(&b.private_claim, &name, now) {
+            match st.ops.register_claim(&b.private_claim, &name, &ip.to_string(), now) {
                 ClaimCheck::Accepted { op_id, sub_id, activated } => {
                     if activated {
                         tracing::info!(op = %op_id, node = %name, "node registered with its claim: operation done");
@@ -123,7 +123,9 @@ impl Sim {
                     ("private", Some(sub_id), Some(op_id))
                 }
                 ClaimCheck::Refused(why) => {
-                    tracing::info!(node = %name, %ip, why, "registration refused");
+                    // A revoked claim (an earlier claim attempt's, or a failed operation's), one
+                    // another node used, or one never issued: the node stays unregistered.
+                    tracing::warn!(node = %name, %ip, why, "registration refused");
                     return Err((StatusCode::FORBIDDEN, why));
                 }
             }

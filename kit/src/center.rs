@@ -4,8 +4,17 @@
 //! Transport: MCP streamable HTTP — JSON-RPC 2.0 `tools/call` POSTed to `<center>/mcp` with a
 //! bearer token; the tool's JSON (`{data: …}` or `{error: {code, message}}`) is the text
 //! content of the result. Errors are typed (conflict, rejected, transient, permanent,
-//! malformed); transient ones are retried with jittered exponential back-off (`backon`).
-//! Error texts never carry request arguments, so no secret can reach them.
+//! unsupported, malformed); transient ones are retried with jittered exponential back-off
+//! (`backon`). Error texts never carry request arguments, so no secret can reach them.
+//!
+//! Arguments: the names runbook 000 shows (`account_name`, `image_id`, `leaseSeconds`,
+//! `pageSize`, …), spelled as the tool's published input schema (`tools/list`, read once per
+//! session) spells them — so a Center that publishes strict camelCase or snake_case is
+//! followed. The arguments the runbook does not show (`id` on `list_node_operations`, `holder`
+//! on `update_node_operation`, paging on the lists it does not page) are sent only when the
+//! schema declares them. A call refused for its arguments re-reads the schemas and is tried
+//! once more. Lists are paged until an empty page or `total` (a short page is not the last:
+//! a Center may cap pages below the size asked).
 //!
 //! Invariant: only this module speaks to Center.
 
@@ -36,7 +45,14 @@ pub enum CenterError {
     /// The answer did not parse.
     #[error("center {tool}: malformed answer: {msg}")]
     Malformed { tool: &'static str, msg: String },
+    /// This Center has no such tool (an unknown-tool error): retrying will not help until
+    /// Center changes. Callers report what they could not do.
+    #[error("center {tool}: tool not offered by this Center: {msg}")]
+    Unsupported { tool: &'static str, msg: String },
 }
+
+/// The words an `Unsupported` error's text carries (also through `ProviderError`'s text).
+pub const UNSUPPORTED_MARK: &str = "tool not offered by this Center";
 
 impl CenterError {
     pub fn is_transient(&self) -> bool {
@@ -45,6 +61,28 @@ impl CenterError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, CenterError::Conflict { .. })
     }
+    /// Center does not offer the tool at all.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, CenterError::Unsupported { .. })
+    }
+    /// Center refused the call's arguments (an unknown, misspelled or mistyped name): a
+    /// schema-checking server's answer; nothing was done.
+    pub fn is_invalid_arguments(&self) -> bool {
+        match self {
+            CenterError::Permanent { msg, .. } | CenterError::Rejected { msg, .. } => {
+                let m = msg.to_ascii_lowercase();
+                ["invalid arguments", "unknown argument", "input validation error", "invalid params"].iter().any(|w| m.contains(w))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether an error text says the tool does not exist ("Unknown tool: x", the MCP spec's and
+/// the SDKs' wording; "tool not found"; "no such tool").
+fn says_unknown_tool(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    ["unknown tool", "tool not found", "no such tool"].iter().any(|w| m.contains(w))
 }
 
 fn clip(s: &str) -> String {
@@ -203,6 +241,19 @@ pub struct OpFilter {
 pub trait Center: Send + Sync {
     /// Every page of `list_node_operations`.
     async fn list_node_operations(&self, f: &OpFilter) -> Result<Vec<NodeOperation>, CenterError>;
+    /// `list_node_operations` paged only until an item for which `stop` holds (that item is the
+    /// last one returned), or the list ends.
+    async fn list_node_operations_until(
+        &self,
+        f: &OpFilter,
+        stop: &(dyn for<'x> Fn(&'x NodeOperation) -> bool + Send + Sync),
+    ) -> Result<Vec<NodeOperation>, CenterError> {
+        let mut all = self.list_node_operations(f).await?;
+        if let Some(i) = all.iter().position(stop) {
+            all.truncate(i + 1);
+        }
+        Ok(all)
+    }
     async fn claim_node_operation(&self, id: &str, holder: &str, lease_seconds: u32) -> Result<Claimed, CenterError>;
     /// `status` is `in_progress` or `failed`; `result` e.g. `{instanceId, ipv4}`.
     async fn update_node_operation(
@@ -258,6 +309,82 @@ pub struct McpCenter {
     next_id: AtomicU64,
     /// The MCP session id (empty when the server keeps none) and the negotiated protocol version.
     session: tokio::sync::Mutex<Option<(String, String)>>,
+    /// The tools' argument names as `tools/list` published them (`None`: not read yet).
+    schemas: std::sync::RwLock<Option<Arc<Schemas>>>,
+}
+
+/// The argument names each tool's input schema declares, as `tools/list` answered.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Schemas {
+    /// Tool → the names of its schema's properties. A tool listed without properties maps to
+    /// an empty list.
+    pub tools: std::collections::HashMap<String, Vec<String>>,
+    /// `tools/list` answered (false: it failed; every argument is sent as the runbook names it).
+    pub known: bool,
+}
+
+/// Whether an argument goes out only when the tool's schema declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// One the runbook shows for this call: always sent (spelled as the schema spells it).
+    Always,
+    /// Beyond the runbook: sent only when the schema declares it (or no schema is known).
+    IfDeclared,
+}
+
+/// An argument name reduced for matching across spellings: lower case, no `_` or `-`.
+fn norm(name: &str) -> String {
+    name.chars().filter(|c| *c != '_' && *c != '-').flat_map(char::to_lowercase).collect()
+}
+
+impl Schemas {
+    /// Reads a `tools/list` result (`{tools: [{name, inputSchema: {properties}}]}`).
+    pub fn from_list(result: &Value) -> Schemas {
+        let mut tools = std::collections::HashMap::new();
+        for t in result.get("tools").and_then(Value::as_array).into_iter().flatten() {
+            let Some(name) = t.get("name").and_then(Value::as_str) else { continue };
+            let props = t
+                .pointer("/inputSchema/properties")
+                .and_then(Value::as_object)
+                .map(|p| p.keys().cloned().collect())
+                .unwrap_or_default();
+            tools.insert(name.to_string(), props);
+        }
+        Schemas { tools, known: true }
+    }
+
+    /// The call's arguments: each runbook name spelled as `tool`'s schema spells it; an
+    /// `IfDeclared` one dropped when the schema does not declare it. With no schema for the
+    /// tool, every argument goes out as the runbook names it. Null values are left out.
+    pub fn args(&self, tool: &str, list: &[(&'static str, Value, Need)]) -> Value {
+        let mut out = serde_json::Map::new();
+        let props = if self.known { self.tools.get(tool) } else { None };
+        for (name, value, need) in list {
+            if value.is_null() {
+                continue;
+            }
+            let spelled = match props {
+                None => Some(name.to_string()),
+                Some(p) => match p.iter().find(|p| norm(p) == norm(name)) {
+                    Some(p) => Some(p.clone()),
+                    None if *need == Need::Always => Some(name.to_string()),
+                    None => None,
+                },
+            };
+            if let Some(k) = spelled {
+                out.insert(k, value.clone());
+            }
+        }
+        Value::Object(out)
+    }
+
+    /// Whether `tool`'s schema declares `name` (in any spelling); true when unknown.
+    pub fn declares(&self, tool: &str, name: &str) -> bool {
+        match self.tools.get(tool) {
+            Some(p) if self.known => p.iter().any(|p| norm(p) == norm(name)),
+            _ => true,
+        }
+    }
 }
 
 /// MCP protocol versions this client speaks, newest first (the transport spec of each).
@@ -281,7 +408,14 @@ impl McpCenter {
             .pool_max_idle_per_host(64)
             .build()
             .map_err(|e| CenterError::Permanent { tool: "client", msg: e.to_string() })?;
-        Ok(Arc::new(McpCenter { http, cfg, token, next_id: AtomicU64::new(1), session: tokio::sync::Mutex::new(None) }))
+        Ok(Arc::new(McpCenter {
+            http,
+            cfg,
+            token,
+            next_id: AtomicU64::new(1),
+            session: tokio::sync::Mutex::new(None),
+            schemas: std::sync::RwLock::new(None),
+        }))
     }
 
     async fn post(
@@ -372,6 +506,77 @@ impl McpCenter {
         interpret(tool, &v)
     }
 
+    /// The tools' schemas, read with `tools/list` once (again after `refresh_schemas`). A
+    /// failed read is remembered as unknown until the next refresh.
+    pub async fn schemas(&self) -> Arc<Schemas> {
+        if let Some(s) = self.schemas.read().ok().and_then(|g| g.clone()) {
+            return s;
+        }
+        let s = Arc::new(self.read_schemas().await);
+        if let Ok(mut g) = self.schemas.write() {
+            *g = Some(s.clone());
+        }
+        s
+    }
+
+    /// Forgets the schemas: the next call reads `tools/list` again.
+    pub fn refresh_schemas(&self) {
+        if let Ok(mut g) = self.schemas.write() {
+            *g = None;
+        }
+    }
+
+    async fn read_schemas(&self) -> Schemas {
+        let mut out = Schemas { known: true, ..Default::default() };
+        let mut cursor: Option<String> = None;
+        for _ in 0..100 {
+            let attempt = async {
+                let (sid, version) = self.ensure_session().await?;
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let params = match &cursor {
+                    Some(c) => json!({"cursor": c}),
+                    None => json!({}),
+                };
+                let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": params});
+                let (_, v) = self.post("tools/list", &body, sid.as_deref(), Some(&version)).await?;
+                Ok::<Value, CenterError>(v)
+            };
+            match attempt.await {
+                Ok(v) if v.get("result").is_some() => {
+                    let result = &v["result"];
+                    out.tools.extend(Schemas::from_list(result).tools);
+                    cursor = result.get("nextCursor").and_then(Value::as_str).map(str::to_string);
+                    if cursor.is_none() {
+                        return out;
+                    }
+                }
+                Ok(_) | Err(_) => {
+                    tracing::warn!("center: tools/list failed; arguments go out as the runbook names them");
+                    return Schemas::default();
+                }
+            }
+        }
+        out
+    }
+
+    /// Calls `tool` once with the arguments `build` makes from the schemas; a call refused for
+    /// its arguments re-reads the schemas and is tried once more (nothing was done).
+    async fn call_args(&self, tool: &'static str, once: bool, build: &(dyn Fn(&Schemas) -> Value + Send + Sync)) -> Result<Value, CenterError> {
+        let mut refreshed = false;
+        loop {
+            let args = build(&*self.schemas().await);
+            let res = if once { self.call_once(tool, &args).await } else { self.call(tool, args).await };
+            match res {
+                Err(e) if e.is_invalid_arguments() && !refreshed => {
+                    tracing::warn!(tool, error = %e, "center refused the arguments; reading the tools' schemas again");
+                    self.refresh_schemas();
+                    refreshed = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Calls a tool, retrying transient failures with jittered exponential back-off.
     pub async fn call(&self, tool: &'static str, args: Value) -> Result<Value, CenterError> {
         let backoff = ExponentialBuilder::default()
@@ -392,22 +597,57 @@ impl McpCenter {
         res
     }
 
-    async fn typed<T: DeserializeOwned>(&self, tool: &'static str, args: Value) -> Result<T, CenterError> {
-        let data = self.call(tool, args).await?;
+    async fn typed<T: DeserializeOwned>(&self, tool: &'static str, list: Vec<(&'static str, Value, Need)>) -> Result<T, CenterError> {
+        let data = self.call_args(tool, false, &|s: &Schemas| s.args(tool, &list)).await?;
         serde_json::from_value(data).map_err(|e| CenterError::Malformed { tool, msg: clip(&e.to_string()) })
     }
 
-    async fn all_pages<T: DeserializeOwned>(&self, tool: &'static str, mut args: Value) -> Result<Vec<T>, CenterError> {
-        let mut out = Vec::new();
+    async fn all_pages<T: DeserializeOwned>(&self, tool: &'static str, list: Vec<(&'static str, Value, Need)>) -> Result<Vec<T>, CenterError> {
+        self.pages(tool, list, &|_: &T| false).await
+    }
+
+    /// Pages through a list until an empty page, `total` items, or an item for which `stop`
+    /// holds. A page shorter than asked is *not* taken as the last (a Center may cap pages).
+    /// A Center that does not page the tool (its schema has no `page`) answers in one call.
+    async fn pages<T: DeserializeOwned>(
+        &self,
+        tool: &'static str,
+        list: Vec<(&'static str, Value, Need)>,
+        stop: &(dyn Fn(&T) -> bool + Send + Sync),
+    ) -> Result<Vec<T>, CenterError> {
+        let mut out: Vec<T> = Vec::new();
+        let mut previous: Option<Value> = None;
         for page in 1..=MAX_PAGES {
-            args["page"] = json!(page);
-            args["pageSize"] = json!(PAGE_SIZE);
-            let p: Page<T> = self.typed(tool, args.clone()).await?;
-            let n = p.items.len();
-            out.extend(p.items);
-            if n < PAGE_SIZE as usize || (p.total > 0 && out.len() as u64 >= p.total) {
+            let mut with_page = list.clone();
+            with_page.push(("page", json!(page), Need::IfDeclared));
+            with_page.push(("pageSize", json!(PAGE_SIZE), Need::IfDeclared));
+            let paged = self.schemas().await.declares(tool, "page");
+            let data = self.call_args(tool, false, &|s: &Schemas| s.args(tool, &with_page)).await?;
+            let items = data.get("items").cloned().unwrap_or(Value::Null);
+            if items.as_array().is_none() {
+                return Err(CenterError::Malformed { tool, msg: "no items[] in the page".into() });
+            }
+            if previous.as_ref() == Some(&items) {
+                // The same page twice: this Center ignores `page`. What was read is all there is.
+                tracing::warn!(tool, page, "center answered the same page again (paging ignored?); stopped paging");
                 break;
             }
+            let p: Page<T> = serde_json::from_value(data).map_err(|e| CenterError::Malformed { tool, msg: clip(&e.to_string()) })?;
+            if p.items.is_empty() {
+                break;
+            }
+            let before = out.len();
+            out.extend(p.items);
+            if out[before..].iter().any(stop) {
+                if let Some(i) = out.iter().skip(before).position(stop) {
+                    out.truncate(before + i + 1);
+                }
+                break;
+            }
+            if !paged || (p.total > 0 && out.len() as u64 >= p.total) {
+                break;
+            }
+            previous = Some(items);
         }
         Ok(out)
     }
@@ -444,7 +684,11 @@ pub fn interpret(tool: &'static str, v: &Value) -> Result<Value, CenterError> {
     if let Some(err) = v.get("error") {
         let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
         let msg = clip(err.get("message").and_then(Value::as_str).unwrap_or("JSON-RPC error"));
-        return Err(if code == -32603 { CenterError::Transient { tool, msg } } else { CenterError::Permanent { tool, msg } });
+        return Err(match code {
+            -32603 => CenterError::Transient { tool, msg },
+            -32601 | -32602 if says_unknown_tool(&msg) => CenterError::Unsupported { tool, msg },
+            _ => CenterError::Permanent { tool, msg },
+        });
     }
     let result = v.get("result").ok_or_else(|| CenterError::Malformed { tool, msg: "no result".into() })?;
     let text = result
@@ -485,7 +729,9 @@ pub fn classify_plain_error(tool: &'static str, text: &str) -> CenterError {
     let msg = clip(text.trim());
     let lower = msg.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| lower.contains(w));
-    if has(&["409", "conflict", "already claimed", "not the holder", "held by", "not found", "404", "gone", "410"]) {
+    if says_unknown_tool(&msg) {
+        CenterError::Unsupported { tool, msg }
+    } else if has(&["409", "conflict", "already claimed", "not the holder", "held by", "not found", "404", "gone", "410"]) {
         CenterError::Conflict { tool, msg }
     } else if has(&["400", "422", "invalid", "rejected", "not allowed", "must be", "unknown argument", "required"]) {
         CenterError::Rejected { tool, msg }
@@ -510,24 +756,22 @@ fn classify_tool_error(tool: &'static str, err: &Value) -> CenterError {
 #[async_trait::async_trait]
 impl Center for McpCenter {
     async fn list_node_operations(&self, f: &OpFilter) -> Result<Vec<NodeOperation>, CenterError> {
-        let mut args = json!({});
-        if let Some(a) = &f.action {
-            args["action"] = json!(a);
-        }
-        if let Some(s) = &f.status {
-            args["status"] = json!(s);
-        }
-        if let Some(i) = &f.id {
-            args["id"] = json!(i);
-        }
-        self.all_pages("list_node_operations", args).await
+        self.pages("list_node_operations", op_filter_args(f), &|_: &NodeOperation| false).await
+    }
+
+    async fn list_node_operations_until(
+        &self,
+        f: &OpFilter,
+        stop: &(dyn for<'x> Fn(&'x NodeOperation) -> bool + Send + Sync),
+    ) -> Result<Vec<NodeOperation>, CenterError> {
+        self.pages("list_node_operations", op_filter_args(f), stop).await
     }
 
     async fn claim_node_operation(&self, id: &str, holder: &str, lease_seconds: u32) -> Result<Claimed, CenterError> {
         // A transient failure here is not retried: the claim may have happened and its one-time
         // token been lost; a retry would only see a conflict. The lease expiry requeues it.
-        let args = json!({"id": id, "holder": holder, "leaseSeconds": lease_seconds});
-        let data = self.call_once("claim_node_operation", &args).await?;
+        let list = [("id", json!(id), Need::Always), ("holder", json!(holder), Need::Always), ("leaseSeconds", json!(lease_seconds), Need::Always)];
+        let data = self.call_args("claim_node_operation", true, &|s: &Schemas| s.args("claim_node_operation", &list)).await?;
         serde_json::from_value(data).map_err(|e| CenterError::Malformed { tool: "claim_node_operation", msg: clip(&e.to_string()) })
     }
 
@@ -539,45 +783,50 @@ impl Center for McpCenter {
         result: Option<Value>,
         error: Option<&str>,
     ) -> Result<NodeOperation, CenterError> {
-        let mut args = json!({"id": id, "holder": holder, "status": status});
-        if let Some(r) = result {
-            args["result"] = r;
-        }
-        if let Some(e) = error {
-            args["error"] = json!(e);
-        }
+        // The runbook's call: id, status, result | error. `holder` goes along where Center's
+        // schema declares it (a Center that checks it refuses a report from one that lost the lease).
+        let list = vec![
+            ("id", json!(id), Need::Always),
+            ("status", json!(status), Need::Always),
+            ("result", result.unwrap_or(Value::Null), Need::Always),
+            ("error", error.map(|e| json!(e)).unwrap_or(Value::Null), Need::Always),
+            ("holder", json!(holder), Need::IfDeclared),
+        ];
         #[derive(Deserialize)]
         struct W {
             operation: NodeOperation,
         }
-        let w: W = self.typed("update_node_operation", args).await?;
+        let w: W = self.typed("update_node_operation", list).await?;
         Ok(w.operation)
     }
 
     async fn list_cloud_accounts(&self) -> Result<Vec<CloudAccount>, CenterError> {
-        self.all_pages("list_cloud_accounts", json!({})).await
+        self.all_pages("list_cloud_accounts", vec![]).await
     }
 
     async fn list_cloud_regions(&self, account: &str) -> Result<Vec<CloudRegion>, CenterError> {
-        self.all_pages("list_cloud_regions", json!({"account_name": account})).await
+        self.all_pages("list_cloud_regions", vec![("account_name", json!(account), Need::Always)]).await
     }
 
     async fn list_cloud_plans(&self, account: &str, region: &str) -> Result<Vec<CloudPlan>, CenterError> {
-        self.all_pages("list_cloud_plans", json!({"account_name": account, "region": region})).await
+        self.all_pages("list_cloud_plans", vec![("account_name", json!(account), Need::Always), ("region", json!(region), Need::Always)]).await
     }
 
     async fn list_cloud_images(&self, account: &str, region: &str) -> Result<Vec<CloudImage>, CenterError> {
-        self.all_pages("list_cloud_images", json!({"account_name": account, "region": region})).await
+        self.all_pages("list_cloud_images", vec![("account_name", json!(account), Need::Always), ("region", json!(region), Need::Always)]).await
     }
 
     async fn create_cloud_instance(&self, req: &CreateInstance) -> Result<CloudInstance, CenterError> {
         // Not retried blindly: a lost answer may hide a created instance. The caller probes
         // `list_cloud_instances` by name before trying again.
-        let args = json!({
-            "account_name": req.account_name, "region": req.region, "plan": req.plan,
-            "image_id": req.image_id, "name": req.name,
-        });
-        let data = self.call_once("create_cloud_instance", &args).await?;
+        let list = [
+            ("account_name", json!(req.account_name), Need::Always),
+            ("region", json!(req.region), Need::Always),
+            ("plan", json!(req.plan), Need::Always),
+            ("image_id", json!(req.image_id), Need::Always),
+            ("name", json!(req.name), Need::Always),
+        ];
+        let data = self.call_args("create_cloud_instance", true, &|s: &Schemas| s.args("create_cloud_instance", &list)).await?;
         #[derive(Deserialize)]
         struct W {
             instance: CloudInstance,
@@ -588,11 +837,7 @@ impl Center for McpCenter {
     }
 
     async fn list_cloud_instances(&self, name: Option<&str>) -> Result<Vec<CloudInstance>, CenterError> {
-        let mut args = json!({});
-        if let Some(n) = name {
-            args["name"] = json!(n);
-        }
-        self.all_pages("list_cloud_instances", args).await
+        self.all_pages("list_cloud_instances", vec![("name", name.map(|n| json!(n)).unwrap_or(Value::Null), Need::Always)]).await
     }
 
     async fn get_cloud_instance(&self, id: &str) -> Result<CloudInstance, CenterError> {
@@ -600,20 +845,17 @@ impl Center for McpCenter {
         struct W {
             instance: CloudInstance,
         }
-        let w: W = self.typed("get_cloud_instance", json!({"id": id})).await?;
+        let w: W = self.typed("get_cloud_instance", vec![("id", json!(id), Need::Always)]).await?;
         Ok(w.instance)
     }
 
     async fn delete_cloud_instance(&self, id: &str) -> Result<(), CenterError> {
-        self.call("delete_cloud_instance", json!({"id": id})).await.map(|_| ())
+        let list = [("id", json!(id), Need::Always)];
+        self.call_args("delete_cloud_instance", false, &|s: &Schemas| s.args("delete_cloud_instance", &list)).await.map(|_| ())
     }
 
     async fn list_nodes(&self, name: Option<&str>) -> Result<Vec<Node>, CenterError> {
-        let mut args = json!({});
-        if let Some(n) = name {
-            args["name"] = json!(n);
-        }
-        self.all_pages("list_nodes", args).await
+        self.all_pages("list_nodes", vec![("name", name.map(|n| json!(n)).unwrap_or(Value::Null), Need::Always)]).await
     }
 
     async fn update_node(&self, name: &str, hidden: bool) -> Result<Node, CenterError> {
@@ -621,13 +863,21 @@ impl Center for McpCenter {
         struct W {
             node: Node,
         }
-        let w: W = self.typed("update_node", json!({"name": name, "hidden": hidden})).await?;
+        let w: W = self.typed("update_node", vec![("name", json!(name), Need::Always), ("hidden", json!(hidden), Need::Always)]).await?;
         Ok(w.node)
     }
 }
 
+/// `list_node_operations`'s filters: `action` and `status` as the runbook shows them; `id` (not
+/// in the runbook) only where Center's schema declares it.
+fn op_filter_args(f: &OpFilter) -> Vec<(&'static str, Value, Need)> {
+    let opt = |v: &Option<String>| v.as_ref().map(|s| json!(s)).unwrap_or(Value::Null);
+    vec![("action", opt(&f.action), Need::Always), ("status", opt(&f.status), Need::Always), ("id", opt(&f.id), Need::IfDeclared)]
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use proptest::prelude::*;
 
@@ -659,6 +909,45 @@ mod tests {
         }
         let sse = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
         assert!(parse_body("t", sse, true).is_ok());
+    }
+
+    #[test]
+    fn unknown_tools_are_unsupported_and_bad_arguments_are_recognised() {
+        let rpc = |code: i64, m: &str| json!({"jsonrpc": "2.0", "id": 1, "error": {"code": code, "message": m}});
+        assert!(interpret("update_node", &rpc(-32602, "Unknown tool: update_node")).unwrap_err().is_unsupported());
+        assert!(interpret("update_node", &rpc(-32601, "tool not found")).unwrap_err().is_unsupported());
+        let bad = interpret("list_nodes", &rpc(-32602, "Invalid arguments for tool list_nodes: unknown argument 'page_size'")).unwrap_err();
+        assert!(bad.is_invalid_arguments() && !bad.is_unsupported() && !bad.is_transient(), "{bad:?}");
+        // The SDK way: isError with the text.
+        let sdk = |text: &str| json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": text}], "isError": true}});
+        assert!(interpret("delete_cloud_instance", &sdk("Unknown tool: delete_cloud_instance")).unwrap_err().is_unsupported());
+        assert!(interpret("t", &sdk("Input validation error: 'x' is a required property")).unwrap_err().is_invalid_arguments());
+        assert!(!interpret("t", &sdk("Error executing tool t: boom")).unwrap_err().is_unsupported());
+    }
+
+    #[test]
+    fn arguments_follow_the_published_schema() {
+        let list = json!({"tools": [
+            {"name": "create_cloud_instance", "inputSchema": {"type": "object", "properties": {"accountName": {}, "region": {}, "plan": {}, "imageId": {}, "name": {}}}},
+            {"name": "claim_node_operation", "inputSchema": {"properties": {"id": {}, "holder": {}, "lease_seconds": {}}}},
+            {"name": "update_node_operation", "inputSchema": {"properties": {"id": {}, "status": {}, "result": {}, "error": {}}}},
+            {"name": "list_cloud_accounts", "inputSchema": {"type": "object"}},
+        ]});
+        let s = Schemas::from_list(&list);
+        let a = s.args("create_cloud_instance", &[("account_name", json!("a"), Need::Always), ("image_id", json!("i"), Need::Always), ("name", json!("n"), Need::Always)]);
+        assert_eq!(a, json!({"accountName": "a", "imageId": "i", "name": "n"}));
+        let a = s.args("claim_node_operation", &[("id", json!("o"), Need::Always), ("leaseSeconds", json!(60), Need::Always)]);
+        assert_eq!(a, json!({"id": "o", "lease_seconds": 60}));
+        // `holder` is not in the runbook's update call: dropped where the schema lacks it.
+        let a = s.args("update_node_operation", &[("id", json!("o"), Need::Always), ("status", json!("failed"), Need::Always), ("result", Value::Null, Need::Always), ("holder", json!("h"), Need::IfDeclared)]);
+        assert_eq!(a, json!({"id": "o", "status": "failed"}));
+        // A list that declares no paging gets none; a tool not listed gets the runbook's names.
+        assert_eq!(s.args("list_cloud_accounts", &[("page", json!(1), Need::IfDeclared)]), json!({}));
+        assert!(!s.declares("list_cloud_accounts", "page"));
+        assert_eq!(s.args("list_nodes", &[("pageSize", json!(100), Need::IfDeclared)]), json!({"pageSize": 100}));
+        // No schema at all: everything as the runbook names it.
+        let none = Schemas::default();
+        assert_eq!(none.args("update_node_operation", &[("id", json!("o"), Need::Always), ("holder", json!("h"), Need::IfDeclared)]), json!({"id": "o", "holder": "h"}));
     }
 
     #[test]

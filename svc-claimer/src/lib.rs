@@ -44,7 +44,10 @@ pub struct Settings {
     pub common: Common,
     /// Mean interval between polls of Center's queue (jittered ±25%).
     pub poll_interval_ms: u64,
-    /// Lease asked for on claim; renewed every third of it while the operation is in flight.
+    /// Lease asked for on claim; renewed every third of it while the operation is in flight —
+    /// by `update_node_operation(in_progress)`, or, at a Center whose answer shows that
+    /// progress does not extend a lease, by a claim of the holder (see ARCHITECTURE.md,
+    /// "Assumptions about Center").
     pub lease_seconds: u32,
     /// Holder id at Center. Empty: generated once and kept in the state store.
     pub holder: String,
@@ -106,6 +109,10 @@ pub(crate) struct Ctx {
     pub ops: Table<OpRecord>,
     /// In-flight operations this replica holds (its claim budget counts these).
     pub active: Mutex<HashMap<String, Held>>,
+    /// Whether `update_node_operation(in_progress)` extends a lease at this Center. Starts
+    /// true; the first answer that shows a lease not extended turns it off for the process,
+    /// and leases are renewed by a claim of their holder from then on.
+    pub progress_extends: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
@@ -127,6 +134,19 @@ impl Ctx {
             }
         }
         self.in_flight();
+    }
+
+    /// Center answered an `in_progress` for `id` without extending its lease: leases are
+    /// renewed by claim from now on, and `id`'s at the keeper's next round.
+    pub fn progress_does_not_extend(&self, id: &str) {
+        if self.progress_extends.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(op = %id, "Center does not extend a lease on in_progress; leases are renewed by a claim of their holder from now on");
+        }
+        if let Ok(mut a) = self.active.lock()
+            && let Some(h) = a.get_mut(id)
+        {
+            h.renewed_ms = 0;
+        }
     }
 
     /// This replica no longer holds `id`.
@@ -156,7 +176,15 @@ impl App {
             }
         }
         tracing::info!(%holder, in_flight = active.len(), budget = settings.claim_budget(), "claimer ready");
-        let ctx = Arc::new(Ctx { rt, settings, seal, holder, ops, active: Mutex::new(active) });
+        let ctx = Arc::new(Ctx {
+            rt,
+            settings,
+            seal,
+            holder,
+            ops,
+            active: Mutex::new(active),
+            progress_extends: std::sync::atomic::AtomicBool::new(true),
+        });
         ctx.in_flight();
         Ok(App { ctx })
     }

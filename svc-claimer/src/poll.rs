@@ -1,7 +1,16 @@
 //! The poller (runbook step 1: list queued provisions, lease one, on conflict move on) and the
-//! lease keeper (an in-flight operation's lease is renewed with `in_progress`, and the answer
-//! checked for the extension). The poller claims only within the claim budget
-//! (`Settings::max_claimed`).
+//! lease keeper. The poller claims only within the claim budget (`Settings::max_claimed`).
+//!
+//! Leases: an in-flight operation's lease is renewed every third of it with `in_progress`,
+//! and the answer checked for the extension. At a Center that does not extend a lease on
+//! progress (the answer shows the old end), it is renewed by a claim of its holder instead —
+//! before it runs out, so no deploy goes on under a lease Pnp has lost. If the renewal is
+//! refused, Center is asked where the operation stands: terminal → left to its outcome;
+//! requeued (the lease ran out) → forgotten here, so the poller claims it again as claim
+//! attempt n+1 with a new token (the old token is revoked: Center refuses a node that
+//! registers with it); held by another holder → not ours any more; still ours → kept (logged
+//! and counted: the lease may run out). A renewal answered with a new identity (a Center
+//! that issues a new token on a claim) is claim attempt n+1 at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +18,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kit::bus::Meta;
-use kit::center::{CenterError, NodeOperation, OpFilter};
+use kit::center::{CenterError, Claimed, NodeOperation, OpFilter};
 use proto::{Body, OpClaimed, Operation, Stage, subjects};
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +87,9 @@ async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
             return false;
         }
     };
-    if prior.as_ref().is_some_and(|p| p.terminal.is_some()) {
+    // Terminal here stays terminal — except a lease lost to another holder: requeued again,
+    // the operation may be claimed anew (the next claim attempt adopts the VPS by name).
+    if prior.as_ref().is_some_and(|p| p.terminal.as_deref().is_some_and(|t| t != crate::record::LOST)) {
         return false;
     }
     let claimed = match ctx.rt.center.claim_node_operation(&op.id, &ctx.holder, ctx.settings.lease_seconds).await {
@@ -92,6 +103,14 @@ async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
             return false;
         }
     };
+    take_claim(ctx, &op, claimed, prior.as_ref()).await
+}
+
+/// Records a claim Center granted with an identity (its token sealed at once), marks the
+/// operation held and publishes `pn.op.claimed` as the next claim attempt after `prior`'s.
+/// `op` is the operation as listed (fallbacks for fields the claim's answer leaves empty).
+/// True when the operation is held (a lease was taken).
+async fn take_claim(ctx: &Arc<Ctx>, op: &NodeOperation, claimed: Claimed, prior: Option<&OpRecord>) -> bool {
     let lease_expires_ms = claimed.operation.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
     let Some(identity) = claimed.identity else {
         // Held at Center until the lease runs out: it counts against the budget meanwhile.
@@ -100,7 +119,7 @@ async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
     };
     // Sealed at once: from here on the token exists only sealed (and in `identity`, dropped soon).
     let sealed = ctx.seal.seal_str(&identity.claim_token);
-    let attempt = prior.as_ref().map(|p| p.claim_attempt + 1).unwrap_or(1);
+    let attempt = prior.map(|p| p.claim_attempt + 1).unwrap_or(1);
     let o = &claimed.operation;
     let params = if o.params.region.is_empty() { &op.params } else { &o.params };
     let pb = Operation {
@@ -191,8 +210,8 @@ pub async fn lease_keeper(ctx: Arc<Ctx>, token: CancellationToken) {
     }
 }
 
-async fn renew(ctx: &Ctx, id: &str) {
-    let Ok(Some(mut rec)) = ctx.ops.get(id) else {
+async fn renew(ctx: &Arc<Ctx>, id: &str) {
+    let Ok(Some(rec)) = ctx.ops.get(id) else {
         ctx.forget(id);
         return;
     };
@@ -200,36 +219,102 @@ async fn renew(ctx: &Ctx, id: &str) {
         ctx.forget(id);
         return;
     }
-    let result = crate::handlers::progress_result(&rec);
+    let lease_ms = i64::from(ctx.settings.lease_seconds.max(1)) * 1000;
     let before = ctx.active.lock().ok().and_then(|a| a.get(id).and_then(|h| h.lease_expires_ms));
+    if ctx.progress_extends.load(std::sync::atomic::Ordering::Relaxed) {
+        let result = crate::handlers::progress_result(&rec);
+        let asked_at = kit::now_ms();
+        match ctx.rt.center.update_node_operation(id, &rec.holder, "in_progress", result, None).await {
+            Ok(op) => {
+                let after = op.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
+                match lease_extended(before, after, asked_at, lease_ms) {
+                    Ok(()) => {
+                        metrics::counter!("pn_lease_renewals_total", "how" => "progress").increment(1);
+                        ctx.hold(id, after);
+                        return;
+                    }
+                    Err(why) => {
+                        metrics::counter!("pn_lease_not_extended_total").increment(1);
+                        tracing::warn!(op = %id, why, before = ?before, answered = ?op.lease_expires_at, asked_at_ms = asked_at, lease_ms,
+                            "lease renewal by in_progress accepted but the lease was not extended; renewing by claim");
+                        ctx.progress_does_not_extend(id);
+                    }
+                }
+            }
+            Err(e @ (CenterError::Conflict { .. } | CenterError::Rejected { .. })) => {
+                renewal_refused(ctx, id, rec, &e).await;
+                return;
+            }
+            // Still due: the next round of the keeper tries again; a renewal never fails the operation.
+            Err(e) => {
+                tracing::warn!(op = %id, error = %e, "lease renewal failed; will retry");
+                return;
+            }
+        }
+    }
+    renew_by_claim(ctx, id, rec, before, lease_ms).await;
+}
+
+/// Renews `id`'s lease with a claim of its holder (a Center where progress does not extend a lease).
+async fn renew_by_claim(ctx: &Arc<Ctx>, id: &str, rec: OpRecord, before: Option<i64>, lease_ms: i64) {
     let asked_at = kit::now_ms();
-    match ctx.rt.center.update_node_operation(id, &rec.holder, "in_progress", result, None).await {
-        Ok(op) => {
-            let after = op.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
-            let lease_ms = i64::from(ctx.settings.lease_seconds.max(1)) * 1000;
+    match ctx.rt.center.claim_node_operation(id, &rec.holder, ctx.settings.lease_seconds).await {
+        Ok(c) if c.identity.is_some() => {
+            // A new token: the old one is revoked (the lease had run out and this was a new
+            // claim, or this Center issues one per claim). The pipeline goes on as the next
+            // claim attempt, with the new token; the old attempt's node is refused by Center.
+            metrics::counter!("pn_lease_lost_total").increment(1);
+            tracing::warn!(op = %id, attempt = rec.claim_attempt + 1, "the renewal claim issued a new token; the operation goes on as the next claim attempt");
+            let listed = c.operation.clone();
+            take_claim(ctx, &listed, c, Some(&rec)).await;
+        }
+        Ok(c) => {
+            let after = c.operation.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
             if let Err(why) = lease_extended(before, after, asked_at, lease_ms) {
                 metrics::counter!("pn_lease_not_extended_total").increment(1);
-                tracing::warn!(
-                    op = %id,
-                    why,
-                    before = ?before,
-                    answered = ?op.lease_expires_at,
-                    asked_at_ms = asked_at,
-                    lease_ms,
-                    "lease renewal accepted but the lease was not extended; it may run out"
-                );
+                tracing::warn!(op = %id, why, before = ?before, answered = ?c.operation.lease_expires_at, "lease renewal by claim accepted but the lease was not extended; it may run out");
+            } else {
+                metrics::counter!("pn_lease_renewals_total", "how" => "claim").increment(1);
             }
             ctx.hold(id, after);
         }
-        Err(e) if matches!(e, CenterError::Conflict { .. } | CenterError::Rejected { .. }) => {
-            // Terminal at Center (done by the node, or failed by its sweep) or no longer ours.
-            tracing::info!(op = %id, reason = %e, "lease no longer renewable; operation left to its outcome");
+        Err(e @ (CenterError::Conflict { .. } | CenterError::Rejected { .. })) => renewal_refused(ctx, id, rec, &e).await,
+        Err(e) => tracing::warn!(op = %id, error = %e, "lease renewal by claim failed; will retry"),
+    }
+}
+
+/// Center refused a renewal of `id`: asks where the operation stands and acts on it.
+async fn renewal_refused(ctx: &Arc<Ctx>, id: &str, mut rec: OpRecord, e: &CenterError) {
+    let found = kit::world::find_operation(ctx.rt.center.as_ref(), id, &kit::world::STATUS_ORDER).await;
+    match found {
+        Ok(Some(op)) if matches!(op.status.as_str(), "done" | "failed") => {
+            // Terminal at Center (done by the node, or failed by its sweep).
+            tracing::info!(op = %id, status = %op.status, reason = %e, "lease no longer renewable; operation left to its outcome");
             rec.terminal = Some("center".into());
             let _ = ctx.ops.put(id, &rec).await;
             ctx.forget(id);
         }
-        // Still due: the next round of the keeper tries again; a renewal never fails the operation.
-        Err(e) => tracing::warn!(op = %id, error = %e, "lease renewal failed; will retry"),
+        Ok(Some(op)) if op.status == "queued" => {
+            // The lease ran out and Center requeued it (the token is revoked): the poller
+            // claims it again as the next attempt.
+            metrics::counter!("pn_lease_lost_total").increment(1);
+            tracing::warn!(op = %id, attempt = rec.claim_attempt, reason = %e, "lease lost: Center requeued the operation; it will be claimed again as the next attempt");
+            ctx.forget(id);
+        }
+        Ok(Some(op)) if op.holder.as_deref().is_some_and(|h| h != rec.holder) => {
+            metrics::counter!("pn_lease_lost_total").increment(1);
+            tracing::warn!(op = %id, status = %op.status, reason = %e, "lease lost: another holder holds the operation now; no longer ours");
+            rec.terminal = Some(crate::record::LOST.into());
+            let _ = ctx.ops.put(id, &rec).await;
+            ctx.forget(id);
+        }
+        Ok(Some(op)) => {
+            metrics::counter!("pn_lease_not_extended_total").increment(1);
+            tracing::error!(op = %id, status = %op.status, lease_expires_at = ?op.lease_expires_at, reason = %e,
+                "Center holds the operation for us but refuses to renew its lease; it may run out (then it is claimed again)");
+        }
+        Ok(None) => tracing::warn!(op = %id, reason = %e, "lease renewal refused and Center does not list the operation; will look again"),
+        Err(le) => tracing::warn!(op = %id, reason = %e, error = %le, "lease renewal refused and Center could not be asked where the operation stands; will look again"),
     }
 }
 

@@ -17,11 +17,15 @@ pub struct OpRecord {
     pub instance_id: Option<String>,
     pub ipv4: Option<String>,
     pub reported_in_progress: bool,
-    /// `verified`, `failed`, `center` (Center says the operation is terminal), or `activated`
-    /// (a failure event came for an operation Center reports activated; not reported).
+    /// `verified`, `failed`, `center` (Center says the operation is terminal), `activated`
+    /// (a failure event came for an operation Center reports activated; not reported), or
+    /// `lost` (the lease was lost and another holder holds the operation).
     pub terminal: Option<String>,
     pub failed_reported: bool,
 }
+
+/// `OpRecord::terminal` of an operation whose lease went to another holder.
+pub const LOST: &str = "lost";
 
 impl Record for OpRecord {
     const VERSION: u32 = 1;

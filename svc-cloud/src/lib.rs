@@ -49,7 +49,12 @@ pub struct Settings {
     pub account: String,
     /// Job region → provider regions, preferred first, siblings after ("a,b,c").
     pub regions: HashMap<String, String>,
-    /// A plan must include at least sold × headroom of transfer.
+    /// `PN_TRANSFER_HEADROOM`: a plan must include at least sold × this of transfer. 1.0 (no
+    /// extra): the margin is already in the quota — Center and the meter cut a node off at
+    /// 95 % of what was sold, so a node never moves more than 0.95 × sold, below a bundle that
+    /// includes the sold amount. Runbook 000's own example, 950 GB sold on a 1 TB bundle, needs
+    /// exactly this (1.2 refused it). Raise it for a provider that bills traffic the node's
+    /// NIC counter does not see.
     pub transfer_headroom: f64,
     pub boot_timeout_ms: u64,
     pub boot_poll_ms: u64,
@@ -86,7 +91,7 @@ impl Default for Settings {
             provider: "center".into(),
             account: String::new(),
             regions,
-            transfer_headroom: 1.2,
+            transfer_headroom: 1.0,
             boot_timeout_ms: 300_000,
             boot_poll_ms: 1000,
             no_ip_timeout_ms: 60_000,

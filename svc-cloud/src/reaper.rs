@@ -12,6 +12,10 @@
 //! - The provider shows each instance with the id this service created and the name
 //!   `pn-<subId>` (gone → recorded as deleted; another name → never).
 //!
+//! A Center without the `delete_cloud_instance` tool makes every proven reap uncertain the same
+//! way: listed with the reason "Center has no delete_cloud_instance tool" (and counted in
+//! `pn_reap_delete_unsupported_total`) for the operator to delete by hand, never retried faster.
+//!
 //! Uncertain keeps the VPS, counts it (`pn_reap_pending`), lists it (`GET /v1/reap/pending`,
 //! `pnctl reap --pending`) and looks again every `reap_recheck_ms`, deleting it once the checks
 //! hold. An operator's `POST /v1/reap/<op>/confirm` runs the same checks and overrides only the
@@ -374,6 +378,17 @@ async fn decide(ctx: &Ctx, rec: &mut CloudRecord, mode: Mode, out: &mut Outcome)
                         tracing::warn!(op = %id, error = %e, "could not record a delete");
                     }
                     deleted.push(inst);
+                }
+                Err(e) if e.to_string().contains(kit::center::UNSUPPORTED_MARK) => {
+                    // Center has no delete_cloud_instance: the orphan is listed for the operator
+                    // (`pnctl reap --pending`) and looked at again every `reap_recheck_ms` — once
+                    // it is deleted by hand, the provider shows it gone and the reap is recorded.
+                    metrics::counter!("pn_reap_delete_unsupported_total").increment(1);
+                    out.kind = Decision::Pending;
+                    out.reason = format!(
+                        "provider: cannot delete {inst}: Center has no delete_cloud_instance tool; delete it at the provider by hand (it is dead and ours), then it is recorded gone at the next look"
+                    );
+                    return;
                 }
                 Err(e) => {
                     out.kind = Decision::Pending;

@@ -6,7 +6,10 @@
 //!   a delta still pending at a crash is not re-sent (the next message's `used_bytes` is exact).
 //! - `quota_loop`: `meter.quota.<node>` (QuotaChanged, msg id `<node>.quota.<seq>`) and Center's
 //!   `update_node(hidden)`. Both intents are in the ledger (`published_quota_seq < quota_seq`,
-//!   `hidden_synced != (state == cutoff)`) and retried until delivered, across restarts.
+//!   `hidden_synced != (state == cutoff)`) and retried until delivered, across restarts. A
+//!   Center without the `update_node` tool gets the hide reported instead (a warning and
+//!   `pn_meter_hide_unsupported_total`) and asked again only every 10 minutes; the meter's
+//!   own admission (`/v1/admission`, 402 at cutoff) does not depend on it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +31,9 @@ const CENTER_CONCURRENCY: usize = 16;
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
 const QUOTA_TICK: Duration = Duration::from_millis(500);
 const MAX_HIDE_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a node's hide/show waits before asking again when Center has no `update_node`
+/// tool (it may be deployed later): slow, never a hot loop.
+const UNSUPPORTED_RETRY: Duration = Duration::from_secs(600);
 
 struct UsageMsg {
     node: String,
@@ -247,6 +253,17 @@ async fn sync_node(meter: &Meter, bus: &Bus, center: &dyn Center, name: String) 
                 st.hide_retry_at = None;
                 wrote |= put(meter, &name, &st.ledger);
                 tracing::info!(node = %name, hidden = want_hidden, "Center updated the node's visibility");
+            }
+            Err(e) if e.is_unsupported() => {
+                // Center has no update_node: the node stays listed there (Center's own cut-off
+                // at ≥ 95 % still hides it), and the meter's /v1/admission keeps answering 402.
+                // Reported, kept in the ledger, asked again only after a long pause.
+                let mut st = slot.st.lock().await;
+                st.hide_failures = st.hide_failures.saturating_add(1);
+                st.hide_retry_at = Some(Instant::now() + UNSUPPORTED_RETRY);
+                metrics::counter!("pn_meter_hide_unsupported_total").increment(1);
+                tracing::warn!(node = %name, hidden = want_hidden, error = %e, retry_in_ms = UNSUPPORTED_RETRY.as_millis() as u64,
+                    "Center has no update_node tool: the node's visibility at Center is not changed (the meter's admission still answers 402 over quota)");
             }
             Err(e) => {
                 let mut st = slot.st.lock().await;

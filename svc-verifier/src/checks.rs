@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kit::center::OpFilter;
 use kit::ssh::{self, SshError};
 use proto::{Body, Event, NodeDeployed, subjects};
 
@@ -34,6 +33,9 @@ pub const K2S_READY: &str = "server ready";
 pub const REGISTERED: &str = "Registration completed";
 pub const REPORTER_START: &str = "usage-reporter-start";
 pub const REPORTER_DISABLED: &str = "Usage reporter disabled";
+/// The sidecar's line when Center refuses its registration (403: a revoked claim, one another
+/// node used, or one Center never issued).
+pub const REGISTRATION_REFUSED: &str = "Registration failed status=403";
 
 pub const K2S: &str = "k2s";
 pub const SIDECAR: &str = "k2-sidecar";
@@ -146,6 +148,9 @@ async fn round_inner(ctx: &Arc<Ctx>, d: &NodeDeployed, held: &mut Held, logs: &m
         }
     }
     if !held.registered_log {
+        if logs.has(SIDECAR, REGISTRATION_REFUSED).await? {
+            return Err(claim_refused(ctx, d).await);
+        }
         return Err(Round::Pending(format!("registration: the sidecar has not logged `{REGISTERED}`")));
     }
     if d.private_node && !held.reporter {
@@ -174,9 +179,11 @@ async fn round_inner(ctx: &Arc<Ctx>, d: &NodeDeployed, held: &mut Held, logs: &m
     // it failed" can only be found before it.
     if !held.done {
         let id = d.op.as_ref().map(|o| o.operation_id.clone()).unwrap_or_default();
-        let f = OpFilter { action: Some("provision".into()), status: None, id: Some(id.clone()) };
-        let ops = center.list_node_operations(&f).await.map_err(|e| Round::Pending(format!("center: list_node_operations failed ({e})")))?;
-        match ops.iter().find(|o| o.id == id) {
+        // By its id, or by its status where Center ignores the id filter.
+        let op = kit::world::find_operation(center.as_ref(), &id, &kit::world::STATUS_ORDER)
+            .await
+            .map_err(|e| Round::Pending(format!("center: list_node_operations failed ({e})")))?;
+        match op.as_ref() {
             Some(o) if o.status == "done" => held.done = true,
             Some(o) if o.status == "failed" => {
                 let why: String = o.error.clone().unwrap_or_default().chars().take(160).collect();
@@ -195,6 +202,35 @@ async fn round_inner(ctx: &Arc<Ctx>, d: &NodeDeployed, held: &mut Held, logs: &m
     Ok(Seen { domain: held.listed_domain.clone().unwrap_or_default(), tunnels: 1 })
 }
 
+/// The sidecar logged Center's refusal of its registration: where does the operation stand at
+/// Center? Not ours any more (failed, requeued, held by another holder) → fatal, the claim this
+/// deployment carried is refused or revoked. Still held by our holder (a newer deployment with
+/// the live claim may follow; an older one's refusal stays in the log) or done → pending.
+async fn claim_refused(ctx: &Arc<Ctx>, d: &NodeDeployed) -> Round {
+    let op = d.op.clone().unwrap_or_default();
+    let seen = format!("the sidecar logged `{REGISTRATION_REFUSED}`");
+    match kit::world::find_operation(ctx.rt.center.as_ref(), &op.operation_id, &kit::world::STATUS_ORDER).await {
+        Ok(Some(o)) if o.status == "done" => Round::Pending(format!("registration: Center refused a registration ({seen}); the operation is done")),
+        Ok(Some(o)) if o.status == "failed" => {
+            let why: String = o.error.clone().unwrap_or_default().chars().take(120).collect();
+            Round::Fatal(format!("registration: claim refused/revoked — Center refused the node's claim ({seen}); the operation failed at Center ({why})"))
+        }
+        Ok(Some(o)) if o.status == "queued" => {
+            Round::Fatal(format!("registration: claim refused/revoked — Center refused the node's claim ({seen}); the lease was lost and Center requeued the operation"))
+        }
+        Ok(Some(o)) if o.holder.as_deref().is_some_and(|h| h != op.holder) => Round::Fatal(format!(
+            "registration: claim refused/revoked — Center refused the node's claim ({seen}); the operation is {} by another holder",
+            o.status
+        )),
+        Ok(Some(o)) => Round::Pending(format!(
+            "registration: Center refused a registration ({seen}, claim refused/revoked?); the operation is {} by us, waiting for the node to register with its live claim",
+            o.status
+        )),
+        Ok(None) => Round::Pending(format!("registration: Center refused a registration ({seen}); the operation is not listed at Center")),
+        Err(e) => Round::Pending(format!("registration: Center refused a registration ({seen}); center: list_node_operations failed ({e})")),
+    }
+}
+
 /// Bytes the meter has recorded for `node` (the last `meter.usage.<node>`), 0 when none.
 async fn usage(ctx: &Ctx, node: &str) -> u64 {
     let Ok(stream) = ctx.rt.bus.js.get_stream(subjects::METER_STREAM).await else { return 0 };
@@ -211,7 +247,7 @@ mod tests {
 
     #[test]
     fn the_log_commands_are_bounded_and_quote_safe() {
-        for line in [K2S_READY, REGISTERED, REPORTER_START, REPORTER_DISABLED] {
+        for line in [K2S_READY, REGISTERED, REPORTER_START, REPORTER_DISABLED, REGISTRATION_REFUSED] {
             assert!(!line.contains('\'') && !line.contains('\\'), "{line}");
         }
         assert_eq!(grep_command("sudo", K2S, K2S_READY), "sudo docker logs k2s 2>&1 | grep -F -m 1 -e 'server ready'");

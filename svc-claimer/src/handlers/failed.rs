@@ -6,6 +6,10 @@
 //! the failure event is recorded (`terminal = "activated"`), logged and counted
 //! (`pn_failed_for_activated_total`). When Center cannot tell, the report waits (retried with
 //! back-off) rather than going out blind.
+//!
+//! A failure of an earlier claim attempt than the record's (its lease was lost and the
+//! operation claimed again), or of an operation whose lease went to another holder, is not
+//! reported either (`pn_stale_failures_total`): it would fail the work of the newer holder.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +58,14 @@ impl Handler for OnFailed {
         let secrets: Vec<&str> = token.as_ref().map(|t| vec![t.expose_secret()]).unwrap_or_default();
         let reason = concise_reason(&f.stage, &f.reason, &secrets);
         if rec.as_ref().is_some_and(|r| r.terminal.as_deref() == Some(ACTIVATED)) {
+            return Ok(());
+        }
+        // A failure of an earlier claim attempt (its lease was lost; a newer attempt carries the
+        // operation now) or of a lease another holder took: reporting it would fail their work.
+        if let Some(r) = rec.as_ref().filter(|r| (f.attempt > 0 && f.attempt < r.claim_attempt) || r.terminal.as_deref() == Some(crate::record::LOST)) {
+            metrics::counter!("pn_stale_failures_total").increment(1);
+            tracing::warn!(attempt = f.attempt, current = r.claim_attempt, terminal = ?r.terminal, failed_stage = %f.stage, %reason,
+                "a failure of an earlier claim attempt (or of a lost lease); not reported to Center");
             return Ok(());
         }
         let sub_id = if f.sub_id.is_empty() { rec.as_ref().map(|r| r.sub_id.clone()).unwrap_or_default() } else { f.sub_id.clone() };

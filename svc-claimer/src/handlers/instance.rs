@@ -47,12 +47,20 @@ impl Handler for OnInstance {
         ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
         let result = super::progress_result(&rec);
         let holder = if op.holder.is_empty() { rec.holder.clone() } else { op.holder.clone() };
+        let asked_at = kit::now_ms();
         match ctx.rt.center.update_node_operation(&id, &holder, "in_progress", result, None).await {
             Ok(answer) => {
                 rec.reported_in_progress = true;
                 ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
                 if rec.holder == ctx.holder {
-                    ctx.hold(&id, answer.lease_expires_at.as_deref().and_then(crate::poll::parse_rfc3339_ms));
+                    let after = answer.lease_expires_at.as_deref().and_then(crate::poll::parse_rfc3339_ms);
+                    let lease_ms = i64::from(ctx.settings.lease_seconds.max(1)) * 1000;
+                    // Only an answer that shows the lease extended counts as a renewal.
+                    if crate::poll::lease_extended(None, after, asked_at, lease_ms).is_ok() {
+                        ctx.hold(&id, after);
+                    } else {
+                        ctx.progress_does_not_extend(&id);
+                    }
                 }
                 tracing::info!(instance = %inst.instance_id, ipv4 = %inst.ipv4, "reported in_progress");
                 Ok(())
