@@ -118,6 +118,8 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+        // Before anything can answer: a SIGTERM during start-up is then a clean stop.
+        crate::shutdown::arm();
         let settings: S = crate::config::load()?;
         crate::telemetry::init(log_format(&settings));
         run(settings).await
