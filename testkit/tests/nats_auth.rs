@@ -23,7 +23,7 @@ use testkit::Nats;
 const OWNS: [(&str, &[&str]); 6] = [
     ("svc-claimer", &["pn.op.claimed"]),
     ("svc-cloud", &["pn.op.instance", "pn.op.failed"]),
-    ("svc-deployer", &["pn.op.deployed", "pn.op.failed"]),
+    ("svc-deployer", &["pn.op.deployed", "pn.op.failed", "pn.op.rebuild"]),
     ("svc-verifier", &["pn.op.verified", "pn.op.degraded", "pn.op.failed"]),
     ("svc-meter", &["meter.usage", "meter.quota"]),
     ("pn-operator", &["pn.replay.claim", "pn.replay.cloud", "pn.replay.deploy", "pn.replay.verify"]),
@@ -32,7 +32,7 @@ const OWNS: [(&str, &[&str]); 6] = [
 /// Every message subject of the pipeline, one per kind (the last token is an operation id or a
 /// node name).
 fn all_subjects() -> Vec<String> {
-    let mut v: Vec<String> = ["claimed", "instance", "deployed", "verified", "failed", "degraded"]
+    let mut v: Vec<String> = ["claimed", "instance", "deployed", "verified", "failed", "degraded", "rebuild"]
         .iter()
         .map(|e| subjects::op_event(e, "op-forged"))
         .collect();
