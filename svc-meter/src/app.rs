@@ -39,14 +39,24 @@ impl std::fmt::Debug for App {
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         settings.validate()?;
-        let rt = Runtime::start(SERVICE, &settings.common).await?;
-        let meter = Meter::open(&rt.store, settings.clone()).await.context("load the ledger")?;
-        // Read only: confirms a deployment that would change a known node's address or secret.
-        meter.set_provider(kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, rt.center.clone(), true)?);
+        // The listeners are bound before the ops endpoints exist, so that once /readyz answers
+        // a report can be sent (the kernel queues it until the server below takes it).
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listen on {} (PN_LISTEN)", settings.listen))?;
         let http_addr = listener.local_addr()?;
+        let internal_listener = match settings.internal_token() {
+            Some(_) => Some(
+                tokio::net::TcpListener::bind(settings.internal_listen)
+                    .await
+                    .with_context(|| format!("listen on {} (PN_INTERNAL_LISTEN)", settings.internal_listen))?,
+            ),
+            None => None,
+        };
+        let rt = Runtime::start(SERVICE, &settings.common).await?;
+        let meter = Meter::open(&rt.store, settings.clone()).await.context("load the ledger")?;
+        // Read only: confirms a deployment that would change a known node's address or secret.
+        meter.set_provider(kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, rt.center.clone(), true)?);
 
         let mut set = JoinSet::new();
         // A side consumer: it never fails an operation (a retry — the ledger, the provider —
@@ -69,11 +79,8 @@ impl App {
             }
         });
         // The ledger and the quota change: only on the internal listener, only with its token.
-        let internal_addr = match settings.internal_token() {
-            Some(token) => {
-                let listener = tokio::net::TcpListener::bind(settings.internal_listen)
-                    .await
-                    .with_context(|| format!("listen on {} (PN_INTERNAL_LISTEN)", settings.internal_listen))?;
+        let internal_addr = match (settings.internal_token(), internal_listener) {
+            (Some(token), Some(listener)) => {
                 let addr = listener.local_addr()?;
                 let router = http::internal_router(meter.clone(), token);
                 let token = rt.shutdown.clone();
@@ -84,7 +91,7 @@ impl App {
                 });
                 Some(addr)
             }
-            None => {
+            _ => {
                 tracing::info!("PN_INTERNAL_TOKEN unset: no internal listener (ledger and quota API off)");
                 None
             }
