@@ -3,9 +3,9 @@
 //! is **also** copied to the meter (`--mirror`), as Traefik's mirroring service with the meter
 //! as a 100 % mirror does in production (`deploy/k8s/base/ingress.yaml`).
 //!
-//! The copy is fire-and-forget: it is queued (bounded, `--mirror-queue`) and sent by a fixed
-//! set of workers (`--mirror-concurrency`), each with a timeout; the meter's answer is read
-//! and dropped. A full queue drops the copy (reports are cumulative counters: the node's next
+//! The copy is fire-and-forget: it is admitted if fewer than `--mirror-concurrency` +
+//! `--mirror-queue` copies are pending, then sent as soon as one of `--mirror-concurrency`
+//! sending slots is free, with a timeout; the meter's answer is read and dropped. A full queue drops the copy (reports are cumulative counters: the node's next
 //! report carries the bytes), so a slow, stopped or dead meter never delays or fails Center's
 //! answer. Headers and body reach both unchanged (hop-by-hop headers aside; `X-Forwarded-For`,
 //! `-Proto` and `-Host` added to both, as Traefik does: the node's address reaches the meter).
@@ -37,7 +37,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The router's own path (not forwarded).
 pub const STATS_PATH: &str = "/_pn_ingress/stats";
@@ -65,7 +65,7 @@ pub struct IngressSettings {
     /// Copies in flight to the mirror at once.
     #[arg(long, env = "PN_INGRESS_MIRROR_CONCURRENCY", default_value_t = 256)]
     pub mirror_concurrency: usize,
-    /// Copies waiting for a worker; beyond that a copy is dropped (counted).
+    /// Copies waiting for a sending slot; beyond that a copy is dropped (counted).
     #[arg(long, env = "PN_INGRESS_MIRROR_QUEUE", default_value_t = 16_384)]
     pub mirror_queue: usize,
     /// A copy the mirror has not answered in this time is given up (counted as failed).
@@ -150,12 +150,24 @@ struct MirrorJob {
     body: Bytes,
 }
 
+/// Where copies go, and the two bounds on them.
+struct Mirror {
+    base: String,
+    client: HttpClient,
+    /// Copies pending (sending or waiting): `--mirror-concurrency` + `--mirror-queue` permits.
+    admitted: Arc<Semaphore>,
+    /// Copies being sent: `--mirror-concurrency` permits.
+    sending: Arc<Semaphore>,
+    timeout: Duration,
+    stats: Arc<Stats>,
+}
+
 struct Inner {
     upstream: String,
     mirror_path: String,
     mirror_max_body: usize,
     client: HttpClient,
-    mirror_tx: Option<mpsc::Sender<MirrorJob>>,
+    mirror: Option<Arc<Mirror>>,
     stats: Arc<Stats>,
 }
 
@@ -214,7 +226,6 @@ pub struct App {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     ingress: Ingress,
-    workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl App {
@@ -233,29 +244,18 @@ impl App {
             addr.set_ip(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         }
         let stats = Arc::new(Stats::default());
-        let mut workers = Vec::new();
-        let mirror_tx = match mirror {
-            Some(m) => {
-                let (tx, rx) = mpsc::channel::<MirrorJob>(s.mirror_queue);
-                let rx = Arc::new(Mutex::new(rx));
-                let c = client(s.mirror_concurrency);
-                let timeout = Duration::from_millis(s.mirror_timeout_ms.max(1));
-                for _ in 0..s.mirror_concurrency {
-                    workers.push(tokio::spawn(mirror_worker(rx.clone(), c.clone(), m.clone(), timeout, stats.clone())));
-                }
-                Some(tx)
-            }
-            None => None,
-        };
-        let inner = Inner {
-            upstream,
-            mirror_path: s.mirror_path,
-            mirror_max_body: s.mirror_max_body,
-            client: client(1024),
-            mirror_tx,
-            stats,
-        };
-        Ok(App { listener, addr, ingress: Ingress(Arc::new(inner)), workers })
+        let mirror = mirror.map(|base| {
+            Arc::new(Mirror {
+                base,
+                client: client(s.mirror_concurrency),
+                admitted: Arc::new(Semaphore::new(s.mirror_concurrency.saturating_add(s.mirror_queue))),
+                sending: Arc::new(Semaphore::new(s.mirror_concurrency)),
+                timeout: Duration::from_millis(s.mirror_timeout_ms.max(1)),
+                stats: stats.clone(),
+            })
+        });
+        let inner = Inner { upstream, mirror_path: s.mirror_path, mirror_max_body: s.mirror_max_body, client: client(1024), mirror, stats };
+        Ok(App { listener, addr, ingress: Ingress(Arc::new(inner)) })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -272,11 +272,7 @@ impl App {
         let listener = self.listener.tap_io(|t| {
             let _ = t.set_nodelay(true);
         });
-        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await;
-        for w in self.workers {
-            w.abort();
-        }
-        served.context("serve")
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await.context("serve")
     }
 }
 
@@ -317,7 +313,7 @@ async fn proxy(State(ing): State<Ingress>, ConnectInfo(peer): ConnectInfo<Socket
     let ing = &ing.0;
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-    let mirrored = ing.mirror_tx.is_some() && parts.method == Method::POST && parts.uri.path() == ing.mirror_path;
+    let mirrored = ing.mirror.is_some() && parts.method == Method::POST && parts.uri.path() == ing.mirror_path;
     strip_hop_by_hop(&mut parts.headers);
     // As Traefik does for every backend, the mirror included: who asked, over what, for which host.
     let host = parts.headers.get(header::HOST).cloned();
@@ -339,11 +335,14 @@ async fn proxy(State(ing): State<Ingress>, ConnectInfo(peer): ConnectInfo<Socket
         };
         if bytes.len() > ing.mirror_max_body {
             bump(&ing.stats.mirror_too_large);
-        } else if let Some(tx) = &ing.mirror_tx {
-            // Queued before Center is asked, sent by a worker: Center's answer never waits.
-            let job = MirrorJob { path_and_query: pq.clone(), headers: parts.headers.clone(), body: bytes.clone() };
-            match tx.try_send(job) {
-                Ok(()) => bump(&ing.stats.mirror_queued),
+        } else if let Some(m) = &ing.mirror {
+            // Admitted before Center is asked, sent by its own task: Center's answer never waits.
+            match m.admitted.clone().try_acquire_owned() {
+                Ok(admit) => {
+                    bump(&ing.stats.mirror_queued);
+                    let job = MirrorJob { path_and_query: pq.clone(), headers: parts.headers.clone(), body: bytes.clone() };
+                    tokio::spawn(send_copy(m.clone(), job, admit));
+                }
                 Err(_) => bump(&ing.stats.mirror_dropped),
             }
         }
@@ -370,33 +369,30 @@ async fn proxy(State(ing): State<Ingress>, ConnectInfo(peer): ConnectInfo<Socket
     }
 }
 
-/// Sends queued copies to the mirror, one at a time, until the router stops.
-async fn mirror_worker(rx: Arc<Mutex<mpsc::Receiver<MirrorJob>>>, client: HttpClient, base: String, timeout: Duration, stats: Arc<Stats>) {
-    loop {
-        let job = { rx.lock().await.recv().await };
-        let Some(job) = job else { return };
-        let Ok(uri) = format!("{base}{}", job.path_and_query).parse::<Uri>() else {
-            bump(&stats.mirror_failed);
-            continue;
-        };
-        let mut req = Request::new(Body::from(job.body));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = uri;
-        *req.headers_mut() = job.headers;
-        req.headers_mut().remove(header::CONTENT_LENGTH);
-        let sent = tokio::time::timeout(timeout, async {
-            let resp = client.request(req).await.ok()?;
-            let ok = resp.status().is_success();
-            // Read the answer to the end (it goes nowhere) so the connection is reused.
-            let _ = axum::body::to_bytes(Body::new(resp.into_body()), 1024 * 1024).await;
-            Some(ok)
-        })
-        .await;
-        match sent {
-            Ok(Some(true)) => bump(&stats.mirror_ok),
-            Ok(Some(false)) => bump(&stats.mirror_rejected),
-            Ok(None) | Err(_) => bump(&stats.mirror_failed),
-        }
+/// Sends one copy when a sending slot is free; the answer is read and dropped.
+async fn send_copy(m: Arc<Mirror>, job: MirrorJob, _admitted: OwnedSemaphorePermit) {
+    let Ok(_sending) = m.sending.acquire().await else { return };
+    let Ok(uri) = format!("{}{}", m.base, job.path_and_query).parse::<Uri>() else {
+        bump(&m.stats.mirror_failed);
+        return;
+    };
+    let mut req = Request::new(Body::from(job.body));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = job.headers;
+    req.headers_mut().remove(header::CONTENT_LENGTH);
+    let sent = tokio::time::timeout(m.timeout, async {
+        let resp = m.client.request(req).await.ok()?;
+        let ok = resp.status().is_success();
+        // Read the answer to the end (it goes nowhere) so the connection is reused.
+        let _ = axum::body::to_bytes(Body::new(resp.into_body()), 1024 * 1024).await;
+        Some(ok)
+    })
+    .await;
+    match sent {
+        Ok(Some(true)) => bump(&m.stats.mirror_ok),
+        Ok(Some(false)) => bump(&m.stats.mirror_rejected),
+        Ok(None) | Err(_) => bump(&m.stats.mirror_failed),
     }
 }
 

@@ -6,6 +6,10 @@
 //! It publishes synthetic deployments on PN_OPS: point it at a scratch NATS (or a stack whose
 //! verifier may see fake operations), never at production. With `meter_url: None` it starts a
 //! meter in this process (fresh temporary ledger, its own durable consumer, no 429 interval).
+//!
+//! The pieces (`register`, `phase_at`, `NoopServer`, `http_client`) are public so that
+//! `pnctl bench meter` can drive the same load through the dev stack's ingress (`pn-ingress`),
+//! where the meter only gets mirrored copies and the client sees Center's answers.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -89,11 +93,39 @@ struct Node {
     next_at: Instant,
 }
 
-struct PhaseResult {
-    ok: u64,
-    errors: u64,
-    elapsed: Duration,
-    latencies_us: Vec<u32>,
+/// One synthetic node: name, address, secret (its Basic credentials).
+pub type BenchNode = (String, Ipv4Addr, String);
+
+/// What one phase of load saw at the client.
+#[derive(Debug, Clone)]
+pub struct PhaseResult {
+    /// 2xx answers inside the measured window.
+    pub ok: u64,
+    /// Other answers and transport errors inside the window.
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Latency of each 2xx answer in the window, µs.
+    pub latencies_us: Vec<u32>,
+}
+
+/// The `q` quantile (0–1) of `sorted` latencies, in ms.
+pub fn percentile_ms(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// The load generator's client: HTTP/1 keep-alive, `TCP_NODELAY`, a pool of `connections`.
+pub fn http_client(connections: usize) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(connections)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("http client")
 }
 
 /// Runs the benchmark.
@@ -121,13 +153,7 @@ pub async fn run(opts: BenchOpts) -> anyhow::Result<BenchReport> {
 
     let mut lat = meter.latencies_us;
     lat.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
-        lat[i.min(lat.len() - 1)] as f64 / 1000.0
-    };
+    let pct = |q: f64| percentile_ms(&lat, q);
     let reports_per_sec = meter.ok as f64 / meter.elapsed.as_secs_f64().max(1e-9);
     let noop_per_sec = noop.ok as f64 / noop.elapsed.as_secs_f64().max(1e-9);
     Ok(BenchReport {
@@ -146,13 +172,7 @@ pub async fn run(opts: BenchOpts) -> anyhow::Result<BenchReport> {
 }
 
 async fn drive(opts: &BenchOpts, bus: &Bus, meter_url: &str, run_id: &str) -> anyhow::Result<(PhaseResult, PhaseResult)> {
-    let http = reqwest::Client::builder()
-        .http1_only()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(opts.connections)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .context("http client")?;
+    let http = http_client(opts.connections)?;
     let nodes = register(opts, bus, &http, meter_url, run_id).await?;
 
     let meter = phase(opts, &http, &format!("{meter_url}/slave/usage"), nodes.clone()).await;
@@ -164,7 +184,7 @@ async fn drive(opts: &BenchOpts, bus: &Bus, meter_url: &str, run_id: &str) -> an
 }
 
 /// Publishes one deployment per synthetic node and waits until the meter knows them all.
-async fn register(opts: &BenchOpts, bus: &Bus, http: &reqwest::Client, meter_url: &str, run_id: &str) -> anyhow::Result<Vec<(String, Ipv4Addr, String)>> {
+pub async fn register(opts: &BenchOpts, bus: &Bus, http: &reqwest::Client, meter_url: &str, run_id: &str) -> anyhow::Result<Vec<BenchNode>> {
     let mut nodes = Vec::with_capacity(opts.nodes);
     let net: u8 = rand::random();
     for i in 0..opts.nodes {
@@ -223,7 +243,14 @@ async fn register(opts: &BenchOpts, bus: &Bus, http: &reqwest::Client, meter_url
 }
 
 /// Warm-up then a measured run of `opts.duration` over `url`.
-async fn phase(opts: &BenchOpts, http: &reqwest::Client, url: &str, nodes: Vec<(String, Ipv4Addr, String)>) -> PhaseResult {
+async fn phase(opts: &BenchOpts, http: &reqwest::Client, url: &str, nodes: Vec<BenchNode>) -> PhaseResult {
+    phase_at(opts, http, url, nodes, Instant::now() + opts.warmup).await
+}
+
+/// Load from now on, measured from `start` for `opts.duration` (the time before `start` is the
+/// warm-up): every node reports over `opts.connections` keep-alive connections as fast as the
+/// answers come (or every `node_interval`).
+pub async fn phase_at(opts: &BenchOpts, http: &reqwest::Client, url: &str, nodes: Vec<BenchNode>, start: Instant) -> PhaseResult {
     let workers = opts.connections.min(nodes.len()).max(1);
     let mut per_worker: Vec<Vec<Node>> = (0..workers).map(|_| Vec::new()).collect();
     let now = Instant::now();
@@ -236,7 +263,6 @@ async fn phase(opts: &BenchOpts, http: &reqwest::Client, url: &str, nodes: Vec<(
             next_at: now,
         });
     }
-    let start = Instant::now() + opts.warmup;
     let end = start + opts.duration;
     let mut set = tokio::task::JoinSet::new();
     for mut mine in per_worker {
@@ -311,14 +337,14 @@ async fn phase(opts: &BenchOpts, http: &reqwest::Client, url: &str, nodes: Vec<(
 
 /// The no-op baseline: the same route answering `{"ok":true}` without reading anything, on its
 /// own runtime like the in-process meter, so that the two are served alike.
-struct NoopServer {
-    addr: SocketAddr,
+pub struct NoopServer {
+    pub addr: SocketAddr,
     token: tokio_util::sync::CancellationToken,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl NoopServer {
-    fn start() -> anyhow::Result<NoopServer> {
+    pub fn start() -> anyhow::Result<NoopServer> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("bench-noop").build()?;
         let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         listener.set_nonblocking(true)?;
@@ -341,7 +367,7 @@ impl NoopServer {
         Ok(NoopServer { addr, token, thread })
     }
 
-    async fn stop(self) {
+    pub async fn stop(self) {
         self.token.cancel();
         let thread = self.thread;
         let _ = tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || thread.join())).await;

@@ -595,3 +595,28 @@ async fn center_keeps_its_own_ledger_and_cuts_the_node_off_at_95_percent_with_no
     assert!(st["mirrorQueued"].as_u64().unwrap() >= 10, "{st}");
     assert_eq!(st["mirrorOk"], 0, "{st}");
 }
+
+// ---------- the bench measures through the router ----------
+
+#[test]
+fn bench_meter_measures_the_meter_through_the_router() {
+    // A tiny run: the shape and the path, not the speed.
+    let out = Command::new(testkit::bin("pnctl").unwrap())
+        .args(["bench", "meter", "--json", "--nodes", "20", "--connections", "8", "--duration", "1s", "--warmup", "300ms"])
+        .env("PN_NATS_SERVER", testkit::nats_server_path().unwrap())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pnctl bench meter failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(r["mode"], "router", "{r}");
+    for k in ["reportsPerSec", "noopPerSec", "centerAnsweredPerSec"] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+    }
+    assert!(r["mirroredShare"].as_f64().unwrap() > 0.0, "the meter recorded copies: {r}");
+    assert_eq!(r["errors"], 0, "Center answered every report: {r}");
+    for p in ["pn-ingress", "center-sim", "svc-meter", "generator"] {
+        assert!(r["cpuMsPerReport"][p].as_f64().is_some(), "{p}: {r}");
+    }
+}
