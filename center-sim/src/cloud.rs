@@ -1,14 +1,18 @@
-//! The simulated cloud: one Lightsail-like account with its catalogue (regions, plans with
-//! included transfer and price, images), instances that boot after `bootDelayMs` onto distinct
-//! loopback addresses, and deletion. Instance names are not unique, as at a real provider: a
-//! second live instance with one name is allowed and recorded as a violation.
+//! The simulated cloud: two accounts with one catalogue (regions, plans with included transfer
+//! and price, images) — a Lightsail-like one and a Vultr-like one, each with its own default
+//! keypair and its images' own login user (`login_user`) — instances that boot after
+//! `bootDelayMs` onto distinct loopback addresses, a provider firewall in front of them (the
+//! `providerFirewall` knob: only 22/tcp open until `open_cloud_instance_ports`), and deletion.
+//! Instance names are not unique, as at a real provider: a second live instance with one name
+//! is allowed and recorded as a violation.
 //!
 //! Never: reuse a live instance's address, or hand out an address whose SSH ports are taken.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
 use kit::center::{CloudAccount, CloudImage, CloudInstance, CloudPlan, CloudRegion};
+use russh::keys::PublicKey;
 use serde::Serialize;
 
 use crate::mcp::ToolError;
@@ -19,6 +23,40 @@ use crate::{new_id, rfc3339};
 pub const ACCOUNT_NAME: &str = "sim-lightsail";
 pub const PROVIDER: &str = "lightsail";
 pub const DEFAULT_KEY_NAME: &str = "pn-admin";
+/// The second account: another provider behind the same Center (an alternate provider).
+pub const ALT_ACCOUNT_NAME: &str = "sim-vultr";
+pub const ALT_PROVIDER: &str = "vultr";
+pub const ALT_DEFAULT_KEY_NAME: &str = "pn-admin-vultr";
+
+/// (account, provider, default key name), in `list_cloud_accounts` order.
+pub const ACCOUNTS: &[(&str, &str, &str)] = &[(ACCOUNT_NAME, PROVIDER, DEFAULT_KEY_NAME), (ALT_ACCOUNT_NAME, ALT_PROVIDER, ALT_DEFAULT_KEY_NAME)];
+
+/// The user an instance's image lets in with the account's key — the world's truth, kept
+/// apart from Pnp's own table (`kit::cloud::login_user`) so that the two are checked against
+/// each other rather than copied:
+///
+/// | provider | Ubuntu | Debian | where it comes from |
+/// |---|---|---|---|
+/// | `lightsail` (AWS) | `ubuntu` | `admin` | AWS's default user names for Lightsail blueprints and EC2 AMIs |
+/// | `vultr` (as Hetzner, DigitalOcean) | `root` | `root` | their images install the account's key for root |
+/// | any other (plain cloud-init images) | `ubuntu` | `debian` | the images' cloud-init `default_user` |
+///
+/// On an image whose user is not root, root's `authorized_keys` carries cloud-init's
+/// `disable_root` command: the key is accepted and every command answers "Please login as the
+/// user … rather than the user root" with exit 142.
+pub fn login_user(provider: &str, os: &str) -> &'static str {
+    match (provider, os) {
+        ("vultr" | "hetzner" | "digitalocean", _) => "root",
+        ("lightsail", "debian") => "admin",
+        (_, "debian") => "debian",
+        _ => "ubuntu",
+    }
+}
+
+/// The provider of an account (empty for an unknown one).
+pub fn provider_of(account: &str) -> &'static str {
+    ACCOUNTS.iter().find(|a| a.0 == account).map(|a| a.1).unwrap_or("")
+}
 
 const TIB: u64 = 1 << 40;
 const GIB: u64 = 1 << 30;
@@ -61,11 +99,14 @@ pub const IMAGES: &[(&str, &str, &str, &str)] = &[
 ];
 
 pub fn accounts() -> Vec<CloudAccount> {
-    vec![CloudAccount { account_name: ACCOUNT_NAME.into(), provider: PROVIDER.into(), default_key_name: Some(DEFAULT_KEY_NAME.into()) }]
+    ACCOUNTS
+        .iter()
+        .map(|(name, provider, key)| CloudAccount { account_name: (*name).into(), provider: (*provider).into(), default_key_name: Some((*key).into()) })
+        .collect()
 }
 
 pub fn check_account(account: &str) -> Result<(), ToolError> {
-    if account == ACCOUNT_NAME { Ok(()) } else { Err(ToolError::not_found(format!("cloud account {account:?} not found"))) }
+    if ACCOUNTS.iter().any(|a| a.0 == account) { Ok(()) } else { Err(ToolError::not_found(format!("cloud account {account:?} not found"))) }
 }
 
 pub fn check_region(region: &str) -> Result<(), ToolError> {
@@ -134,9 +175,15 @@ pub struct Instance {
     pub region: String,
     pub plan: String,
     pub image_id: String,
+    /// The cloud account it was created in (its key and login user come from there).
+    pub account: String,
     pub created_ms: i64,
     pub deleted_ms: Option<i64>,
     pub traffic_used_bytes: u64,
+    /// The provider firewall's open ports (`"22/tcp"`), whether or not `providerFirewall` is on.
+    pub firewall: BTreeSet<String>,
+    /// Connections the firewall refused.
+    pub firewall_refused: u32,
     pub host: Host,
 }
 
@@ -145,13 +192,18 @@ impl Instance {
         self.status != InstanceStatus::Deleted
     }
 
+    /// The user this instance's image lets in (see [`login_user`]).
+    pub fn login_user(&self) -> &'static str {
+        login_user(provider_of(&self.account), image_os(&self.image_id).map(|o| o.0).unwrap_or(""))
+    }
+
     pub fn to_wire(&self) -> CloudInstance {
         CloudInstance {
             id: self.id.clone(),
             name: self.name.clone(),
             status: self.status.as_str().into(),
             ipv4: self.ipv4.map(|ip| ip.to_string()),
-            account_name: ACCOUNT_NAME.into(),
+            account_name: self.account.clone(),
             region: self.region.clone(),
             plan: self.plan.clone(),
             image_id: self.image_id.clone(),
@@ -176,6 +228,14 @@ impl Instance {
             containers_up: self.host.containers_up,
             up_runs: self.host.up_runs,
             ssh_port: self.host.listener.as_ref().map(|l| l.port),
+            ssh_ports: self.host.listener.iter().chain(self.host.fresh_listener.iter()).map(|l| l.port).collect(),
+            account: self.account.clone(),
+            login_user: self.login_user(),
+            firewall: self.firewall.iter().cloned().collect(),
+            firewall_refused: self.firewall_refused,
+            cloud_init: self.host.cloud_init.as_str(),
+            hardened_login_at: self.host.hardened_login_ms.map(rfc3339),
+            port22_closed_at: self.host.port22_closed_ms.map(rfc3339),
             host_key: self.host.host_public_key(),
             traffic_used_bytes: self.traffic_used_bytes,
             rx_bytes: self.host.nic.rx,
@@ -203,6 +263,21 @@ pub struct AdminInstance {
     pub containers_up: bool,
     pub up_runs: u32,
     pub ssh_port: Option<u16>,
+    /// Every port sshd listens on now (the fresh one stays open after a Pnp prep until the
+    /// deployer closes 22).
+    pub ssh_ports: Vec<u16>,
+    pub account: String,
+    /// The user the image lets in.
+    pub login_user: &'static str,
+    /// The provider firewall's open ports.
+    pub firewall: Vec<String>,
+    pub firewall_refused: u32,
+    /// `done` or `error` (`cloudInitErrorRate`).
+    pub cloud_init: &'static str,
+    /// The first login on the hardened port (from outside: every client is).
+    pub hardened_login_at: Option<String>,
+    /// When 22 was closed on the node (the deployer's close-22 script).
+    pub port22_closed_at: Option<String>,
     pub host_key: String,
     pub traffic_used_bytes: u64,
     pub rx_bytes: u64,
@@ -280,11 +355,31 @@ pub struct Cloud {
     pub instances: BTreeMap<String, Instance>,
     seq: u64,
     pub ips: IpAllocator,
+    /// Each account's default keypair (public half) where it differs from the simulator's
+    /// admin key (`--account-public-key-file ACCOUNT=PATH`); an account not named here uses
+    /// the admin key.
+    pub account_keys: BTreeMap<String, PublicKey>,
+}
+
+/// The real port a simulated SSH port plays: the fresh port is 22, the hardened one 1022.
+pub fn real_port(sim_port: u16, fresh: u16, hardened: u16) -> u16 {
+    if sim_port == fresh {
+        22
+    } else if sim_port == hardened {
+        1022
+    } else {
+        sim_port
+    }
+}
+
+/// A port rule as the firewall keeps it: `"1022/tcp"`.
+pub fn port_rule(port: u16, protocol: &str) -> String {
+    format!("{port}/{protocol}")
 }
 
 impl Cloud {
     pub fn new(ip_start: Ipv4Addr) -> Cloud {
-        Cloud { instances: BTreeMap::new(), seq: 0, ips: IpAllocator::new(ip_start) }
+        Cloud { instances: BTreeMap::new(), seq: 0, ips: IpAllocator::new(ip_start), account_keys: BTreeMap::new() }
     }
 
     pub fn ordered(&self) -> Vec<&Instance> {
@@ -318,6 +413,32 @@ pub struct CreateArgs {
 }
 
 impl Sim {
+    /// The key `account`'s instances accept: its own (`--account-public-key-file`), else the
+    /// admin key.
+    pub fn account_key(&self, account: &str) -> PublicKey {
+        self.st().cloud.account_keys.get(account).cloned().unwrap_or_else(|| self.admin_key.clone())
+    }
+
+    /// `open_cloud_instance_ports`: adds `ports` (`(port, "tcp"|"udp")`) to the instance's
+    /// provider firewall; answers every port now open. Idempotent.
+    pub fn open_instance_ports(&self, id: &str, ports: &[(u16, String)]) -> Result<Vec<String>, ToolError> {
+        if ports.is_empty() || ports.len() > 64 {
+            return Err(ToolError::bad_request("ports must list 1 to 64 ports"));
+        }
+        for (port, proto) in ports {
+            if *port == 0 || !matches!(proto.as_str(), "tcp" | "udp") {
+                return Err(ToolError::bad_request("each port needs a port 1-65535 and a protocol tcp or udp"));
+            }
+        }
+        let mut st = self.st();
+        let inst = st.cloud.instances.get_mut(id).filter(|i| i.live()).ok_or_else(|| ToolError::not_found(format!("instance {id} not found")))?;
+        for (port, proto) in ports {
+            inst.firewall.insert(port_rule(*port, proto));
+        }
+        tracing::info!(instance = %id, ports = ?inst.firewall, "provider firewall opened");
+        Ok(inst.firewall.iter().cloned().collect())
+    }
+
     pub fn create_instance(&self, a: CreateArgs) -> Result<CloudInstance, ToolError> {
         check_account(&a.account_name)?;
         check_region(&a.region)?;
@@ -333,10 +454,11 @@ impl Sim {
         }
         let now = kit::now_ms();
         let mut st = self.st();
-        if st.dice_roll(|f| f.create_fail_rate) {
+        if st.faults.create_fail_accounts.contains(&a.account_name) || st.dice_roll(|f| f.create_fail_rate) {
             return Err(ToolError::unavailable("plan unavailable"));
         }
-        let boot_delay = st.faults.boot_delay_ms;
+        let (lo, hi) = (st.faults.boot_delay_ms, st.faults.boot_delay_max_ms);
+        let boot_delay = if hi > lo { st.dice.between(lo, hi) } else { lo };
         let duplicate = st.cloud.live_by_name(name).map(|i| i.id.clone());
         let seq = st.cloud.next_seq();
         let id = new_id("i");
@@ -349,9 +471,12 @@ impl Sim {
             region: a.region,
             plan: a.plan,
             image_id: a.image_id,
+            account: a.account_name,
             created_ms: now,
             deleted_ms: None,
             traffic_used_bytes: 0,
+            firewall: [port_rule(22, "tcp")].into_iter().collect(),
+            firewall_refused: 0,
             host: Host::new(self.root.child_token()),
         };
         let wire = inst.to_wire();
@@ -374,6 +499,7 @@ impl Sim {
         let (fresh, hardened) = (self.cfg.ssh_port_fresh, self.cfg.ssh_port_hardened);
         let mut st = self.st();
         let no_ip = st.dice_roll(|f| f.no_ip_rate);
+        let cloud_init_error = st.dice_roll(|f| f.cloud_init_error_rate);
         let st = &mut *st;
         let Some(inst) = st.cloud.instances.get_mut(id) else { return };
         if inst.status != InstanceStatus::Pending {
@@ -381,6 +507,10 @@ impl Sim {
         }
         inst.status = InstanceStatus::Running;
         inst.host.boot();
+        if cloud_init_error {
+            tracing::warn!(instance = %id, "cloud-init failed on this instance (injected)");
+            inst.host.cloud_init = crate::node::CloudInit::Error;
+        }
         if no_ip {
             tracing::warn!(instance = %id, "instance running without an ipv4 (injected)");
             return;
@@ -493,5 +623,23 @@ mod tests {
         assert!(!sg[0].regions.contains(&"sa-east-1".to_string()));
         assert_eq!(images().len(), 4);
         assert_eq!(image_os("debian-12"), Some(("debian", "12")));
+        assert_eq!(accounts().iter().map(|a| (a.account_name.as_str(), a.provider.as_str())).collect::<Vec<_>>(), [
+            ("sim-lightsail", "lightsail"),
+            ("sim-vultr", "vultr")
+        ]);
+        assert!(check_account("sim-vultr").is_ok() && check_account("nope").is_err());
+    }
+
+    #[test]
+    fn login_users_per_provider_and_image() {
+        assert_eq!(login_user("lightsail", "ubuntu"), "ubuntu");
+        assert_eq!(login_user("lightsail", "debian"), "admin");
+        assert_eq!(login_user("vultr", "ubuntu"), "root");
+        assert_eq!(login_user("vultr", "debian"), "root");
+        assert_eq!(login_user("openstack", "debian"), "debian");
+        assert_eq!(login_user("openstack", "ubuntu"), "ubuntu");
+        assert_eq!(provider_of("sim-vultr"), "vultr");
+        assert_eq!((real_port(2222, 2222, 10022), real_port(10022, 2222, 10022), real_port(443, 2222, 10022)), (22, 1022, 443));
+        assert_eq!(port_rule(443, "udp"), "443/udp");
     }
 }

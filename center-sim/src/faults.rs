@@ -70,6 +70,24 @@ pub struct Faults {
     pub delete_instance_tool: bool,
     /// The argument names the tools' schemas publish and accept (see `ArgCase`).
     pub arg_case: ArgCase,
+    // ---- The cloud's side (issue #19, item 4) and the nodes (item 3). ----
+    /// The provider's firewall in front of every instance: only 22/tcp is open until a port
+    /// is opened through the cloud tool `open_cloud_instance_ports`; a connection to a closed
+    /// port (the sim's fresh SSH port plays 22, the hardened one 1022) is refused.
+    pub provider_firewall: bool,
+    /// Center has the `open_cloud_instance_ports` tool (an assumption: the seeds do not list
+    /// it). False: the tool does not exist.
+    pub firewall_tool: bool,
+    /// Probability that an instance comes up with cloud-init in error: on the host,
+    /// `cloud-init status` says `status: error` and exits 1 (the provider itself reports a
+    /// `running` instance, as real ones do).
+    pub cloud_init_error_rate: f64,
+    /// Cloud accounts whose every `create_cloud_instance` answers 503 "plan unavailable"
+    /// (a provider down in every region).
+    pub create_fail_accounts: Vec<String>,
+    /// When above `bootDelayMs`, each instance boots after a delay drawn uniformly from
+    /// `bootDelayMs..=bootDelayMaxMs`; 0: exactly `bootDelayMs`.
+    pub boot_delay_max_ms: u64,
 }
 
 /// How strictly tool argument names are checked, and which spelling the schemas publish.
@@ -95,13 +113,13 @@ impl Default for Faults {
         Faults {
             center_error_rate: 0.0,
             center_latency_ms: 0,
+            slave_error_rate: 0.0,
             claim_conflict_rate: 0.0,
             ssh_drop_rate: 0.0,
             prep_fail_rate: 0.0,
             boot_delay_ms: 500,
             registration_delay_ms: 200,
             never_register: false,
-            slave_error_rate: 0.0,
             prep_delay_ms: 300,
             usage_interval_ms: 2000,
             operation_timeout_ms: 1_800_000,
@@ -116,6 +134,27 @@ impl Default for Faults {
             update_node_tool: true,
             delete_instance_tool: true,
             arg_case: ArgCase::Runbook,
+            provider_firewall: false,
+            firewall_tool: true,
+            cloud_init_error_rate: 0.0,
+            create_fail_accounts: Vec::new(),
+            boot_delay_max_ms: 0,
+        }
+    }
+}
+
+impl Faults {
+    /// The `realistic` preset (`--realistic`, or `PUT /admin/faults {"preset": "realistic"}`):
+    /// a real cloud's timings — boot 30–90 s, the OS prep ~120 s, usage reports every 60 s,
+    /// registration a few seconds after `up -d`. Everything else as `base`.
+    pub fn realistic(base: &Faults) -> Faults {
+        Faults {
+            boot_delay_ms: 30_000,
+            boot_delay_max_ms: 90_000,
+            prep_delay_ms: 120_000,
+            usage_interval_ms: 60_000,
+            registration_delay_ms: 5_000,
+            ..base.clone()
         }
     }
 }
@@ -140,10 +179,29 @@ impl Faults {
     /// Merges a partial JSON object into a copy of `self`; unknown keys and wrong types fail.
     pub fn merged(&self, patch: &Value) -> Result<Faults, FaultsError> {
         let patch = patch.as_object().ok_or(FaultsError::NotAnObject)?;
-        let mut cur = serde_json::to_value(self).map_err(|e| FaultsError::Invalid(e.to_string()))?;
+        // `preset` applies a named set of timings first; the other keys go on top of it.
+        let base = match patch.get("preset") {
+            None => self.clone(),
+            Some(Value::String(p)) if p == "realistic" => Faults::realistic(self),
+            Some(Value::String(p)) if p == "fast" => {
+                let d = Faults::default();
+                Faults {
+                    boot_delay_ms: d.boot_delay_ms,
+                    boot_delay_max_ms: d.boot_delay_max_ms,
+                    prep_delay_ms: d.prep_delay_ms,
+                    usage_interval_ms: d.usage_interval_ms,
+                    registration_delay_ms: d.registration_delay_ms,
+                    ..self.clone()
+                }
+            }
+            Some(_) => return Err(FaultsError::Invalid("preset must be \"realistic\" or \"fast\"".into())),
+        };
+        let mut patch = patch.clone();
+        patch.remove("preset");
+        let mut cur = serde_json::to_value(&base).map_err(|e| FaultsError::Invalid(e.to_string()))?;
         if let Some(obj) = cur.as_object_mut() {
             for (k, v) in patch {
-                obj.insert(k.clone(), v.clone());
+                obj.insert(k, v);
             }
         }
         let next: Faults = serde_json::from_value(cur).map_err(|e| FaultsError::Invalid(e.to_string()))?;
@@ -161,6 +219,7 @@ impl Faults {
             ("createFailRate", self.create_fail_rate),
             ("noIpRate", self.no_ip_rate),
             ("updateOperationErrorRate", self.update_operation_error_rate),
+            ("cloudInitErrorRate", self.cloud_init_error_rate),
         ];
         for (name, r) in rates {
             if !(0.0..=1.0).contains(&r) {
@@ -246,6 +305,25 @@ mod tests {
         assert_eq!(f.merged(&json!({"maxPageSize": 0})), Err(FaultsError::PageSizeOutOfRange));
         assert_eq!(f.merged(&json!({"maxPageSize": 101})), Err(FaultsError::PageSizeOutOfRange));
         assert!(matches!(f.merged(&json!({"argCase": "kebab"})), Err(FaultsError::Invalid(_))));
+    }
+
+    #[test]
+    fn the_cloud_knobs_and_the_realistic_preset() {
+        let f = Faults::default();
+        assert!(!f.provider_firewall && f.firewall_tool && f.create_fail_accounts.is_empty());
+        let g = f
+            .merged(&json!({"providerFirewall": true, "firewallTool": false, "cloudInitErrorRate": 1.0, "createFailAccounts": ["a"], "bootDelayMaxMs": 9}))
+            .unwrap();
+        assert!(g.provider_firewall && !g.firewall_tool);
+        assert_eq!((g.cloud_init_error_rate, g.create_fail_accounts.clone(), g.boot_delay_max_ms), (1.0, vec!["a".to_string()], 9));
+        assert_eq!(f.merged(&json!({"cloudInitErrorRate": 2.0})), Err(FaultsError::RateOutOfRange("cloudInitErrorRate")));
+        // One switch: the preset's timings, other keys on top, the rest untouched.
+        let r = g.merged(&json!({"preset": "realistic", "prepDelayMs": 100_000})).unwrap();
+        assert_eq!((r.boot_delay_ms, r.boot_delay_max_ms, r.prep_delay_ms, r.usage_interval_ms), (30_000, 90_000, 100_000, 60_000));
+        assert!(r.provider_firewall, "knobs outside the preset stay");
+        let back = r.merged(&json!({"preset": "fast"})).unwrap();
+        assert_eq!((back.boot_delay_ms, back.boot_delay_max_ms, back.prep_delay_ms), (500, 0, 300));
+        assert!(matches!(f.merged(&json!({"preset": "slow"})), Err(FaultsError::Invalid(_))));
     }
 
     #[test]

@@ -64,6 +64,14 @@ pub struct Settings {
     /// Seed of the fault dice.
     #[arg(long, env = "PN_SIM_SEED", default_value_t = 0)]
     pub seed: u64,
+    /// A cloud account's own default keypair, `ACCOUNT=PATH` (OpenSSH public key; repeatable):
+    /// that account's instances accept only it. Accounts not named use the admin key.
+    #[arg(long = "account-public-key-file", env = "PN_SIM_ACCOUNT_PUBLIC_KEY_FILES", value_delimiter = ',')]
+    pub account_public_key_files: Vec<String>,
+    /// Start with a real cloud's timings (the faults preset `realistic`: boot 30–90 s, the OS
+    /// prep ~120 s, usage reports every 60 s).
+    #[arg(long, env = "PN_SIM_REALISTIC")]
+    pub realistic: bool,
     /// From `PN_CENTER_TOKEN`.
     #[arg(skip)]
     pub center_token: Option<SecretString>,
@@ -152,7 +160,25 @@ impl App {
             ssh_port_fresh: settings.ssh_port_fresh,
             ssh_port_hardened: settings.ssh_port_hardened,
         };
+        let mut account_keys = std::collections::BTreeMap::new();
+        for spec in &settings.account_public_key_files {
+            let Some((account, path)) = spec.split_once('=').filter(|(a, p)| !a.trim().is_empty() && !p.trim().is_empty()) else {
+                bail!("--account-public-key-file takes ACCOUNT=PATH, got {spec:?}");
+            };
+            let account = account.trim();
+            if cloud::check_account(account).is_err() {
+                bail!("--account-public-key-file: no cloud account {account:?}");
+            }
+            account_keys.insert(account.to_string(), read_public_key(Path::new(path.trim()))?);
+        }
         let sim = Sim::new(cfg, admin_key, token, settings.ip_start, settings.seed, http);
+        {
+            let mut st = sim.st();
+            st.cloud.account_keys = account_keys;
+            if settings.realistic {
+                st.faults = faults::Faults::realistic(&st.faults);
+            }
+        }
         Ok(App { listener, sim, addr })
     }
 
@@ -222,7 +248,12 @@ fn load_admin_key(settings: &Settings) -> anyhow::Result<PublicKey> {
             public
         }
     };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    read_public_key(&path)
+}
+
+/// The first key line of an OpenSSH public key file.
+fn read_public_key(path: &Path) -> anyhow::Result<PublicKey> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
     PublicKey::from_openssh(line).with_context(|| format!("{} is not an OpenSSH public key", path.display()))
 }

@@ -243,6 +243,13 @@ fn tool_args(tool: &str) -> Option<Vec<Arg>> {
         "get_cloud_instance" | "delete_cloud_instance" => vec![arg("id", Str, true, "instance id")],
         "list_nodes" => vec![arg("name", Str, false, "exact node name"), PAGE, PAGE_SIZE],
         "update_node" => vec![arg("name", Str, true, "node name"), arg("hidden", Bool, true, "hide (true) or show")],
+        // Assumed (issue #19; the seeds do not list it): the provider firewall, one port a call
+        // as Lightsail's OpenInstancePublicPorts takes one port range (center-sim/README.md).
+        "open_cloud_instance_port" => vec![
+            arg("id", Str, true, "instance id"),
+            arg("port", Int(1, 65535), true, "port to open"),
+            arg("protocol", OneOf(&["tcp", "udp"]), true, "tcp | udp"),
+        ],
         _ => return None,
     })
 }
@@ -341,6 +348,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("delete_cloud_instance", "Delete an instance (id)."),
     ("list_nodes", "List registered nodes (name filter)."),
     ("update_node", "Hide or show a node (name, hidden)."),
+    ("open_cloud_instance_port", "Open a port in an instance's provider firewall (id, port, protocol); answers the open ports."),
 ];
 
 /// Whether this Center offers `tool` now (the `updateNodeTool`/`deleteInstanceTool` knobs).
@@ -348,6 +356,7 @@ fn offered(f: &Faults, tool: &str) -> bool {
     match tool {
         "update_node" => f.update_node_tool,
         "delete_cloud_instance" => f.delete_instance_tool,
+        "open_cloud_instance_port" => f.firewall_tool,
         _ => TOOLS.iter().any(|(n, _)| *n == tool),
     }
 }
@@ -504,6 +513,12 @@ async fn call_tool(sim: &Sim, name: &str, args: &Value) -> ToolResult {
             node.hidden = hidden;
             tracing::info!(node = %name, hidden, "node visibility changed");
             Ok(json!({"node": to_value(node.to_wire())}))
+        }
+        "open_cloud_instance_port" => {
+            let id = req_str(args, "id")?;
+            let port = opt_u64(args, "port")?.and_then(|p| u16::try_from(p).ok()).ok_or_else(|| ToolError::bad_request("port must be 1-65535"))?;
+            let protocol = req_str(args, "protocol")?;
+            Ok(json!({"ports": sim.open_instance_ports(&id, &[(port, protocol)])?}))
         }
         _ => Err(ToolError::bad_request("unknown tool")),
     }

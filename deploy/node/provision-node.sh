@@ -23,6 +23,10 @@
 # After step 13 SSH answers on 1022 only (the running session survives); port 22 is closed in
 # UFW only once sshd answers on 1022 (its banner read back over loopback). The cloud's own
 # firewall must allow 1022/tcp and the k2s ports; that is outside this host.
+# With PN_SSH_KEEP_22=1 (the deployer's launcher sets it) sshd listens on 22 as well as on 1022
+# and UFW keeps 22 open: only a connection from outside proves the cloud's firewall lets 1022
+# in, and the deployer closes 22 itself once it got one (svc-deployer/src/harden.rs). Once it
+# has (/var/lib/pnp/ssh-22-closed), a re-run does not open 22 again.
 set -Eeuo pipefail
 
 readonly DEPLOY_DIR=/apps/kaitu-slave
@@ -39,6 +43,8 @@ export NEEDRESTART_MODE=a
 readonly APT_OPTS=(-y -q -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 
 DOCKER_SOURCE=${PN_DOCKER_SOURCE:-docker}
+KEEP_22=0
+if [ "${PN_SSH_KEEP_22:-0}" = 1 ] && [ ! -f /var/lib/pnp/ssh-22-closed ]; then KEEP_22=1; fi
 
 STEP=0
 CHANGES=()
@@ -357,8 +363,8 @@ setup_ufw() {
     changed "ufw default allow outgoing"
   fi
   # 22 stays open until sshd answers on the hardened port (step 13), so a failure in between
-  # cannot lock the node out.
-  if ! sshd_answers_on "$SSH_PORT"; then
+  # cannot lock the node out (with KEEP_22, until the deployer saw 1022 from outside).
+  if [ "$KEEP_22" = 1 ] || ! sshd_answers_on "$SSH_PORT"; then
     ufw_do allow 22/tcp
   fi
   ufw_do allow "${SSH_PORT}/tcp"
@@ -488,9 +494,14 @@ harden_ssh() {
     changed=1
   fi
   # 00- sorts before cloud-init's 50-cloud-init.conf; sshd keeps the first value it reads.
+  local keep=""
+  if [ "$KEEP_22" = 1 ]; then
+    # Port lines add up: 22 as well, until the deployer's close-22 script removes both lines.
+    keep=$'# pnp:keep-22 until the deployer reaches the hardened port from outside\nPort 22\n'
+  fi
   if write_if_changed "$SSHD_DROPIN" 0644 <<EOF; then changed=1; fi
 # Pnp node SSH hardening (provision-node.sh).
-Port ${SSH_PORT}
+${keep}Port ${SSH_PORT}
 PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -538,7 +549,9 @@ EOF
   SSHD_BACKUP=
   # Only now, with sshd answering on the hardened port, is it safe to close 22.
   sshd_answers_on "$SSH_PORT" || die "sshd does not answer on ${SSH_PORT}; port 22 left open"
-  if ufw status | grep -qE '^22/tcp[[:space:]]'; then
+  if [ "$KEEP_22" = 1 ]; then
+    log "port 22 kept open until the deployer reaches ${SSH_PORT} from outside"
+  elif ufw status | grep -qE '^22/tcp[[:space:]]'; then
     ufw_do delete allow 22/tcp
   fi
 }

@@ -275,6 +275,13 @@ pub trait Center: Send + Sync {
     async fn delete_cloud_instance(&self, id: &str) -> Result<(), CenterError>;
     async fn list_nodes(&self, name: Option<&str>) -> Result<Vec<Node>, CenterError>;
     async fn update_node(&self, name: &str, hidden: bool) -> Result<Node, CenterError>;
+    /// Opens `port`/`protocol` (`tcp` | `udp`) in the instance's provider firewall; answers
+    /// the ports now open (`"1022/tcp"`). An assumed tool, `open_cloud_instance_port` (the
+    /// seeds list none; center-sim/README.md): a Center without it answers `Unsupported`.
+    async fn open_cloud_instance_port(&self, id: &str, port: u16, protocol: &str) -> Result<Vec<String>, CenterError> {
+        let _ = (id, port, protocol);
+        Err(CenterError::Unsupported { tool: "open_cloud_instance_port", msg: "not implemented by this client".into() })
+    }
 }
 
 // ---------- MCP over streamable HTTP ----------
@@ -865,6 +872,17 @@ impl Center for McpCenter {
         }
         let w: W = self.typed("update_node", vec![("name", json!(name), Need::Always), ("hidden", json!(hidden), Need::Always)]).await?;
         Ok(w.node)
+    }
+
+    async fn open_cloud_instance_port(&self, id: &str, port: u16, protocol: &str) -> Result<Vec<String>, CenterError> {
+        #[derive(Deserialize)]
+        struct W {
+            #[serde(default)]
+            ports: Vec<String>,
+        }
+        let list = vec![("id", json!(id), Need::Always), ("port", json!(port), Need::Always), ("protocol", json!(protocol), Need::Always)];
+        let w: W = self.typed("open_cloud_instance_port", list).await?;
+        Ok(w.ports)
     }
 }
 

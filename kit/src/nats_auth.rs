@@ -157,12 +157,14 @@ pub fn services() -> Vec<Identity> {
             vec![
                 Durable::ops("svc-cloud-claimed", subjects::CLAIMED),
                 Durable::ops("svc-cloud-failed", subjects::FAILED),
+                // The deployer's requests to replace a broken instance (seed 001 §3.f).
+                Durable::ops("svc-cloud-rebuild", subjects::REBUILD),
                 Durable::replay("svc-cloud", Stage::Cloud),
             ],
         ),
         Identity::service(
             "svc-deployer",
-            &[ev(subjects::DEPLOYED), ev(subjects::FAILED)],
+            &[ev(subjects::DEPLOYED), ev(subjects::FAILED), ev(subjects::REBUILD)],
             vec![Durable::ops("svc-deployer-instance", subjects::INSTANCE), Durable::replay("svc-deployer", Stage::Deploy)],
         ),
         {

@@ -370,7 +370,8 @@ fn on_event(op: &mut Op, body: &Body, plain_lines: bool) {
         }
         Body::Failed(e) => fail(op, format!("{} stage: {}", e.stage, e.reason), plain_lines),
         Body::Degraded(e) => degrade(op, &e.reason, plain_lines),
-        Body::Usage(_) | Body::Quota(_) => {}
+        // svc-cloud replaces the broken instance; a new pn.op.instance follows.
+        Body::Rebuild(_) | Body::Usage(_) | Body::Quota(_) => {}
     }
 }
 

@@ -62,6 +62,7 @@ pub fn op_id(body: &Body) -> &str {
         Body::Verified(e) => e.op.as_ref().map(|o| o.operation_id.as_str()).unwrap_or(""),
         Body::Failed(e) => e.operation_id.as_str(),
         Body::Degraded(e) => e.op.as_ref().map(|o| o.operation_id.as_str()).unwrap_or(""),
+        Body::Rebuild(e) => e.op.as_ref().map(|o| o.operation_id.as_str()).unwrap_or(""),
         Body::Usage(_) | Body::Quota(_) => "",
     }
 }
@@ -74,6 +75,7 @@ pub fn sub_id(body: &Body) -> &str {
         Body::Deployed(e) => e.op.as_ref(),
         Body::Verified(e) => e.op.as_ref(),
         Body::Degraded(e) => e.op.as_ref(),
+        Body::Rebuild(e) => e.op.as_ref(),
         Body::Failed(e) => return e.sub_id.as_str(),
         Body::Usage(_) | Body::Quota(_) => None,
     };
@@ -162,6 +164,12 @@ pub fn summary(body: &Body) -> String {
             parts.push(format!("stage={}", e.stage));
             if !e.instance_id.is_empty() {
                 parts.push(format!("instance={}", e.instance_id));
+            }
+            parts.push(format!("reason={:?}", e.reason));
+        }
+        Body::Rebuild(e) => {
+            if let Some(i) = &e.instance {
+                parts.push(format!("instance={}", i.instance_id));
             }
             parts.push(format!("reason={:?}", e.reason));
         }

@@ -10,7 +10,7 @@ pub mod subjects;
 
 pub use pb::event::Body;
 pub use pb::{
-    Event, Instance, InstanceReady, NodeDeployed, NodeVerified, OpClaimed, OpDegraded, OpFailed, Operation,
+    Event, Instance, InstanceReady, InstanceRebuild, NodeDeployed, NodeVerified, OpClaimed, OpDegraded, OpFailed, Operation,
     QuotaChanged, QuotaState, UsageRecorded,
 };
 
@@ -83,6 +83,7 @@ impl Body {
             Body::Usage(_) => "pn.v1.UsageRecorded",
             Body::Quota(_) => "pn.v1.QuotaChanged",
             Body::Degraded(_) => "pn.v1.OpDegraded",
+            Body::Rebuild(_) => "pn.v1.InstanceRebuild",
         }
     }
 
@@ -97,6 +98,7 @@ impl Body {
             Body::Usage(_) => "usage",
             Body::Quota(_) => "quota",
             Body::Degraded(_) => subjects::DEGRADED,
+            Body::Rebuild(_) => subjects::REBUILD,
         }
     }
 }
@@ -183,6 +185,7 @@ mod tests {
             Body::Verified(NodeVerified { tunnel_count: 1, ..Default::default() }),
             Body::Failed(OpFailed { stage: "cloud".into(), reason: "no plan".into(), ..Default::default() }),
             Body::Degraded(OpDegraded { stage: "verify".into(), reason: "usage: none seen".into(), ..Default::default() }),
+            Body::Rebuild(InstanceRebuild { reason: "cloud-init: status: error".into(), requested_at_ms: 7, ..Default::default() }),
             Body::Usage(UsageRecorded { node: "pn-a".into(), delta_bytes: 3, ..Default::default() }),
             Body::Quota(QuotaChanged {
                 node: "pn-a".into(),

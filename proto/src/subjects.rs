@@ -18,6 +18,8 @@ pub const VERIFIED: &str = "verified";
 pub const FAILED: &str = "failed";
 /// An activated node whose later check did not hold: a warning, never a failure.
 pub const DEGRADED: &str = "degraded";
+/// The deployer asks svc-cloud to replace a broken, never-activated instance (seed 001 §3.f).
+pub const REBUILD: &str = "rebuild";
 
 /// `pn.op.<event>.<operationId>`
 pub fn op_event(event: &str, operation_id: &str) -> String {

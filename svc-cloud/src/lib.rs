@@ -11,6 +11,7 @@
 
 mod http;
 mod reaper;
+mod rebuild;
 mod record;
 mod stage;
 
@@ -26,7 +27,7 @@ use proto::{Stage, subjects};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
-use kit::cloud::Provider;
+use kit::cloud::{Port, Provider, Providers};
 pub use record::CloudRecord;
 
 /// The `svc-cloud` process: settings from `PN_*`, logging, then the service until SIGTERM/Ctrl-C.
@@ -72,6 +73,27 @@ pub struct Settings {
     /// deleted by itself once the checks prove it.
     pub reap_recheck_ms: u64,
     pub hetzner: kit::cloud::hetzner::HetznerSettings,
+    /// The OS families to create with, in order of preference (`PN_IMAGE_OS`, "ubuntu,debian"):
+    /// the newest supported release (`provision-node.sh`: Ubuntu 24.04/22.04/20.04, Debian
+    /// 13/12) of the first family a region offers. Default `ubuntu` (runbook step 2).
+    pub image_os: String,
+    /// The ports opened in the provider's firewall before the instance is handed on
+    /// (`PN_OPEN_PORTS`): 22 (the fresh SSH), 1022 (SSH after `provision-node.sh` hardens
+    /// it), 443 tcp and udp (k2s). A provider without a firewall API is skipped with a
+    /// warning; the deployer's outside check of 1022 keeps 22 open then.
+    pub open_ports: String,
+    /// The alternate provider tried when the configured one failed in every sibling region
+    /// (`PN_ALT_PROVIDER`: `center` | `hetzner`; empty: none), its account (`PN_ALT_ACCOUNT`,
+    /// for `center`) and its regions (`PN_ALT_REGIONS__<job region>`, "a,b"; a job region not
+    /// named there uses `regions`). svc-deployer must be given the same (it confirms the
+    /// instance there).
+    pub alt_provider: String,
+    pub alt_account: String,
+    pub alt_regions: HashMap<String, String>,
+    /// How many broken instances (`pn.op.rebuild`: cloud-init failed) one operation may have
+    /// replaced (`PN_REBUILDS`): seed 001 §3.f says "re-provision fresh" — once; another broken
+    /// one fails the operation.
+    pub rebuilds: u32,
 }
 
 impl Default for Settings {
@@ -101,6 +123,12 @@ impl Default for Settings {
             reap_grace_ms: 600_000,
             reap_recheck_ms: 300_000,
             hetzner: Default::default(),
+            image_os: "ubuntu".into(),
+            open_ports: "22/tcp,1022/tcp,443/tcp,443/udp".into(),
+            alt_provider: String::new(),
+            alt_account: String::new(),
+            alt_regions: HashMap::new(),
+            rebuilds: 1,
         }
     }
 }
@@ -113,12 +141,28 @@ impl Settings {
             None => vec![job_region.to_string()],
         }
     }
+
+    /// The alternate provider's regions for a job region (its own map first, else `regions`).
+    pub fn alt_regions_for(&self, job_region: &str) -> Vec<String> {
+        match self.alt_regions.get(job_region) {
+            Some(list) => list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            None => self.regions_for(job_region),
+        }
+    }
+
+    /// `image_os` as a list.
+    pub fn image_families(&self) -> Vec<String> {
+        self.image_os.split(',').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect()
+    }
 }
 
 pub(crate) struct Ctx {
     pub rt: Runtime,
     pub settings: Settings,
-    pub provider: Arc<dyn Provider>,
+    /// The configured provider and the alternate one.
+    pub providers: Providers,
+    /// `open_ports`, parsed.
+    pub ports: Vec<Port>,
     pub ops: Table<CloudRecord>,
     /// Operations a handler or the reaper is working on in this process: the one writer of
     /// an operation's record at a time (a second delivery parks briefly rather than races).
@@ -161,6 +205,24 @@ impl Ctx {
         }
     }
 
+    /// The configured provider.
+    pub fn provider(&self) -> Arc<dyn Provider> {
+        self.providers.primary.clone()
+    }
+
+    /// The provider of `alt`'s side: the alternate one when `alt` and one is configured.
+    pub fn provider_for(&self, alt: bool) -> Arc<dyn Provider> {
+        match (&self.providers.alt, alt) {
+            (Some(a), true) => a.clone(),
+            _ => self.providers.primary.clone(),
+        }
+    }
+
+    /// The provider instance `id` of `rec` lives at.
+    pub fn provider_of(&self, rec: &CloudRecord, id: &str) -> Arc<dyn Provider> {
+        self.provider_for(rec.alt_instances.iter().any(|i| i == id))
+    }
+
     /// Plans a reap look at `at_ms`.
     pub fn schedule_reap(&self, id: &str, at_ms: i64) {
         if let Ok(mut r) = self.reaps.lock() {
@@ -179,6 +241,14 @@ impl App {
         let cell: Arc<OnceLock<Arc<Ctx>>> = Arc::new(OnceLock::new());
         let rt = Runtime::start_with(SERVICE, &settings.common, http::router(cell.clone())).await?;
         let provider: Arc<dyn Provider> = kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, rt.center.clone(), false)?;
+        let alt = match settings.alt_provider.trim() {
+            "" => None,
+            kind => Some(kit::cloud::build(kind, &settings.alt_account, &settings.hetzner, rt.center.clone(), false)?),
+        };
+        let ports = Port::parse_list(&settings.open_ports).map_err(|e| anyhow::anyhow!("PN_OPEN_PORTS: {e}"))?;
+        if settings.image_families().iter().any(|f| !matches!(f.as_str(), "ubuntu" | "debian")) || settings.image_families().is_empty() {
+            anyhow::bail!("PN_IMAGE_OS must list ubuntu and/or debian, got {:?}", settings.image_os);
+        }
         let ops: Table<CloudRecord> = rt.store.table("ops")?;
         let mut reaps: BTreeMap<i64, Vec<String>> = BTreeMap::new();
         let mut pending = BTreeMap::new();
@@ -198,7 +268,8 @@ impl App {
         let ctx = Arc::new(Ctx {
             rt,
             settings,
-            provider,
+            providers: Providers::new(provider, alt),
+            ports,
             ops,
             busy: Mutex::new(HashSet::new()),
             reaps: Mutex::new(reaps),
@@ -231,6 +302,14 @@ impl App {
             .await?;
         rt.spawn_consumer(&mut set, ConsumerSpec::ops("svc-cloud-failed", subjects::FAILED, &cfg), cfg.clone(), Arc::new(reaper::OnFailed(ctx.clone())))
             .await?;
+        // The deployer's requests to replace a broken instance; the new one's boot wait parks.
+        rt.spawn_consumer(
+            &mut set,
+            ConsumerSpec::ops("svc-cloud-rebuild", subjects::REBUILD, &parking),
+            parking.clone(),
+            Arc::new(rebuild::OnRebuild(ctx.clone())),
+        )
+        .await?;
         {
             let ctx = ctx.clone();
             let token = rt.shutdown.clone();

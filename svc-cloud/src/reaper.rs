@@ -226,14 +226,14 @@ fn gate(act: &Activation, failed_attempt: Option<u32>, current_attempt: u32, mod
 
 /// What the provider shows for one instance of ours.
 #[derive(Debug, Clone, PartialEq)]
-enum Seen {
+pub(crate) enum Seen {
     Ours,
     Gone,
     Foreign(String),
     Unanswered(String),
 }
 
-fn classify(node: &str, id: &str, res: &Result<Vps, ProviderError>) -> Seen {
+pub(crate) fn classify(node: &str, id: &str, res: &Result<Vps, ProviderError>) -> Seen {
     match res {
         Err(ProviderError::NotFound(_)) => Seen::Gone,
         Err(e) => Seen::Unanswered(format!("provider: get {id} failed ({})", clip(&e.to_string()))),
@@ -350,7 +350,7 @@ async fn decide(ctx: &Ctx, rec: &mut CloudRecord, mode: Mode, out: &mut Outcome)
     // Every instance must be answered for before anything is deleted.
     let mut seen = Vec::new();
     for inst in rec.ours() {
-        let res = ctx.provider.get(&inst).await;
+        let res = ctx.provider_of(rec, &inst).get(&inst).await;
         let s = classify(&node, &inst, &res);
         if let Seen::Unanswered(why) = &s {
             out.kind = Decision::Pending;
@@ -371,7 +371,7 @@ async fn decide(ctx: &Ctx, rec: &mut CloudRecord, mode: Mode, out: &mut Outcome)
                 foreign.push(why);
             }
             Seen::Unanswered(_) => {}
-            Seen::Ours => match ctx.provider.delete(&inst).await {
+            Seen::Ours => match ctx.provider_of(rec, &inst).delete(&inst).await {
                 Ok(()) | Err(ProviderError::NotFound(_)) => {
                     rec.deleted.push(inst.clone());
                     if let Err(e) = ctx.ops.put_nowait(&id, rec) {

@@ -54,6 +54,18 @@ pub struct CloudRecord {
     /// since a parking consumer has no JetStream delivery limit.
     #[serde(default)]
     pub transient_failures: u32,
+    /// Instances created (or adopted) through the alternate provider (`PN_ALT_PROVIDER`):
+    /// they are looked at, reaped and published through it.
+    #[serde(default)]
+    pub alt_instances: Vec<String>,
+    /// The published instance's ports are open in its provider's firewall (or the provider
+    /// has no firewall API: then the deployer's outside check decides).
+    #[serde(default)]
+    pub ports_opened: bool,
+    /// Instances the deployer found broken (cloud-init error) that this service deleted and
+    /// replaced (`pn.op.rebuild`, seed 001 §3.f); at most `PN_REBUILDS` (1).
+    #[serde(default)]
+    pub rebuilt: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
@@ -66,6 +78,9 @@ pub struct InstanceInfo {
     pub plan: String,
     pub image: String,
     pub adopted: bool,
+    /// Through the alternate provider.
+    #[serde(default)]
+    pub alt: bool,
 }
 
 /// An uncertain reap, kept for an operator.
@@ -92,6 +107,9 @@ pub struct CreateCursor {
     pub reasons: Vec<String>,
     /// No create before this time (the pause before a retry or a sibling region).
     pub next_create_at_ms: Option<i64>,
+    /// The configured provider failed in every sibling region: the alternate one's regions.
+    #[serde(default)]
+    pub alt: bool,
 }
 
 /// A boot wait: the instance, since when, and what was seen so far.
@@ -109,6 +127,9 @@ pub struct BootWait {
     pub from_create: bool,
     /// `InstanceInfo::adopted` for the outcome.
     pub adopted: bool,
+    /// Through the alternate provider.
+    #[serde(default)]
+    pub alt: bool,
 }
 
 impl Record for CloudRecord {

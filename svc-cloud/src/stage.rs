@@ -1,8 +1,12 @@
 //! `pn.op.claimed` → a running VPS with a public IPv4 → `pn.op.instance`.
-//! Probe `pn-<subId>` first and adopt a live match; otherwise discover (plan covering the sold
-//! quota with headroom, newest Ubuntu LTS), record the intent, create, wait for `running`.
+//! Probe `pn-<subId>` first (at the configured provider and the alternate one) and adopt a live
+//! match; otherwise discover (plan covering the sold quota with headroom, the newest supported
+//! image of `PN_IMAGE_OS`), record the intent, create, wait for `running`, open the node's
+//! ports in the provider's firewall (`PN_OPEN_PORTS`), publish.
 //! Fail paths (seed 001 §3.f): a failed create or an instance without an IP is retried after
-//! a pause, then tried in the sibling regions, and only then is the operation failed.
+//! a pause, then tried in the sibling regions, then — when every region failed — at the
+//! alternate provider (`PN_ALT_PROVIDER`), and only then is the operation failed. (A broken
+//! instance the deployer finds is replaced by `rebuild.rs`.)
 //!
 //! Nothing here sleeps: each delivery advances the operation as far as it can go now — one
 //! look at a booting instance, one create — records where it stands (`CloudRecord::boot`,
@@ -17,7 +21,7 @@ use std::time::Duration;
 use kit::bus::{HandleError, Handler, Incoming, Meta};
 use proto::{Body, InstanceReady, OpFailed, Operation, Stage, subjects};
 
-use kit::cloud::{ProviderError, Vps};
+use kit::cloud::{PortsOpened, ProviderError, Vps};
 use crate::record::{BootWait, InstanceInfo};
 use crate::{CloudRecord, Ctx};
 
@@ -45,7 +49,7 @@ impl Handler for OnReplay {
     }
 }
 
-fn failed(op: &Operation, instance_id: &str, reason: String) -> HandleError {
+pub(crate) fn failed(op: &Operation, instance_id: &str, reason: String) -> HandleError {
     HandleError::Fail {
         reason: reason.clone(),
         failed: Some(OpFailed {
@@ -61,11 +65,11 @@ fn failed(op: &Operation, instance_id: &str, reason: String) -> HandleError {
     }
 }
 
-fn transient(e: impl std::fmt::Display) -> HandleError {
+pub(crate) fn transient(e: impl std::fmt::Display) -> HandleError {
     HandleError::retry(e.to_string(), Duration::from_secs(3))
 }
 
-fn park(after: Duration, reason: String) -> HandleError {
+pub(crate) fn park(after: Duration, reason: String) -> HandleError {
     HandleError::Park { reason, after: after.max(Duration::from_millis(10)) }
 }
 
@@ -119,7 +123,7 @@ async fn run(ctx: &Arc<Ctx>, op: Operation, replay: bool) -> Result<(), HandleEr
 
 /// Counts consecutive transient errors in the record (the parking consumer has no delivery
 /// limit) and fails the operation when they reach `PN_MAX_DELIVER`; anything else resets them.
-fn budget(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, res: Result<(), HandleError>) -> Result<(), HandleError> {
+pub(crate) fn budget(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, res: Result<(), HandleError>) -> Result<(), HandleError> {
     match res {
         Err(HandleError::Retry { reason, after, failed: f }) => {
             rec.transient_failures += 1;
@@ -147,14 +151,14 @@ fn budget(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, res: Result<(), Hand
 
 /// Advances the operation as far as it goes now: publish a recorded outcome, look at a
 /// booting instance, serve a pause, probe, create. Ends published, parked, or failed.
-async fn drive(ctx: &Arc<Ctx>, op: &Operation, rec: &mut CloudRecord, replay: bool, changed: bool) -> Result<(), HandleError> {
+pub(crate) async fn drive(ctx: &Arc<Ctx>, op: &Operation, rec: &mut CloudRecord, replay: bool, changed: bool) -> Result<(), HandleError> {
     let id = rec.operation_id.clone();
     if rec.published && !replay
         && let Some(info) = rec.instance.clone() {
             if changed {
                 ctx.ops.put(&id, rec).await.map_err(transient)?;
             }
-            return publish(ctx, op, &info, false).await;
+            return publish(ctx, op, rec, &info, false).await;
         }
     if changed {
         ctx.ops.put(&id, rec).await.map_err(transient)?;
@@ -176,18 +180,22 @@ async fn drive(ctx: &Arc<Ctx>, op: &Operation, rec: &mut CloudRecord, replay: bo
                 return Err(park(Duration::from_millis((t - now) as u64), "pausing before the next create (seed 001 §3.f)".into()));
             }
         }
-        if let Some(vps) = probe(ctx, &name).await.map_err(|e| match e {
+        if let Some((vps, alt)) = probe(ctx, &name).await.map_err(|e| match e {
             ProviderError::Transient(m) => transient(m),
             other => failed(op, "", format!("probing {name}: {other}")),
         })? {
             let adopted = !rec.created.contains(&vps.id);
-            tracing::info!(instance = %vps.id, status = %vps.status, adopted, "found {name}; waiting for it");
+            tracing::info!(instance = %vps.id, status = %vps.status, adopted, alt, "found {name}; waiting for it");
+            if alt && !rec.alt_instances.contains(&vps.id) {
+                rec.alt_instances.push(vps.id.clone());
+            }
             rec.boot = Some(BootWait {
                 instance_id: vps.id.clone(),
                 started_at_ms: kit::now_ms(),
                 last_status: vps.status.clone(),
                 from_create: false,
                 adopted,
+                alt,
                 ..Default::default()
             });
             ctx.ops.put_nowait(&id, rec).map_err(transient)?;
@@ -206,13 +214,45 @@ async fn finish(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, info: Instance
     rec.instance = Some(info.clone());
     rec.boot = None;
     ctx.ops.put(&id, rec).await.map_err(transient)?;
-    publish(ctx, op, &info, replay).await?;
+    if !rec.ports_opened {
+        open_ports(ctx, rec, &info).await?;
+    }
+    publish(ctx, op, rec, &info, replay).await?;
     rec.published = true;
     ctx.ops.put(&id, rec).await.map_err(transient)?;
     Ok(())
 }
 
-fn info_of(v: &Vps, adopted: bool) -> InstanceInfo {
+/// Opens `PN_OPEN_PORTS` in the instance's provider firewall before it is handed on (the
+/// deployer needs 1022, k2s 443). A provider (or Center) without a firewall API is recorded
+/// and warned about: the deployer's outside check keeps 22 open if 1022 stays shut.
+async fn open_ports(ctx: &Ctx, rec: &mut CloudRecord, info: &InstanceInfo) -> Result<(), HandleError> {
+    if ctx.ports.is_empty() {
+        rec.ports_opened = true;
+        return Ok(());
+    }
+    let provider = ctx.provider_for(info.alt);
+    match provider.open_ports(&info.id, &ctx.ports).await {
+        Ok(PortsOpened::Opened) => {
+            let ports: Vec<String> = ctx.ports.iter().map(ToString::to_string).collect();
+            tracing::info!(instance = %info.id, ports = %ports.join(","), "ports opened in the provider's firewall");
+            metrics::counter!("pn_firewall_opens_total", "result" => "opened").increment(1);
+        }
+        Ok(PortsOpened::Unsupported(why)) => {
+            tracing::warn!(instance = %info.id, %why, "cannot open ports at this provider; the deployer checks the hardened port from outside");
+            metrics::counter!("pn_firewall_opens_total", "result" => "unsupported").increment(1);
+        }
+        Err(ProviderError::Transient(m)) => return Err(transient(format!("opening ports of {}: {m}", info.id))),
+        Err(e) => {
+            tracing::warn!(instance = %info.id, error = %e, "opening ports failed; the deployer checks the hardened port from outside");
+            metrics::counter!("pn_firewall_opens_total", "result" => "failed").increment(1);
+        }
+    }
+    rec.ports_opened = true;
+    ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)
+}
+
+fn info_of(v: &Vps, adopted: bool, alt: bool) -> InstanceInfo {
     InstanceInfo {
         id: v.id.clone(),
         name: v.name.clone(),
@@ -222,16 +262,24 @@ fn info_of(v: &Vps, adopted: bool) -> InstanceInfo {
         plan: v.plan.clone(),
         image: v.image.clone(),
         adopted,
+        alt,
     }
 }
 
-/// The live `pn-<subId>` instance, if any; the oldest-listed when (wrongly) several exist.
-async fn probe(ctx: &Ctx, name: &str) -> Result<Option<Vps>, ProviderError> {
-    let live: Vec<Vps> = ctx.provider.find_by_name(name).await?.into_iter().filter(|v| !v.is_gone()).collect();
-    if live.len() > 1 {
-        tracing::error!(count = live.len(), "{name} exists more than once; adopting the first, leaving the rest for an operator");
+/// The live `pn-<subId>` instance, if any — at the configured provider, then at the alternate
+/// one (true: found there); the oldest-listed when (wrongly) several exist.
+pub(crate) async fn probe(ctx: &Ctx, name: &str) -> Result<Option<(Vps, bool)>, ProviderError> {
+    for (alt, provider) in [(false, Some(ctx.provider())), (true, ctx.providers.alt.clone())] {
+        let Some(provider) = provider else { continue };
+        let live: Vec<Vps> = provider.find_by_name(name).await?.into_iter().filter(|v| !v.is_gone()).collect();
+        if live.len() > 1 {
+            tracing::error!(count = live.len(), "{name} exists more than once; adopting the first, leaving the rest for an operator");
+        }
+        if let Some(v) = live.into_iter().next() {
+            return Ok(Some((v, alt)));
+        }
     }
-    Ok(live.into_iter().next())
+    Ok(None)
 }
 
 enum WaitError {
@@ -262,8 +310,8 @@ enum Look {
 async fn look(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, mut w: BootWait) -> Result<Look, HandleError> {
     let s = &ctx.settings;
     let now = kit::now_ms();
-    match ctx.provider.get(&w.instance_id).await {
-        Ok(v) if v.is_running() && v.ipv4.is_some() => return Ok(Look::Ready(info_of(&v, w.adopted))),
+    match ctx.provider_for(w.alt).get(&w.instance_id).await {
+        Ok(v) if v.is_running() && v.ipv4.is_some() => return Ok(Look::Ready(info_of(&v, w.adopted, w.alt))),
         Ok(v) if v.is_gone() => return Err(wait_error(ctx, op, &w.instance_id, WaitError::Gone)),
         Ok(v) => {
             if v.is_running() {
@@ -311,19 +359,33 @@ enum Created {
 async fn create_step(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, name: &str) -> Result<Created, HandleError> {
     let s = &ctx.settings;
     let min_transfer = (op.traffic_total_bytes as f64 * s.transfer_headroom.max(1.0)) as u64;
-    let regions = s.regions_for(&op.region);
     let attempts = s.create_attempts_per_region.max(1);
+    let families = s.image_families();
     loop {
+        let alt = rec.create.alt;
+        let provider = ctx.provider_for(alt);
+        let regions = if alt { s.alt_regions_for(&op.region) } else { s.regions_for(&op.region) };
         if rec.create.tries_in_region >= attempts {
             rec.create.region_idx += 1;
             rec.create.tries_in_region = 0;
         }
         let Some(region) = regions.get(rec.create.region_idx).cloned() else {
+            if !alt && let Some(a) = &ctx.providers.alt {
+                // Seed 001 §3.f (C): every sibling region failed — fall through to the
+                // alternate provider (after the pause).
+                tracing::warn!(alternate = a.name(), "the configured provider failed in every region; trying the alternate provider");
+                rec.create.reasons.push(format!("every region of the {} provider failed; trying the alternate provider ({})", provider.name(), a.name()));
+                rec.create.alt = true;
+                rec.create.region_idx = 0;
+                rec.create.tries_in_region = 0;
+                ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
+                continue;
+            }
             let reasons = &rec.create.reasons;
             let reason = if reasons.is_empty() { format!("no provider region for job region {}", op.region) } else { reasons.join("; ") };
             return Ok(Created::Exhausted(reason));
         };
-        let choice = match ctx.provider.choose(&region, min_transfer).await {
+        let choice = match provider.choose_os(&region, min_transfer, &families).await {
             Ok(c) => c,
             Err(ProviderError::Transient(m)) => return Err(transient(m)),
             Err(e) => {
@@ -334,8 +396,9 @@ async fn create_step(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, name: &st
                 continue;
             }
         };
-        // A retry in this region, or a sibling after a failure, waits the pause first.
-        let needs_pause = rec.create.tries_in_region > 0 || (rec.create.region_idx > 0 && !rec.create.reasons.is_empty());
+        // A retry in this region, or a sibling (or the alternate provider) after a failure,
+        // waits the pause first.
+        let needs_pause = rec.create.tries_in_region > 0 || ((rec.create.region_idx > 0 || alt) && !rec.create.reasons.is_empty());
         let now = kit::now_ms();
         if needs_pause {
             match rec.create.next_create_at_ms {
@@ -357,11 +420,11 @@ async fn create_step(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, name: &st
         rec.create.next_create_at_ms = None;
         // The intent is durable before the call: a crash after it makes any pn-<subId> ours.
         ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
-        let vps = match ctx.provider.create(&choice, name).await {
+        let vps = match provider.create(&choice, name).await {
             Ok(v) => v,
             Err(e) => {
                 // The create may have happened despite the error: probe before anything else.
-                if let Ok(Some(v)) = probe(ctx, name).await {
+                if let Ok(Some((v, _))) = probe(ctx, name).await {
                     v
                 } else {
                     tracing::warn!(region = %region, error = %e, "create failed");
@@ -380,6 +443,9 @@ async fn create_step(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, name: &st
         if !rec.created.contains(&vps.id) {
             rec.created.push(vps.id.clone());
         }
+        if alt && !rec.alt_instances.contains(&vps.id) {
+            rec.alt_instances.push(vps.id.clone());
+        }
         rec.boot = Some(BootWait {
             instance_id: vps.id.clone(),
             started_at_ms: kit::now_ms(),
@@ -387,6 +453,7 @@ async fn create_step(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, name: &st
             region: region.clone(),
             from_create: true,
             adopted: false,
+            alt,
             ..Default::default()
         });
         ctx.ops.put(&rec.operation_id, rec).await.map_err(transient)?;
@@ -395,8 +462,8 @@ async fn create_step(ctx: &Ctx, op: &Operation, rec: &mut CloudRecord, name: &st
     }
 }
 
-async fn delete_own(ctx: &Ctx, rec: &mut CloudRecord, id: &str) -> Result<(), HandleError> {
-    match ctx.provider.delete(id).await {
+pub(crate) async fn delete_own(ctx: &Ctx, rec: &mut CloudRecord, id: &str) -> Result<(), HandleError> {
+    match ctx.provider_of(rec, id).delete(id).await {
         Ok(()) | Err(ProviderError::NotFound(_)) => {}
         Err(e) => return Err(transient(e)),
     }
@@ -405,8 +472,12 @@ async fn delete_own(ctx: &Ctx, rec: &mut CloudRecord, id: &str) -> Result<(), Ha
     Ok(())
 }
 
-async fn publish(ctx: &Ctx, op: &Operation, info: &InstanceInfo, replay: bool) -> Result<(), HandleError> {
+async fn publish(ctx: &Ctx, op: &Operation, rec: &CloudRecord, info: &InstanceInfo, replay: bool) -> Result<(), HandleError> {
     let mut meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Cloud, op.claim_attempt.max(1));
+    if !rec.rebuilt.is_empty() {
+        // Another instance for the same attempt (a broken one was replaced): a new message.
+        meta.msg_id = format!("{}.rebuilt{}", meta.msg_id, rec.rebuilt.len());
+    }
     if replay {
         meta.msg_id = format!("{}.replay.{}", meta.msg_id, kit::now_ms());
     }
@@ -416,7 +487,7 @@ async fn publish(ctx: &Ctx, op: &Operation, info: &InstanceInfo, replay: bool) -
             instance_id: info.id.clone(),
             name: info.name.clone(),
             ipv4: info.ipv4.clone(),
-            provider: ctx.provider.name().to_string(),
+            provider: ctx.provider_for(info.alt).name().to_string(),
             account: info.account.clone(),
             provider_region: info.region.clone(),
             plan: info.plan.clone(),

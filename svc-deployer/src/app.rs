@@ -45,8 +45,13 @@ impl App {
         let table = runtime.store.table::<DeployRecord>(TABLE).context("open the deploy table")?;
         let max_parked = settings.common.max_parked;
         // Read only: the deployer asks the provider to confirm each event's instance.
-        let provider = kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, runtime.center.clone(), true)?;
-        let deployer = Arc::new(Deployer::new(settings, provider, keys, seal, stack, table, runtime.bus.clone()));
+        let primary = kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, runtime.center.clone(), true)?;
+        let alt = match settings.alt_provider.as_str() {
+            "" => None,
+            kind => Some(kit::cloud::build(kind, &settings.alt_account, &settings.hetzner, runtime.center.clone(), true)?),
+        };
+        let providers = kit::cloud::Providers::new(primary, alt);
+        let deployer = Arc::new(Deployer::new(settings, providers, keys, seal, stack, table, runtime.bus.clone()));
 
         // Operations whose node is still in its OS prep wait parked (no session, no slot).
         let cfg = runtime.loop_config(Stage::Deploy).with_parking(max_parked);

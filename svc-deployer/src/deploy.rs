@@ -1,6 +1,8 @@
 //! The deploy stage as a reconciler: from an operation's record, bring its node to "stack up"
-//! (runbook steps 4–6) — connect (TOFU), OS prep once, `.env`, stack files, `pull`, `up -d`
-//! — then record and publish `pn.op.deployed`. Each step is idempotent; what must survive a
+//! (runbook steps 4–6) — connect as the image's user (TOFU), `cloud-init status` (a broken
+//! instance is handed back to svc-cloud: `pn.op.rebuild`), OS prep once, the hardened port
+//! checked from outside before 22 is closed (`harden.rs`), `.env`, stack files, `pull`,
+//! `up -d` — then record and publish `pn.op.deployed`. Each step is idempotent; what must survive a
 //! crash (pin, prep done, node secret, outcome) is flushed before the next step relies on it.
 //!
 //! Never: a plaintext secret in sled, NATS, a log line or a reason; `docker compose down`;
@@ -12,15 +14,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kit::bus::{Bus, HandleError, Meta};
-use kit::cloud::{Claim, Confirmation, Provider};
+use kit::cloud::{Claim, Confirmation, Providers};
 use kit::seal::SealKey;
 use kit::ssh::AdminKeys;
 use kit::state::{StateError, Table};
-use proto::{Body, InstanceReady, NodeDeployed, OpFailed, Operation, Stage, subjects};
+use proto::{Body, InstanceReady, InstanceRebuild, NodeDeployed, OpFailed, Operation, Stage, subjects};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
+use crate::harden::{self, CloudInit};
 use crate::node_env::{EnvInputs, NodeEnv, node_name};
 use crate::prep::{self, PrepStatus};
 use crate::record::{Confirmed, DeployRecord, Deployed};
@@ -55,6 +58,10 @@ pub enum DeployError {
     /// Not an error: the node's prep is still running; look again after `after`.
     #[error("waiting for {what}")]
     Waiting { what: String, after: Duration },
+    /// The instance came up broken (cloud-init failed) before anything ran on it: svc-cloud
+    /// is asked to replace it (`pn.op.rebuild`), nothing more is done here.
+    #[error("instance broken: {0}")]
+    Rebuild(String),
 }
 
 impl From<RemoteError> for DeployError {
@@ -95,8 +102,9 @@ impl OpLocks {
 /// The deploy stage's shared state.
 pub struct Deployer {
     settings: Settings,
-    /// The cloud, asked before any secret moves (`confirm`).
-    provider: Arc<dyn Provider>,
+    /// The cloud (the configured provider and the alternate one), asked before any secret
+    /// moves (`confirm`) and for the image's login user.
+    providers: Providers,
     keys: AdminKeys,
     seal: SealKey,
     stack: Stack,
@@ -124,7 +132,7 @@ fn state_retry(e: StateError) -> HandleError {
 impl Deployer {
     pub fn new(
         settings: Settings,
-        provider: Arc<dyn Provider>,
+        providers: Providers,
         keys: AdminKeys,
         seal: SealKey,
         stack: Stack,
@@ -136,7 +144,7 @@ impl Deployer {
         let prep_status = prep::status_script(&settings.ssh.prep_state_dir);
         Deployer {
             settings,
-            provider,
+            providers,
             keys,
             seal,
             stack,
@@ -173,6 +181,14 @@ impl Deployer {
         }
         let _guard = self.locks.lock(op_id).await;
         let existing = self.table.get(op_id).map_err(state_retry)?;
+        if let Some(rec) = &existing
+            && rec.rebuild_requested.as_deref() == Some(instance_id.as_str())
+            && rec.confirms(&ir)
+        {
+            // Found broken before: ask again (the same message id), touch nothing.
+            let input = rec.input().unwrap_or(ir);
+            return self.request_rebuild(&input, "instance found broken before").await.map_err(|e| self.handle_error(&input, op_id, e));
+        }
         if let Some(rec) = &existing
             && let Some(d) = rec.deployed_for(&op, &instance_id)
             && rec.confirms(&ir)
@@ -264,8 +280,13 @@ impl Deployer {
             metrics::counter!("pn_instance_checks_total", "service" => "svc-deployer", "result" => "mismatch").increment(1);
             return Err(DeployError::NotConfirmed(format!("the event names the instance {:?}, the operation's is {:?}", clip(named), facts.name)));
         }
+        let named_provider = ir.instance.as_ref().map(|i| i.provider.as_str()).unwrap_or_default();
+        let Some(provider) = self.providers.for_instance(named_provider, &facts.account) else {
+            metrics::counter!("pn_instance_checks_total", "service" => "svc-deployer", "result" => "mismatch").increment(1);
+            return Err(DeployError::NotConfirmed(format!("the event names provider {:?} (account {:?}), which this deployer does not work with", clip(named_provider), clip(&facts.account))));
+        };
         let claim = Claim { instance_id: &facts.instance_id, name: &facts.name, ipv4: &facts.ipv4, account: &facts.account };
-        let verdict = kit::cloud::confirm_instance(self.provider.as_ref(), &claim).await;
+        let verdict = kit::cloud::confirm_instance(provider.as_ref(), &claim).await;
         let result = match &verdict {
             Confirmation::Confirmed(_) => "confirmed",
             Confirmation::Mismatch(_) => "mismatch",
@@ -273,9 +294,17 @@ impl Deployer {
         };
         metrics::counter!("pn_instance_checks_total", "service" => "svc-deployer", "result" => result).increment(1);
         match verdict {
-            Confirmation::Confirmed(_) => {
+            Confirmation::Confirmed(vps) => {
                 facts.at_ms = kit::now_ms();
-                tracing::info!(instance = %facts.instance_id, ipv4 = %facts.ipv4, provider = self.provider.name(), "instance confirmed by the provider");
+                // The user this instance's image lets in (unless one is forced).
+                facts.login_user = match self.settings.ssh.user.trim() {
+                    "" => provider
+                        .login_user(&vps)
+                        .await
+                        .map_err(|e| DeployError::Transient(format!("cannot tell the image's login user yet: {e}")))?,
+                    forced => forced.to_string(),
+                };
+                tracing::info!(instance = %facts.instance_id, ipv4 = %facts.ipv4, provider = provider.name(), user = %facts.login_user, "instance confirmed by the provider");
                 Ok(facts)
             }
             Confirmation::Mismatch(why) => {
@@ -314,6 +343,13 @@ impl Deployer {
         let res = self.steps(op_id, &input, &mut rec).instrument(span).await;
         let res = match res {
             Ok(d) => self.publish(&input, &d).await,
+            Err(DeployError::Rebuild(why)) => {
+                rec.rebuild_requested = Some(rec.instance_id.clone());
+                match self.table.put(op_id, &rec).await {
+                    Ok(()) => self.request_rebuild(&input, &why).await,
+                    Err(e) => Err(DeployError::State(e)),
+                }
+            }
             Err(e) => Err(e),
         };
         let transient = matches!(&res, Err(e) if e.is_transient());
@@ -385,11 +421,12 @@ impl Deployer {
         let host = self.local_checks(input)?;
         // Nothing is unsealed, connected or sent before the provider has confirmed exactly
         // this instance and address (a replay, or a record from before this check, asks now).
-        if !rec.confirms(input) {
+        if !rec.confirms(input) || rec.login_user().is_empty() {
             let c = self.confirm(input).await?;
             rec.confirmed = Some(c);
             self.save(op_id, rec).await?;
         }
+        let user = rec.login_user().to_string();
         let key = self.keys.load(&inst.account).map_err(DeployError::NoKey)?;
         let claim = self.claim_token(&op)?;
         let secret = self.node_secret(op_id, rec).await?;
@@ -409,7 +446,7 @@ impl Deployer {
         scrub.add(&claim);
         scrub.add(&secret);
 
-        let mut remote = Remote::new(&host.to_string(), key, &self.settings.ssh, rec.host_key.clone(), rec.prepared, scrub);
+        let mut remote = Remote::new(&host.to_string(), &user, key, &self.settings.ssh, rec.host_key.clone(), rec.prepared, scrub);
         let res = self.on_node(op_id, rec, &mut remote, &env, &secret).await;
         remote.disconnect().await;
         res
@@ -433,6 +470,9 @@ impl Deployer {
         rec.runs += 1;
         self.save(op_id, rec).await?;
 
+        if !rec.prepared && rec.prep_started_at_ms.is_none() && !rec.cloud_init_ok {
+            self.check_cloud_init(op_id, rec, remote).await?;
+        }
         if rec.prepared {
             tracing::info!(op = op_id, "OS prep already done on this instance; not re-run");
         } else {
@@ -440,6 +480,9 @@ impl Deployer {
             rec.prepared = true;
             self.save(op_id, rec).await?;
             remote.prepared().await;
+        }
+        if !rec.port22_closed {
+            self.close_22(op_id, rec, remote).await?;
         }
 
         self.step(op_id, rec, remote, "mkdir", &c.mkdir(), None, ssh.command_timeout()).await?;
@@ -463,11 +506,72 @@ impl Deployer {
             node_secret_sha256_hex: hex::encode(Sha256::digest(secret.expose_secret().as_bytes())),
             host_key,
             ssh_port: ssh.hardened_port,
+            ssh_user: remote.user().to_string(),
         };
         rec.deployed = Some(d.clone());
         self.save(op_id, rec).await?;
         tracing::info!(op = op_id, node = env.node_name(), "stack up");
         Ok(d)
+    }
+
+    /// Seed 001 §3.c/§3.f: `cloud-init status` before anything runs on the instance. Broken →
+    /// `DeployError::Rebuild` (svc-cloud replaces it); running → parked; fine → recorded.
+    async fn check_cloud_init(&self, op_id: &str, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
+        let out = remote.query("cloud-init", &self.cmds.cloud_init_status(), self.settings.ssh.command_timeout()).await?;
+        match harden::cloud_init_verdict(&out) {
+            CloudInit::Fine => {
+                rec.cloud_init_ok = true;
+                self.save(op_id, rec).await
+            }
+            CloudInit::Running => Err(DeployError::Waiting { what: "cloud-init on the node".into(), after: Duration::from_secs(3) }),
+            CloudInit::Broken(why) => {
+                tracing::warn!(op = op_id, instance = %rec.instance_id, %why, "the instance came up broken; asking svc-cloud to replace it");
+                Err(DeployError::Rebuild(remote.scrub(&why)))
+            }
+        }
+    }
+
+    /// After the prep: the hardened port must answer from outside (here) before 22 is closed
+    /// on the node, and 22 is closed only over that session. A node whose hardened port never
+    /// answers keeps 22 (reachable) and the operation fails with the reason.
+    async fn close_22(&self, op_id: &str, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
+        let ssh = &self.settings.ssh;
+        if ssh.fresh_port == ssh.hardened_port {
+            rec.port22_closed = true;
+            return self.save(op_id, rec).await;
+        }
+        if let Err(e) = remote.connect_on(ssh.hardened_port, ssh.outside_check_patience()).await {
+            return Err(match e {
+                RemoteError::HostKeyChanged(m) => DeployError::HostKeyChanged(m),
+                other => DeployError::StepFailed(format!(
+                    "SSH does not answer on port {} from outside after the prep (a provider firewall?); port {} left open on the node so it stays reachable: {other}",
+                    ssh.hardened_port, ssh.fresh_port
+                )),
+            });
+        }
+        let script = harden::close_22_script(ssh.hardened_port);
+        let out = remote.run("close-22", &self.cmds.prep(), Some(&script), ssh.command_timeout()).await?;
+        rec.port22_closed = true;
+        rec.steps.insert("close-22".into(), kit::now_ms());
+        self.save(op_id, rec).await?;
+        tracing::info!(op = op_id, port = ssh.hardened_port, answer = %out.stdout_str().trim(), "the hardened port answered from outside; port 22 closed on the node");
+        Ok(())
+    }
+
+    /// `pn.op.rebuild.<op>` for the input's instance (message id `<op>.rebuild.<instance>`, so
+    /// asking again is one request), recorded.
+    async fn request_rebuild(&self, input: &InstanceReady, reason: &str) -> Result<(), DeployError> {
+        let mut op = input.op.clone().unwrap_or_default();
+        op.sealed_claim_token.clear();
+        let instance = input.instance.clone().unwrap_or_default();
+        let mut meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Deploy, op.claim_attempt.max(1));
+        meta.msg_id = format!("{}.{}.{}", op.operation_id, subjects::REBUILD, instance.instance_id);
+        let body = InstanceRebuild { op: Some(op.clone()), instance: Some(instance.clone()), reason: reason.to_string(), requested_at_ms: kit::now_ms() };
+        let subject = subjects::op_event(subjects::REBUILD, &op.operation_id);
+        self.bus.publish(subject, Body::Rebuild(body), &meta).await.map_err(|e| DeployError::Publish(e.to_string()))?;
+        metrics::counter!("pn_rebuilds_requested_total").increment(1);
+        tracing::info!(op = %op.operation_id, instance = %instance.instance_id, reason, "pn.op.rebuild published");
+        Ok(())
     }
 
     /// Runbook step 4 as a detached job: launch it (once; the launcher is idempotent), then
@@ -636,6 +740,7 @@ pub fn outcome(input: &InstanceReady, d: &Deployed) -> NodeDeployed {
         ssh_port: u32::from(d.ssh_port),
         deployed_at_ms: d.deployed_at_ms,
         private_node: true,
+        ssh_user: d.ssh_user.clone(),
         instance: input.instance.clone(),
         op: Some(op),
     }

@@ -9,6 +9,7 @@
 pub mod app;
 pub mod deploy;
 pub mod handlers;
+pub mod harden;
 pub mod node_env;
 pub mod prep;
 pub mod record;

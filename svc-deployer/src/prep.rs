@@ -17,6 +17,9 @@ use base64::Engine;
 pub const START_MARK: &str = "# pnp:prep-start";
 /// First line of the status script.
 pub const STATUS_MARK: &str = "# pnp:prep-status";
+/// On the launcher's first line: the prep it starts keeps sshd on 22 until the deployer's
+/// close-22 script (`PN_SSH_KEEP_22=1`; `harden.rs`).
+pub const KEEP_22: &str = "keep-22";
 
 /// The launcher for `script`, keeping its state in `state_dir` on the node.
 pub fn start_script(state_dir: &str, script: &[u8]) -> Vec<u8> {
@@ -28,7 +31,7 @@ pub fn start_script(state_dir: &str, script: &[u8]) -> Vec<u8> {
         wrapped.push('\n');
     }
     format!(
-        r#"{START_MARK} v1
+        r#"{START_MARK} v1 {KEEP_22}
 set -u
 d={dir}
 umask 077
@@ -39,7 +42,7 @@ rm -f "$d/rc" "$d/end"
 base64 -d > "$d/provision-node.sh" <<'PNP_PREP_B64' || exit 71
 {wrapped}PNP_PREP_B64
 date +%s%3N > "$d/start"
-setsid bash -c 'd=$1; bash "$d/provision-node.sh" > "$d/log" 2>&1; rc=$?; date +%s%3N > "$d/end"; echo "$rc" > "$d/rc.tmp"; mv "$d/rc.tmp" "$d/rc"' pnp-prep "$d" < /dev/null > /dev/null 2>&1 &
+setsid bash -c 'd=$1; PN_SSH_KEEP_22=1 bash "$d/provision-node.sh" > "$d/log" 2>&1; rc=$?; date +%s%3N > "$d/end"; echo "$rc" > "$d/rc.tmp"; mv "$d/rc.tmp" "$d/rc"' pnp-prep "$d" < /dev/null > /dev/null 2>&1 &
 echo $! > "$d/pid"
 echo "pnp-prep: started"
 "#

@@ -47,6 +47,16 @@ pub struct DeployRecord {
     pub transient_failures: u32,
     /// K2_NODE_SECRET, sealed, hex. Made once per operation so every run writes the same one.
     pub sealed_node_secret_hex: Option<String>,
+    /// `cloud-init status` on this instance said it did not fail (or the host has none).
+    #[serde(default)]
+    pub cloud_init_ok: bool,
+    /// SSH on the hardened port answered from outside and port 22 was closed on the node.
+    #[serde(default)]
+    pub port22_closed: bool,
+    /// This instance was found broken (cloud-init error) and svc-cloud was asked to replace it
+    /// (`pn.op.rebuild`): nothing more is done on it.
+    #[serde(default)]
+    pub rebuild_requested: Option<String>,
     /// Handler runs that reached the node.
     pub runs: u32,
     /// When each step last succeeded (ms since the epoch), for debugging a stuck operation.
@@ -65,6 +75,9 @@ pub struct Deployed {
     pub node_secret_sha256_hex: String,
     pub host_key: String,
     pub ssh_port: u16,
+    /// The user the deployer logged in as (for the verifier).
+    #[serde(default)]
+    pub ssh_user: String,
 }
 
 /// An instance as the provider confirmed it for this operation.
@@ -76,6 +89,10 @@ pub struct Confirmed {
     pub account: String,
     pub ipv4: String,
     pub at_ms: i64,
+    /// The user the instance's image lets in (or `PN_SSH__USER`), found when confirmed; empty
+    /// in records from before it was kept (then it is found again).
+    #[serde(default)]
+    pub login_user: String,
 }
 
 impl Confirmed {
@@ -89,6 +106,7 @@ impl Confirmed {
             account: inst.account,
             ipv4: inst.ipv4.trim().to_string(),
             at_ms: 0,
+            login_user: String::new(),
         }
     }
 
@@ -126,6 +144,8 @@ impl DeployRecord {
             self.prepared = false;
             self.prep_started_at_ms = None;
             self.prep_launches = 0;
+            self.cloud_init_ok = false;
+            self.port22_closed = false;
             self.instance_id = instance_id;
         }
         self.claim_attempt = input.op.as_ref().map(|o| o.claim_attempt).unwrap_or(0);
@@ -136,6 +156,11 @@ impl DeployRecord {
     /// The provider confirmed exactly what `input` states.
     pub fn confirms(&self, input: &InstanceReady) -> bool {
         self.confirmed.as_ref().is_some_and(|c| c.same(&Confirmed::facts(input)))
+    }
+
+    /// The login user found when the instance was confirmed (empty: not known yet).
+    pub fn login_user(&self) -> &str {
+        self.confirmed.as_ref().map(|c| c.login_user.as_str()).unwrap_or("")
     }
 
     /// The subscription this operation is for, as first recorded (empty before any input).
@@ -216,8 +241,11 @@ mod tests {
         r.set_input(&ir("i-1", 2));
         assert!(r.prepared && r.host_key.is_some());
         assert_eq!(r.claim_attempt, 2);
+        r.cloud_init_ok = true;
+        r.port22_closed = true;
         r.set_input(&ir("i-2", 2));
         assert!(!r.prepared && r.host_key.is_none());
+        assert!(!r.cloud_init_ok && !r.port22_closed, "a new machine is checked again");
         assert_eq!(r.sealed_node_secret_hex.as_deref(), Some("00"));
         assert_eq!(r.input().unwrap(), ir("i-2", 2));
     }

@@ -49,6 +49,12 @@ impl Commands {
         "true".into()
     }
 
+    /// Seed 001 §3.c's check, without `--wait` (a wait would hold the session): whether
+    /// cloud-init finished, and how.
+    pub fn cloud_init_status(&self) -> String {
+        "cloud-init status".into()
+    }
+
     /// Runs the script that arrives on stdin as root (runbook step 4's script-pipe form).
     pub fn prep(&self) -> String {
         self.privileged("bash -s")
@@ -137,10 +143,22 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
-    /// `pinned`: the host key recorded for this instance; `prepared`: the OS prep is done, so
-    /// the hardened port is tried first.
-    pub fn new(host: &str, key: Arc<PrivateKey>, cfg: &SshSettings, pinned: Option<String>, prepared: bool, scrub: Scrubber) -> Remote {
-        Remote { host: host.to_string(), user: cfg.user.clone(), key, cfg: cfg.clone(), pinned, prepared, live: None, scrub }
+    /// `user`: the login user (the image's, or `PN_SSH__USER`); `pinned`: the host key
+    /// recorded for this instance; `prepared`: the OS prep is done, so the hardened port is
+    /// tried first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(host: &str, user: &str, key: Arc<PrivateKey>, cfg: &SshSettings, pinned: Option<String>, prepared: bool, scrub: Scrubber) -> Remote {
+        Remote { host: host.to_string(), user: user.to_string(), key, cfg: cfg.clone(), pinned, prepared, live: None, scrub }
+    }
+
+    /// The login user.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The port of the open session, if one is open.
+    pub fn live_port(&self) -> Option<u16> {
+        self.live.as_ref().map(|l| l.port)
     }
 
     /// `text` with the operation's secrets masked.
@@ -162,10 +180,10 @@ impl Remote {
         v
     }
 
-    async fn try_ports(&self) -> Result<Live, SshError> {
+    async fn try_ports(&self, ports: &[u16]) -> Result<Live, SshError> {
         let mut refused = None;
         let mut others = Vec::new();
-        for port in self.ports() {
+        for &port in ports {
             let target = Target {
                 host: self.host.clone(),
                 port,
@@ -198,7 +216,8 @@ impl Remote {
             .with_jitter()
             .without_max_times();
         let host = self.host.clone();
-        let res = (|| self.try_ports())
+        let ports = self.ports();
+        let res = (|| self.try_ports(&ports))
             .retry(backoff)
             // The admin key may not be installed yet while cloud-init runs: refusals are
             // retried too, until the patience is spent. A changed host key never is.
@@ -215,6 +234,61 @@ impl Remote {
         };
         self.live = Some(live);
         Ok(learned)
+    }
+
+    /// A session on exactly `port`, reached from here (outside the node) within `patience`:
+    /// the open one if it is on that port, else a new one (the same pin). Seed 001's "SSH
+    /// never responded" check for the hardened port: nothing falls back to another port.
+    pub async fn connect_on(&mut self, port: u16, patience: Duration) -> Result<(), RemoteError> {
+        if self.live.as_ref().is_some_and(|l| l.port == port) {
+            return Ok(());
+        }
+        self.disconnect().await;
+        let deadline = Instant::now() + patience;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(300))
+            .with_max_delay(Duration::from_secs(3))
+            .with_jitter()
+            .without_max_times();
+        let only = [port];
+        let res = (|| self.try_ports(&only))
+            .retry(backoff)
+            .when(|e: &SshError| !matches!(e, SshError::HostKeyChanged { .. }) && Instant::now() < deadline)
+            .await;
+        let live = res.map_err(|e| RemoteError::from_ssh(&e, &self.scrub))?;
+        tracing::info!(host = %self.host, port, "ssh session open (reached from outside)");
+        if self.pinned.is_none() {
+            self.pinned = Some(live.session.host_key.clone());
+        }
+        self.live = Some(live);
+        Ok(())
+    }
+
+    /// Runs a read-only command once (a dropped link is retried up to `step_attempts` times)
+    /// and returns what it printed and its exit status, whatever that is.
+    pub async fn query(&mut self, step: &str, command: &str, timeout: Duration) -> Result<Output, RemoteError> {
+        let attempts = self.cfg.step_attempts.max(1);
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            self.connect().await?;
+            let res = match &self.live {
+                Some(live) => live.session.exec(command, None, timeout).await,
+                None => Err(SshError::Protocol("no session".into())),
+            };
+            match res {
+                Ok(out) => return Ok(out),
+                Err(e) => {
+                    self.disconnect().await;
+                    let err = RemoteError::from_ssh(&e, &self.scrub);
+                    if matches!(err, RemoteError::HostKeyChanged(_) | RemoteError::OutputTooLarge(_)) || tries >= attempts {
+                        return Err(err);
+                    }
+                    tracing::warn!(host = %self.host, step, tries, error = %err, "query failed; retrying");
+                    tokio::time::sleep(self.cfg.retry_delay()).await;
+                }
+            }
+        }
     }
 
     /// The OS prep is done: from now on the node is on the hardened port. The open session
@@ -291,6 +365,7 @@ mod tests {
         assert_eq!(c.chmod_600(".env"), "sudo chmod 600 /apps/kaitu-slave/.env");
         assert_eq!(c.compose_pull(), "cd /apps/kaitu-slave && sudo docker compose -f docker-compose.yml pull");
         assert_eq!(c.compose_up(), "cd /apps/kaitu-slave && sudo docker compose -f docker-compose.yml up -d");
+        assert_eq!(c.cloud_init_status(), "cloud-init status");
         let c = Commands::new("", "/tmp/a b/it's");
         assert_eq!(c.mkdir(), r"mkdir -p '/tmp/a b/it'\''s'");
         assert_eq!(c.write("users"), r"tee '/tmp/a b/it'\''s/users' > /dev/null");

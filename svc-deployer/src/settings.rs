@@ -47,6 +47,10 @@ pub struct Settings {
     /// The `hetzner` provider's API (`PN_HETZNER__API_URL`, `PN_HETZNER__TOKEN` — a read-only
     /// token is enough here).
     pub hetzner: kit::cloud::hetzner::HetznerSettings,
+    /// The alternate provider svc-cloud may create in (`PN_ALT_PROVIDER`, `PN_ALT_ACCOUNT`,
+    /// as svc-cloud's; empty: none): an event whose instance names it is confirmed there.
+    pub alt_provider: String,
+    pub alt_account: String,
 }
 
 impl Default for Settings {
@@ -61,6 +65,8 @@ impl Default for Settings {
             provider: "center".into(),
             account: String::new(),
             hetzner: Default::default(),
+            alt_provider: String::new(),
+            alt_account: String::new(),
         }
     }
 }
@@ -69,6 +75,10 @@ impl Default for Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct SshSettings {
+    /// The login user (`PN_SSH__USER`). Empty (the default): the user the instance's image
+    /// lets in, from the provider and the image (`kit::cloud::login_user`: `ubuntu` on
+    /// Lightsail's Ubuntu, `admin` on its Debian, `root` at Hetzner, …). Set it only to force
+    /// one user (a provider the table does not know, a test host).
     pub user: String,
     /// Port of a fresh instance (runbook: 22).
     pub fresh_port: u16,
@@ -99,12 +109,16 @@ pub struct SshSettings {
     pub retry_delay_ms: u64,
     /// `account=path[,account2=path2]`: each cloud account's admin private key (OpenSSH).
     pub admin_keys: String,
+    /// After the OS prep, how long SSH on the hardened port has to answer from outside (a
+    /// provider firewall rule may take a moment) before the operation fails with port 22 left
+    /// open (`PN_SSH__OUTSIDE_CHECK_PATIENCE_MS`). 22 is closed on the node only after it did.
+    pub outside_check_patience_ms: u64,
 }
 
 impl Default for SshSettings {
     fn default() -> Self {
         SshSettings {
-            user: "ubuntu".into(),
+            user: String::new(),
             fresh_port: 22,
             hardened_port: 1022,
             connect_timeout_ms: 10_000,
@@ -118,6 +132,7 @@ impl Default for SshSettings {
             step_attempts: 4,
             retry_delay_ms: 1_000,
             admin_keys: String::new(),
+            outside_check_patience_ms: 60_000,
         }
     }
 }
@@ -140,6 +155,9 @@ impl SshSettings {
     }
     pub fn retry_delay(&self) -> Duration {
         Duration::from_millis(self.retry_delay_ms)
+    }
+    pub fn outside_check_patience(&self) -> Duration {
+        Duration::from_millis(self.outside_check_patience_ms.max(1))
     }
 
     /// The `account → key file` pairs of `admin_keys`.
@@ -210,6 +228,12 @@ impl Settings {
         if !matches!(self.provider.as_str(), "center" | "hetzner") {
             return Err(SettingsError(format!("provider must be center or hetzner, not {:?}", self.provider.chars().take(40).collect::<String>())));
         }
+        if !matches!(self.alt_provider.as_str(), "" | "center" | "hetzner") {
+            return Err(SettingsError(format!("alt_provider must be empty, center or hetzner, not {:?}", self.alt_provider.chars().take(40).collect::<String>())));
+        }
+        if self.ssh.user.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(SettingsError("ssh.user must be a user name".into()));
+        }
         self.ssh.admin_key_paths()?;
         Ok(())
     }
@@ -247,7 +271,8 @@ mod tests {
     #[test]
     fn defaults_follow_the_runbook() {
         let s = Settings::default();
-        assert_eq!(s.ssh.user, "ubuntu");
+        assert_eq!(s.ssh.user, "", "the image's user unless forced");
+        assert_eq!(s.ssh.outside_check_patience_ms, 60_000);
         assert_eq!((s.ssh.fresh_port, s.ssh.hardened_port), (22, 1022));
         assert_eq!(s.ssh.command_timeout_ms, 60_000);
         assert_eq!(s.ssh.prep_timeout_ms, 300_000);

@@ -63,7 +63,8 @@ impl<'a> NodeLogs<'a> {
             let target = ssh::Target {
                 host: inst.ipv4.clone(),
                 port: u16::try_from(self.d.ssh_port).unwrap_or(22),
-                user: s.ssh.user.clone(),
+                // The user the deployer logged in as (the image's); older events name none.
+                user: if self.d.ssh_user.trim().is_empty() { s.ssh.user.clone() } else { self.d.ssh_user.clone() },
                 key,
                 pinned: Some(self.d.host_key.clone()).filter(|k| !k.is_empty()),
                 connect_timeout: Duration::from_millis(s.ssh.connect_timeout_ms),

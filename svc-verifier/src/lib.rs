@@ -46,6 +46,8 @@ pub const SERVICE: &str = "svc-verifier";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct SshSettings {
+    /// The login user for a `pn.op.deployed` that names none (`PN_SSH__USER`); an event's
+    /// `ssh_user` — the user the deployer logged in as, the image's — wins.
     pub user: String,
     pub admin_keys: String,
     pub connect_timeout_ms: u64,

@@ -247,7 +247,9 @@ async fn a_sidecar_without_the_claim_fails_naming_the_usage_reporter() {
     let secret = "ab".repeat(32);
     let env = format!("K2_NODE_SECRET={secret}\nK2_CENTER_URL={}\nK2_DOMAIN=\nK2_VERSION=1.0.0\nK2_NODE_NAME={name}\nK2_NODE_REGION=de\nK2_IP_TYPE=residential\n", stack.center_url);
     assert_eq!(s.exec("sudo tee /apps/kaitu-slave/.env > /dev/null", Some(env.as_bytes()), t).await.unwrap().status, 0);
-    assert_eq!(s.exec("sudo tee /apps/kaitu-slave/docker-compose.yml > /dev/null", Some(b"services: {}\n"), t).await.unwrap().status, 0);
+    // The stack the deployer ships (compose checks its images against the sim's registry).
+    let compose = include_str!("../../deploy/node/docker-compose.yml");
+    assert_eq!(s.exec("sudo tee /apps/kaitu-slave/docker-compose.yml > /dev/null", Some(compose.as_bytes()), t).await.unwrap().status, 0);
     let up = s.exec("cd /apps/kaitu-slave && sudo docker compose -f docker-compose.yml up -d", None, t).await.unwrap();
     assert_eq!(up.status, 0, "{}", up.stderr_tail());
     let mut op_pb = proto::Operation { operation_id: op.clone(), sub_id: sub.clone(), region: "de".into(), traffic_total_bytes: 100 * GIB, claim_attempt: 1, ..Default::default() };
@@ -262,6 +264,7 @@ async fn a_sidecar_without_the_claim_fails_naming_the_usage_reporter() {
         ssh_port: u32::from(stack.hardened_port),
         deployed_at_ms: kit::now_ms(),
         private_node: true,
+        ssh_user: "ubuntu".into(),
     };
     publish(&stack, Body::Deployed(deployed), &op, &sub, proto::Stage::Deploy).await;
     let bus = Bus::connect(&stack.nats.url(), "t", Duration::from_secs(5)).await.unwrap();

@@ -5,6 +5,7 @@
 //! Never: write outside `/apps/kaitu-slave/` (the sim refuses and records it), or log a file's
 //! content (the `.env` holds the node's secrets).
 
+pub mod compose;
 pub mod sidecar;
 pub mod ssh;
 
@@ -60,11 +61,41 @@ impl UsageTrack {
     }
 }
 
+/// What `cloud-init status` says on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CloudInit {
+    #[default]
+    Done,
+    /// The `cloudInitErrorRate` fault: `status: error`, exit 1.
+    Error,
+}
+
+impl CloudInit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloudInit::Done => "done",
+            CloudInit::Error => "error",
+        }
+    }
+}
+
 pub struct Host {
     pub host_key: PrivateKey,
     /// Cancelled when the instance is deleted: sshd, sessions and sidecar stop.
     pub life: CancellationToken,
+    /// sshd's main listener: the fresh port, then (after the prep) the hardened one.
     pub listener: Option<Listener>,
+    /// After a Pnp prep (`keep-22`), sshd still listens on the fresh port too until the
+    /// deployer's close-22 script; `None` otherwise.
+    pub fresh_listener: Option<Listener>,
+    pub cloud_init: CloudInit,
+    /// The first login on the hardened port (ms since the epoch).
+    pub hardened_login_ms: Option<i64>,
+    /// When the close-22 script closed the fresh port.
+    pub port22_closed_ms: Option<i64>,
+    /// The containers' names from the compose file at the last `up -d` (`container_name`,
+    /// else `<project>-<service>-1`): `docker logs` finds them by these.
+    pub container_names: Option<(String, String)>,
     pub hardened: bool,
     pub prep_runs: u32,
     /// The OS prep started detached (`# pnp:prep-start`), running on without a session.
@@ -104,13 +135,18 @@ pub fn new_host_key() -> PrivateKey {
 impl Host {
     pub fn new(life: CancellationToken) -> Host {
         let mut dirs = BTreeSet::new();
-        for d in ["/", "/etc", "/home", "/home/ubuntu", "/root", "/tmp", "/var"] {
+        for d in ["/", "/etc", "/home", "/home/ubuntu", "/home/admin", "/home/debian", "/root", "/tmp", "/var"] {
             dirs.insert(d.to_string());
         }
         Host {
             host_key: new_host_key(),
             life,
             listener: None,
+            fresh_listener: None,
+            cloud_init: CloudInit::Done,
+            hardened_login_ms: None,
+            port22_closed_ms: None,
+            container_names: None,
             hardened: false,
             prep_runs: 0,
             prep_job: None,
@@ -139,6 +175,7 @@ impl Host {
     pub fn shut_down(&mut self) {
         self.life.cancel();
         self.listener = None;
+        self.fresh_listener = None;
         self.stop_containers();
     }
 

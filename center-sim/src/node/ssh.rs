@@ -1,7 +1,11 @@
-//! Each instance's sshd (a russh server): admin key only, users `ubuntu` and `root`, and a
-//! parser + interpreter for exactly the commands the deployer and verifier send, behaving like
-//! a fresh Ubuntu host (prep script over stdin, `sudo tee`, `docker compose … pull/up -d`,
-//! `docker logs`). Unknown commands exit 127, as bash would.
+//! Each instance's sshd (a russh server): only the image's login user (`cloud::login_user`)
+//! with its account's key — root on an image whose user is not root gets cloud-init's
+//! "Please login as the user …" and exit 142 — behind the provider firewall (the
+//! `providerFirewall` knob), and a parser + interpreter for exactly the commands the deployer
+//! and verifier send, behaving like a fresh Ubuntu/Debian cloud host (`cloud-init status`,
+//! prep script over stdin, `sudo tee`, `docker compose … pull/up -d` checked as compose and a
+//! registry would, `docker logs`, the deployer's close-22 script). Unknown commands exit 127,
+//! as bash would.
 //!
 //! Never: run anything for real, or write outside the deploy dir (refused and recorded).
 
@@ -14,8 +18,8 @@ use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, Disconnect, MethodKind, MethodSet};
 use tokio_util::sync::CancellationToken;
 
-use super::{DEPLOY_DIR, ENV_PATH, Listener, in_deploy_dir, inspect_env, normalize, write_disk};
-use crate::cloud::{Instance, image_os};
+use super::{CloudInit, DEPLOY_DIR, ENV_PATH, Listener, in_deploy_dir, inspect_env, normalize, parse_env, write_disk};
+use crate::cloud::{Instance, image_os, real_port};
 use crate::sim::{Sim, Violation};
 
 /// Largest stdin a command may receive (the prep script and stack files are far smaller).
@@ -37,6 +41,8 @@ pub enum ComposeAction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     True,
+    /// `cloud-init status [--wait] [--long]`.
+    CloudInitStatus,
     /// `bash -s`: the prep script on stdin.
     Prep,
     Mkdir {
@@ -167,6 +173,7 @@ pub fn parse(raw: &str) -> Parsed {
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
     p.cmd = match w.as_slice() {
         ["true"] => Command::True,
+        ["cloud-init", "status", flags @ ..] if flags.iter().all(|f| matches!(*f, "--wait" | "-w" | "--long" | "-l")) => Command::CloudInitStatus,
         ["bash", "-s", ..] => Command::Prep,
         ["mkdir", rest @ ..] => {
             let paths: Vec<String> = rest.iter().filter(|a| !a.starts_with('-')).map(|s| s.to_string()).collect();
@@ -404,8 +411,8 @@ fn fail(status: u32, stderr: impl Into<String>) -> Output {
     Output { stdout: Vec::new(), stderr: e.into_bytes(), status }
 }
 
-fn home(user: &str) -> &'static str {
-    if user == "root" { "/root" } else { "/home/ubuntu" }
+fn home(user: &str) -> String {
+    if user == "root" { "/root".into() } else { format!("/home/{user}") }
 }
 
 fn parent_of(path: &str) -> String {
@@ -435,18 +442,20 @@ const PREP_STEPS: &[&str] = &[
     "done",
 ];
 
-/// Runs one command on instance `id` as `user`, with `stdin`.
-pub async fn execute(sim: &Sim, id: &str, user: &str, raw: &str, stdin: Vec<u8>) -> Output {
+/// Runs one command on instance `id` as `user`, with `stdin`, on a connection to the
+/// simulated sshd port `port`.
+pub async fn execute(sim: &Sim, id: &str, user: &str, port: u16, raw: &str, stdin: Vec<u8>) -> Output {
     let p = parse(raw);
     let Some(life) = guard_command_line(sim, id, raw, &p) else {
         return fail(255, "connection to host lost");
     };
     let root = user == "root" || p.sudo;
-    let cwd = p.cwd.clone().unwrap_or_else(|| home(user).to_string());
+    let cwd = p.cwd.clone().unwrap_or_else(|| home(user));
     let input = p.heredoc.clone().unwrap_or(stdin);
     match &p.cmd {
         Command::True => ok(""),
-        Command::Prep => prep(sim, id, root, input, life).await,
+        Command::CloudInitStatus => cloud_init_status(sim, id),
+        Command::Prep => prep(sim, id, root, port, input, life).await,
         Command::Mkdir { paths } => mkdir(sim, id, root, &cwd, paths),
         Command::Tee { path, append } => tee(sim, id, root, &cwd, path, *append, input, p.stdout_null),
         Command::Chmod { mode, paths } => chmod(sim, id, root, &cwd, mode, paths),
@@ -477,8 +486,25 @@ fn guard_command_line(sim: &Sim, id: &str, raw: &str, p: &Parsed) -> Option<Canc
 pub const PREP_START_MARK: &str = "# pnp:prep-start";
 /// Marks the deployer's status script: report the detached prep's state.
 pub const PREP_STATUS_MARK: &str = "# pnp:prep-status";
+/// On the launcher's first line: the prep keeps sshd on 22 as well as on the hardened port,
+/// until the deployer's close-22 script (Pnp's prep; a plain prep closes 22 itself).
+pub const KEEP_22_MARK: &str = "keep-22";
+/// Marks the deployer's close-22 script: sshd stops listening on 22 (sent once 1022 answered
+/// from outside).
+pub const CLOSE_22_MARK: &str = "# pnp:close-22";
 
-async fn prep(sim: &Sim, id: &str, root: bool, script: Vec<u8>, life: CancellationToken) -> Output {
+/// `cloud-init status`: `status: done` (exit 0), or `status: error` (exit 1) under the
+/// `cloudInitErrorRate` fault.
+fn cloud_init_status(sim: &Sim, id: &str) -> Output {
+    let st = sim.st();
+    let Some(inst) = st.cloud.instances.get(id).filter(|i| i.live()) else { return fail(255, "connection to host lost") };
+    match inst.host.cloud_init {
+        CloudInit::Done => ok("status: done\n"),
+        CloudInit::Error => Output { stdout: b"status: error\n".to_vec(), stderr: Vec::new(), status: 1 },
+    }
+}
+
+async fn prep(sim: &Sim, id: &str, root: bool, port: u16, script: Vec<u8>, life: CancellationToken) -> Output {
     if script.iter().all(u8::is_ascii_whitespace) {
         return ok("");
     }
@@ -488,17 +514,47 @@ async fn prep(sim: &Sim, id: &str, root: bool, script: Vec<u8>, life: Cancellati
     // The deployer's scripts carry their mark as the first line; only that line is read.
     let first = script.split(|b| *b == b'\n').find(|l| !l.iter().all(u8::is_ascii_whitespace)).unwrap_or_default();
     let first = String::from_utf8_lossy(first);
-    if first.trim_start().starts_with(PREP_STATUS_MARK) {
+    let first = first.trim_start();
+    if first.starts_with(PREP_STATUS_MARK) {
         return prep_status(sim, id);
     }
-    if first.trim_start().starts_with(PREP_START_MARK) {
-        return prep_start(sim, id, life);
+    if first.starts_with(CLOSE_22_MARK) {
+        return close_22(sim, id, port);
     }
-    run_prep(sim, id, life).await
+    if first.starts_with(PREP_START_MARK) {
+        let keep_22 = first.split_whitespace().any(|w| w == KEEP_22_MARK);
+        return prep_start(sim, id, keep_22, life);
+    }
+    run_prep(sim, id, false, life).await
+}
+
+/// The deployer's close-22 script: sshd stops listening on the fresh port (22). Sent over a
+/// session on the hardened port, it proves 1022 answers from outside; sent otherwise while
+/// nobody ever logged in on 1022, it is recorded as `closed_22_blind` (the node may be locked
+/// out behind a firewall that does not let 1022 in).
+fn close_22(sim: &Sim, id: &str, port: u16) -> Output {
+    let hardened = sim.cfg.ssh_port_hardened;
+    let mut st = sim.st();
+    let Some(inst) = st.cloud.instances.get_mut(id).filter(|i| i.live()) else { return fail(255, "connection to host lost") };
+    if !inst.host.hardened {
+        return fail(3, "pnp-close-22: sshd does not answer on the hardened port; 22 kept");
+    }
+    let blind = port != hardened && inst.host.hardened_login_ms.is_none();
+    let (name, was_open) = (inst.name.clone(), inst.host.fresh_listener.is_some());
+    if let Some(l) = inst.host.fresh_listener.take() {
+        l.stop.cancel();
+    }
+    if inst.host.port22_closed_ms.is_none() {
+        inst.host.port22_closed_ms = Some(kit::now_ms());
+    }
+    if blind && was_open {
+        st.violate(Violation::new("closed_22_blind", "port 22 was closed before the hardened port answered from outside").on(id, &name));
+    }
+    ok(if was_open { "pnp-close-22: closed\n" } else { "pnp-close-22: already closed\n" })
 }
 
 /// Starts the prep as a job of the host (it outlives the session, ends with the instance).
-fn prep_start(sim: &Sim, id: &str, life: CancellationToken) -> Output {
+fn prep_start(sim: &Sim, id: &str, keep_22: bool, life: CancellationToken) -> Output {
     {
         let mut st = sim.st();
         let Some(inst) = st.cloud.instances.get_mut(id).filter(|i| i.live()) else {
@@ -514,7 +570,7 @@ fn prep_start(sim: &Sim, id: &str, life: CancellationToken) -> Output {
     let (sim, id) = (sim.clone(), id.to_string());
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        let out = run_prep(&sim, &id, life).await;
+        let out = run_prep(&sim, &id, keep_22, life).await;
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         let tail: Vec<&str> = text.lines().rev().take(20).collect();
@@ -542,8 +598,12 @@ fn prep_status(sim: &Sim, id: &str) -> Output {
     }
 }
 
-/// The prep itself: the fault knobs' delay and failure, then SSH moves to the hardened port.
-async fn run_prep(sim: &Sim, id: &str, life: CancellationToken) -> Output {
+/// The releases `provision-node.sh` supports.
+const PREP_OS: &[(&str, &[&str])] = &[("ubuntu", &["20.04", "22.04", "24.04"]), ("debian", &["12", "13"])];
+
+/// The prep itself: the fault knobs' delay and failure, then SSH moves to the hardened port
+/// (and, with `keep_22`, stays on the fresh one too until the close-22 script).
+async fn run_prep(sim: &Sim, id: &str, keep_22: bool, life: CancellationToken) -> Output {
     let (delay, fails, os) = {
         let mut st = sim.st();
         let delay = st.faults.prep_delay_ms;
@@ -552,8 +612,8 @@ async fn run_prep(sim: &Sim, id: &str, life: CancellationToken) -> Output {
         inst.host.prep_runs += 1;
         (delay, fails, image_os(&inst.image_id).unwrap_or(("unknown", "")))
     };
-    if os.0 != "ubuntu" {
-        return fail(1, format!("provision-node.sh: Ubuntu only (this host runs {} {})", os.0, os.1));
+    if !PREP_OS.iter().any(|(o, vs)| *o == os.0 && vs.contains(&os.1)) {
+        return fail(1, format!("provision-node.sh: Ubuntu 20.04/22.04/24.04 or Debian 12/13 only (this host runs {} {})", os.0, os.1));
     }
     tokio::select! {
         _ = life.cancelled() => return fail(255, "connection to host lost"),
@@ -582,7 +642,11 @@ async fn run_prep(sim: &Sim, id: &str, life: CancellationToken) -> Output {
         match bound {
             Ok(l) => {
                 if let Some(old) = inst.host.listener.take() {
-                    old.stop.cancel();
+                    if keep_22 && inst.host.port22_closed_ms.is_none() {
+                        inst.host.fresh_listener = Some(old);
+                    } else {
+                        old.stop.cancel();
+                    }
                 }
                 serve(sim.clone(), inst, l, hardened_port);
             }
@@ -724,14 +788,38 @@ fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, actio
     }
     let file = file.unwrap_or("docker-compose.yml");
     let Some(abs) = normalize(file, dir) else { return fail(1, format!("open {file}: no such file or directory")) };
-    if !inst.host.files.contains_key(&abs) {
+    let Some(text) = inst.host.files.get(&abs).cloned() else {
         return fail(1, format!("open {abs}: no such file or directory"));
-    }
+    };
+    // compose reads `.env` from the project directory: the compose file's.
+    let project_dir = parent_of(&abs);
+    let dot_env = inst.host.files.get(&format!("{}/.env", project_dir.trim_end_matches('/'))).cloned().unwrap_or_default();
+    let project = if matches!(action, ComposeAction::Pull | ComposeAction::UpDetached) {
+        let dir_name = project_dir.rsplit('/').next().unwrap_or("").to_string();
+        match super::compose::load(&text, &parse_env(&String::from_utf8_lossy(&dot_env)), &dir_name) {
+            Ok(p) => p,
+            Err(r) => {
+                let mut e = r.message;
+                e.push('\n');
+                return Output { stdout: Vec::new(), stderr: e.into_bytes(), status: r.status };
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let container = |svc: &str| project.iter().find(|s| s.name == svc).map(|s| s.container.clone()).unwrap_or_else(|| svc.to_string());
     match action {
-        ComposeAction::Pull => ok_err(" k2s Pulled\n k2-sidecar Pulled\n"),
+        ComposeAction::Pull => {
+            let lines: String = project.iter().map(|s| format!(" {} Pulled\n", s.name)).collect();
+            ok_err(lines)
+        }
         ComposeAction::UpDetached => {
             inst.host.up_runs += 1;
+            let names = (container("k2s"), container("k2-sidecar"));
+            let renamed = inst.host.container_names.as_ref().is_some_and(|n| *n != names);
+            inst.host.container_names = Some(names.clone());
             let env = inst.host.files.get(ENV_PATH).cloned().unwrap_or_default();
+            let (k, sc) = (&names.0, &names.1);
             let out = if !inst.host.containers_up {
                 inst.host.containers_up = true;
                 inst.host.containers_created = true;
@@ -739,8 +827,8 @@ fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, actio
                 inst.host.log_k2s("server ready listen=:443");
                 inst.host.k2s_log.noise(noise);
                 super::sidecar::start(sim, inst, env);
-                " Container k2s  Started\n Container k2-sidecar  Started\n"
-            } else if inst.host.sidecar.as_ref().is_some_and(|s| s.env != env) {
+                format!(" Container {k}  Started\n Container {sc}  Started\n")
+            } else if renamed || inst.host.sidecar.as_ref().is_some_and(|s| s.env != env) {
                 // compose recreates a container whose configuration changed.
                 inst.host.stop_containers();
                 inst.host.containers_up = true;
@@ -748,9 +836,9 @@ fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, actio
                 inst.host.log_k2s("server ready listen=:443");
                 inst.host.k2s_log.noise(noise);
                 super::sidecar::start(sim, inst, env);
-                " Container k2s  Recreated\n Container k2-sidecar  Recreated\n Container k2s  Started\n Container k2-sidecar  Started\n"
+                format!(" Container {k}  Recreated\n Container {sc}  Recreated\n Container {k}  Started\n Container {sc}  Started\n")
             } else {
-                " Container k2s  Running\n Container k2-sidecar  Running\n"
+                format!(" Container {k}  Running\n Container {sc}  Running\n")
             };
             ok_err(out)
         }
@@ -766,10 +854,11 @@ fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, actio
 fn logs(sim: &Sim, id: &str, sudo: bool, tail: Option<usize>, container: &str, grep: Option<&Grep>) -> Output {
     let st = sim.st();
     let Some(inst) = st.cloud.instances.get(id) else { return fail(255, "connection to host lost") };
+    let (k2s, sidecar) = inst.host.container_names.clone().unwrap_or_else(|| ("k2s".into(), "k2-sidecar".into()));
     let log = match container {
-        _ if !inst.host.hardened => None,
-        "k2s" if inst.host.containers_created => Some(&inst.host.k2s_log),
-        "k2-sidecar" if inst.host.containers_created => Some(&inst.host.sidecar_log),
+        _ if !inst.host.hardened || !inst.host.containers_created => None,
+        c if c == k2s => Some(&inst.host.k2s_log),
+        c if c == sidecar => Some(&inst.host.sidecar_log),
         _ => None,
     };
     let Some(log) = log else {
@@ -820,11 +909,16 @@ pub fn serve(sim: Sim, inst: &mut Instance, listener: tokio::net::TcpListener, p
                 },
             };
             let Some(config) = connection_config(&sim, &id) else { break };
+            if !firewall_lets_in(&sim, &id, port) {
+                // The provider's firewall: the connection never reaches the host.
+                drop(sock);
+                continue;
+            }
             if sim.st().dice_roll(|f| f.ssh_drop_rate) {
                 drop(sock);
                 continue;
             }
-            let handler = Conn { sim: sim.clone(), id: id.clone(), user: String::new(), chans: HashMap::new() };
+            let handler = Conn { sim: sim.clone(), id: id.clone(), port, user: String::new(), restricted: None, chans: HashMap::new() };
             let life = life.clone();
             tokio::spawn(async move {
                 let _ = sock.set_nodelay(true);
@@ -840,6 +934,24 @@ pub fn serve(sim: Sim, inst: &mut Instance, listener: tokio::net::TcpListener, p
         }
         // Dropping the listener closes the port: new connections are refused.
     });
+}
+
+/// Whether the provider firewall lets a connection to `port` (a simulated sshd port) in;
+/// counts the refusals.
+fn firewall_lets_in(sim: &Sim, id: &str, port: u16) -> bool {
+    let (fresh, hardened) = (sim.cfg.ssh_port_fresh, sim.cfg.ssh_port_hardened);
+    let mut st = sim.st();
+    if !st.faults.provider_firewall {
+        return true;
+    }
+    let Some(inst) = st.cloud.instances.get_mut(id) else { return false };
+    let rule = crate::cloud::port_rule(real_port(port, fresh, hardened), "tcp");
+    let open = inst.firewall.contains(&rule);
+    if !open {
+        inst.firewall_refused += 1;
+        tracing::info!(instance = %id, port = %rule, "provider firewall refused a connection");
+    }
+    open
 }
 
 /// A fresh server config with the instance's current host key (a rekey affects new connections).
@@ -868,13 +980,43 @@ struct Pending {
 struct Conn {
     sim: Sim,
     id: String,
+    /// The simulated sshd port this connection came in on.
+    port: u16,
     user: String,
+    /// Logged in as root on an image whose user is this one: every command is refused as
+    /// cloud-init's `disable_root` does.
+    restricted: Option<&'static str>,
     chans: HashMap<ChannelId, Pending>,
 }
 
+/// How a login is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Login {
+    Accept,
+    /// root with the right key on an image whose user is the one named: in, but restricted.
+    RootRestricted(&'static str),
+    Reject,
+}
+
 impl Conn {
-    fn accepts(&self, user: &str, key: &russh::keys::PublicKey) -> bool {
-        (user == "ubuntu" || user == "root") && key.key_data() == self.sim.admin_key.key_data()
+    fn login(&self, user: &str, key: &russh::keys::PublicKey) -> Login {
+        let (account, image_user) = {
+            let st = self.sim.st();
+            match st.cloud.instances.get(&self.id) {
+                Some(i) => (i.account.clone(), i.login_user()),
+                None => return Login::Reject,
+            }
+        };
+        if key.key_data() != self.sim.account_key(&account).key_data() {
+            return Login::Reject;
+        }
+        if user == image_user {
+            Login::Accept
+        } else if user == "root" {
+            Login::RootRestricted(image_user)
+        } else {
+            Login::Reject
+        }
     }
 
     fn start(&mut self, channel: ChannelId, session: &Session) {
@@ -882,9 +1024,18 @@ impl Conn {
         let Some(command) = p.command.clone().filter(|_| !p.started) else { return };
         p.started = true;
         let stdin = std::mem::take(&mut p.stdin);
-        let (sim, id, user, handle) = (self.sim.clone(), self.id.clone(), self.user.clone(), session.handle());
+        let (sim, id, user, port, handle) = (self.sim.clone(), self.id.clone(), self.user.clone(), self.port, session.handle());
+        let restricted = self.restricted;
         tokio::spawn(async move {
-            let out = execute(&sim, &id, &user, &command, stdin).await;
+            let out = match restricted {
+                // cloud-init's disable_root: root's key runs this instead of any command.
+                Some(u) => Output {
+                    stdout: format!("Please login as the user \"{u}\" rather than the user \"root\".\n\n").into_bytes(),
+                    stderr: Vec::new(),
+                    status: 142,
+                },
+                None => execute(&sim, &id, &user, port, &command, stdin).await,
+            };
             if !out.stdout.is_empty() {
                 let _ = handle.data(channel, out.stdout).await;
             }
@@ -902,16 +1053,26 @@ impl server::Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_publickey_offered(&mut self, user: &str, offer: server::PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
-        Ok(if self.accepts(user, offer.public_key) { Auth::Accept } else { Auth::reject() })
+        Ok(if self.login(user, offer.public_key) == Login::Reject { Auth::reject() } else { Auth::Accept })
     }
 
     async fn auth_publickey(&mut self, user: &str, key: server::VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
-        if self.accepts(user, key.public_key) {
-            self.user = user.to_string();
-            Ok(Auth::Accept)
-        } else {
-            Ok(Auth::reject())
+        let login = self.login(user, key.public_key);
+        if login == Login::Reject {
+            return Ok(Auth::reject());
         }
+        self.user = user.to_string();
+        if let Login::RootRestricted(u) = login {
+            self.restricted = Some(u);
+        } else if self.port == self.sim.cfg.ssh_port_hardened {
+            let mut st = self.sim.st();
+            if let Some(inst) = st.cloud.instances.get_mut(&self.id)
+                && inst.host.hardened_login_ms.is_none()
+            {
+                inst.host.hardened_login_ms = Some(kit::now_ms());
+            }
+        }
+        Ok(Auth::Accept)
     }
 
     async fn channel_open_session(
@@ -1009,6 +1170,16 @@ mod tests {
         assert_eq!(cmd("sudo docker logs --tail 20 k2s 2>&1"), Command::Logs { tail: Some(20), container: "k2s".into(), grep: None });
         assert_eq!(cmd("docker logs --tail=80 k2-sidecar"), Command::Logs { tail: Some(80), container: "k2-sidecar".into(), grep: None });
         assert_eq!(cmd("docker logs k2s"), Command::Logs { tail: None, container: "k2s".into(), grep: None });
+    }
+
+    #[test]
+    fn cloud_init_status_and_the_deployers_scripts() {
+        assert_eq!(cmd("cloud-init status"), Command::CloudInitStatus);
+        assert_eq!(cmd("cloud-init status --wait --long"), Command::CloudInitStatus);
+        assert_eq!(cmd("cloud-init status --format json"), Command::Unknown("cloud-init".into()));
+        assert_eq!(cmd("cloud-init clean"), Command::Unknown("cloud-init".into()));
+        assert_eq!(home("admin"), "/home/admin");
+        assert_eq!(home("root"), "/root");
     }
 
     #[test]

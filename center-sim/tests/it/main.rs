@@ -192,6 +192,9 @@ impl TestSim {
     }
 }
 
+/// The node stack the deployer ships (compose checks its images against the sim's registry).
+const STACK_COMPOSE: &str = include_str!("../../../deploy/node/docker-compose.yml");
+
 async fn run(s: &kit::ssh::Session, cmd: &str, stdin: Option<&[u8]>) -> kit::ssh::Output {
     s.exec(cmd, stdin, CMD_TIMEOUT).await.unwrap()
 }
@@ -301,7 +304,8 @@ async fn the_catalogue() {
     let sim = spawn_sim(None);
     let center = sim.center();
     let accounts = center.list_cloud_accounts().await.unwrap();
-    assert_eq!(accounts.len(), 1);
+    assert_eq!(accounts.len(), 2);
+    assert_eq!((accounts[1].account_name.as_str(), accounts[1].provider.as_str()), ("sim-vultr", "vultr"));
     assert_eq!(accounts[0].account_name, "sim-lightsail");
     assert_eq!(accounts[0].provider, "lightsail");
     assert_eq!(accounts[0].default_key_name.as_deref(), Some("pn-admin"));
@@ -403,7 +407,7 @@ async fn a_node_goes_from_prep_to_registered_private_and_metered() {
     assert_eq!((tee.status, tee.stdout.len()), (0, 0));
     assert_eq!(run(&s, "sudo chmod 600 /apps/kaitu-slave/.env", None).await.status, 0);
     for (file, body) in
-        [("docker-compose.yml", "services:\n  k2s: {}\n  k2-sidecar: {}\n"), ("users", ""), ("auto-update.sh", "#!/bin/sh\n")]
+        [("docker-compose.yml", STACK_COMPOSE), ("users", ""), ("auto-update.sh", "#!/bin/sh\n")]
     {
         let out = run(&s, &format!("sudo tee /apps/kaitu-slave/{file} > /dev/null"), Some(body.as_bytes())).await;
         assert_eq!(out.status, 0, "{file}: {}", out.stderr_tail());
@@ -532,7 +536,7 @@ async fn a_node_without_a_claim_is_shared_and_reports_nothing() {
     let s = sim.prepped(&ip).await;
     let env = env_file(&testkit::rand_hex(32), "", &sim.url, "pn-shared1");
     assert_eq!(run(&s, "sudo tee /apps/kaitu-slave/.env > /dev/null", Some(env.as_bytes())).await.status, 0);
-    assert_eq!(run(&s, "sudo tee /apps/kaitu-slave/docker-compose.yml > /dev/null", Some(b"services: {}\n")).await.status, 0);
+    assert_eq!(run(&s, "sudo tee /apps/kaitu-slave/docker-compose.yml > /dev/null", Some(STACK_COMPOSE.as_bytes())).await.status, 0);
     assert_eq!(run(&s, "cd /apps/kaitu-slave && sudo docker compose -f docker-compose.yml up -d", None).await.status, 0);
     eventually("reporter disabled", PATIENCE, || async {
         let out = s.exec("sudo docker logs --tail 30 k2-sidecar 2>&1", None, CMD_TIMEOUT).await.ok()?;
@@ -674,5 +678,5 @@ async fn mcp_requires_the_bearer_token() {
     let bad = McpCenter::new(ClientConfig::new(&sim.url, Duration::from_secs(5)), SecretString::from("nope".to_string())).unwrap();
     assert!(!bad.list_cloud_accounts().await.unwrap_err().is_transient());
     let tools = sim.center().call("list_cloud_accounts", json!({})).await.unwrap();
-    assert_eq!(tools["total"], 1);
+    assert_eq!(tools["total"], 2);
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::center::{Center, CloudInstance, CreateInstance};
 
-use super::{Choice, Provider, ProviderError, Vps, cheapest_covering, newest_ubuntu};
+use super::{Choice, Port, PortsOpened, Provider, ProviderError, Vps, cheapest_covering, newest_supported};
 
 pub struct CenterProvider {
     center: Arc<dyn Center>,
@@ -55,6 +55,10 @@ impl Provider for CenterProvider {
     }
 
     async fn choose(&self, region: &str, min_transfer: u64) -> Result<Choice, ProviderError> {
+        self.choose_os(region, min_transfer, &["ubuntu".to_string()]).await
+    }
+
+    async fn choose_os(&self, region: &str, min_transfer: u64, families: &[String]) -> Result<Choice, ProviderError> {
         let account = self.account().await?;
         let regions = self.center.list_cloud_regions(&account).await?;
         if !regions.iter().any(|r| r.id == region && r.available) {
@@ -71,8 +75,9 @@ impl Provider for CenterProvider {
             ))
         })?;
         let images = self.center.list_cloud_images(&account, region).await?;
-        let image = newest_ubuntu(&images, |i| i.os.eq_ignore_ascii_case("ubuntu"), |i| i.version.clone())
-            .ok_or_else(|| ProviderError::NoFit(format!("no Ubuntu 20.04/22.04/24.04 image in {region}")))?;
+        let image = newest_supported(&images, families, |i| i.os.clone(), |i| i.version.clone()).ok_or_else(|| {
+            ProviderError::NoFit(format!("no supported image ({}) in {region}", if families.is_empty() { "none asked".into() } else { families.join(", ") }))
+        })?;
         Ok(Choice {
             account,
             region: region.to_string(),
@@ -103,6 +108,29 @@ impl Provider for CenterProvider {
 
     fn owns_account(&self, account: &str) -> bool {
         !account.is_empty() && (self.account.is_empty() || self.account == account)
+    }
+
+    /// One `open_cloud_instance_port` call a port (an assumed Center tool; a Center without
+    /// it makes this `Unsupported`).
+    async fn open_ports(&self, id: &str, ports: &[Port]) -> Result<PortsOpened, ProviderError> {
+        for p in ports {
+            match self.center.open_cloud_instance_port(id, p.port, p.protocol()).await {
+                Ok(_) => {}
+                Err(e) if e.is_unsupported() => return Ok(PortsOpened::Unsupported(e.to_string())),
+                Err(e) => return Err(not_found(e)),
+            }
+        }
+        Ok(PortsOpened::Opened)
+    }
+
+    /// From the account's provider (`list_cloud_accounts`) and the image's OS
+    /// (`list_cloud_images` of its region; the image id's wording when it is not listed).
+    async fn login_user(&self, vps: &Vps) -> Result<String, ProviderError> {
+        let accounts = self.center.list_cloud_accounts().await?;
+        let provider = accounts.iter().find(|a| a.account_name == vps.account).map(|a| a.provider.clone()).unwrap_or_default();
+        let images = self.center.list_cloud_images(&vps.account, &vps.region).await?;
+        let os = images.iter().find(|i| i.id == vps.image).map(|i| i.os.clone()).unwrap_or_else(|| super::os_of_image_name(&vps.image).to_string());
+        Ok(super::login_user(&provider, &os).to_string())
     }
 }
 

@@ -4,7 +4,11 @@
 //! project's keys by its material, or registered once under `admin_key_name`), so Hetzner
 //! sets no root password and mails none (seed 001 §3.a); the cloud-init user-data installs the
 //! same *public* key for the login user and turns password logins off — never a private key,
-//! never a password.
+//! never a password. Ports are opened with a Hetzner Cloud Firewall (`/v1/firewalls`) named
+//! `firewall_name`, found or created once, whose inbound rules are the union of what was asked
+//! (22/tcp always among them), applied to each server: Hetzner combines every firewall applied
+//! to a server, so this one opens its ports whatever else a project applies. The server's
+//! login user is root (Hetzner's images install the key for root).
 
 use std::time::Duration;
 
@@ -13,7 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Choice, Provider, ProviderError, Vps, cheapest_covering, newest_ubuntu};
+use super::{Choice, Port, PortsOpened, Provider, ProviderError, Vps, cheapest_covering, newest_supported};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -28,6 +32,8 @@ pub struct HetznerSettings {
     /// The name the admin key is registered under when the project does not hold it yet
     /// (`PN_HETZNER__ADMIN_KEY_NAME`). A key already registered (under any name) is reused.
     pub admin_key_name: String,
+    /// The Hetzner Cloud Firewall Pnp opens node ports in (`PN_HETZNER__FIREWALL_NAME`).
+    pub firewall_name: String,
     pub timeout_ms: u64,
 }
 
@@ -38,6 +44,7 @@ impl Default for HetznerSettings {
             token: None,
             admin_public_key: String::new(),
             admin_key_name: "pnp-admin".into(),
+            firewall_name: "pnp-node".into(),
             timeout_ms: 15_000,
         }
     }
@@ -50,6 +57,7 @@ pub struct Hetzner {
     /// The admin public key line; empty for a reader (which cannot create).
     public_key: String,
     key_name: String,
+    firewall_name: String,
     user_data: String,
     /// The id of the admin key at Hetzner, once found or registered.
     key_id: tokio::sync::Mutex<Option<u64>>,
@@ -93,6 +101,7 @@ impl Hetzner {
             token,
             public_key: key.to_string(),
             key_name: name.to_string(),
+            firewall_name: if s.firewall_name.trim().is_empty() { "pnp-node".into() } else { s.firewall_name.trim().to_string() },
             user_data: if key.is_empty() { String::new() } else { cloud_init(key) },
             key_id: tokio::sync::Mutex::new(None),
         })
@@ -188,6 +197,77 @@ impl Hetzner {
             });
         }
         serde_json::from_str(&text).map_err(|e| ProviderError::Permanent(format!("hetzner {path}: malformed answer: {e}")))
+    }
+}
+
+/// One inbound rule of a Hetzner firewall.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+struct Rule {
+    direction: String,
+    protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<String>,
+    #[serde(default)]
+    source_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+}
+
+impl Rule {
+    fn inbound(p: &Port) -> Rule {
+        Rule {
+            direction: "in".into(),
+            protocol: p.protocol().into(),
+            port: Some(p.port.to_string()),
+            source_ips: vec!["0.0.0.0/0".into(), "::/0".into()],
+            description: Some(format!("pnp {p}")),
+        }
+    }
+
+    /// Whether this rule lets `p` in from anywhere.
+    fn opens(&self, p: &Port) -> bool {
+        let in_range = |r: &str| match r.split_once('-') {
+            Some((a, b)) => a.parse::<u16>().is_ok_and(|a| a <= p.port) && b.parse::<u16>().is_ok_and(|b| p.port <= b),
+            None => r.parse::<u16>().is_ok_and(|x| x == p.port),
+        };
+        self.direction == "in"
+            && self.protocol == p.protocol()
+            && self.port.as_deref().is_some_and(in_range)
+            && self.source_ips.iter().any(|s| s == "0.0.0.0/0")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Firewall {
+    id: u64,
+    #[serde(default)]
+    rules: Vec<Rule>,
+    #[serde(default)]
+    applied_to: Vec<Applied>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Applied {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    server: Option<IdOnly>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IdOnly {
+    id: u64,
+}
+
+impl Hetzner {
+    /// The firewall named `firewall_name`, if the project has it.
+    async fn find_firewall(&self) -> Result<Option<Firewall>, ProviderError> {
+        #[derive(Deserialize)]
+        struct L {
+            firewalls: Vec<Firewall>,
+        }
+        let l: L = self.req(reqwest::Method::GET, &format!("/firewalls?name={}", urlencode(&self.firewall_name)), None).await?;
+        Ok(l.firewalls.into_iter().next())
     }
 }
 
@@ -304,6 +384,10 @@ impl Provider for Hetzner {
     }
 
     async fn choose(&self, region: &str, min_transfer: u64) -> Result<Choice, ProviderError> {
+        self.choose_os(region, min_transfer, &["ubuntu".to_string()]).await
+    }
+
+    async fn choose_os(&self, region: &str, min_transfer: u64, families: &[String]) -> Result<Choice, ProviderError> {
         let types: ServerTypes = self.req(reqwest::Method::GET, "/server_types?per_page=50", None).await?;
         let offers: Vec<(String, u64, f64)> = types
             .server_types
@@ -322,8 +406,8 @@ impl Provider for Hetzner {
         let plan = cheapest_covering(&offers, min_transfer, |o| o.1, |o| o.2)
             .ok_or_else(|| ProviderError::NoFit(format!("no Hetzner server type in {region} includes {} GiB of transfer", min_transfer >> 30)))?;
         let images: Images = self.req(reqwest::Method::GET, "/images?type=system&architecture=x86&per_page=50", None).await?;
-        let image = newest_ubuntu(&images.images, |i| i.os_flavor == "ubuntu", |i| i.os_version.clone().unwrap_or_default())
-            .ok_or_else(|| ProviderError::NoFit("no Ubuntu 20.04/22.04/24.04 system image".into()))?;
+        let image = newest_supported(&images.images, families, |i| i.os_flavor.clone(), |i| i.os_version.clone().unwrap_or_default())
+            .ok_or_else(|| ProviderError::NoFit(format!("no supported system image ({})", families.join(", "))))?;
         Ok(Choice { account: "hetzner".into(), region: region.to_string(), plan: plan.0.clone(), plan_transfer_bytes: plan.1, image: image.name.clone() })
     }
 
@@ -373,6 +457,49 @@ impl Provider for Hetzner {
     /// The token is the project: every server it shows is ours.
     fn owns_account(&self, account: &str) -> bool {
         account == "hetzner"
+    }
+
+    /// The firewall `firewall_name`: created with the rules and the server when missing; else
+    /// its rules extended (`set_rules`, the union) where one is missing, and applied to the
+    /// server (`apply_to_resources`) when it is not yet. 22/tcp is always among the rules: a
+    /// firewall on a server blocks every port it does not open.
+    async fn open_ports(&self, id: &str, ports: &[Port]) -> Result<PortsOpened, ProviderError> {
+        let server: u64 = id.trim().parse().map_err(|_| ProviderError::NotFound(format!("hetzner: {id:?} is not a server id")))?;
+        let mut want: Vec<Port> = vec![Port::tcp(22)];
+        for p in ports {
+            if !want.contains(p) {
+                want.push(*p);
+            }
+        }
+        let apply = json!([{"type": "server", "server": {"id": server}}]);
+        let Some(fw) = self.find_firewall().await? else {
+            let rules: Vec<Rule> = want.iter().map(Rule::inbound).collect();
+            let body = json!({"name": self.firewall_name, "labels": {"managed-by": "pnp"}, "rules": rules, "apply_to": apply});
+            let _: serde_json::Value = self.req(reqwest::Method::POST, "/firewalls", Some(body)).await?;
+            tracing::info!(server, firewall = %self.firewall_name, "hetzner firewall created and applied");
+            return Ok(PortsOpened::Opened);
+        };
+        let missing: Vec<&Port> = want.iter().filter(|p| !fw.rules.iter().any(|r| r.opens(p))).collect();
+        if !missing.is_empty() {
+            let mut rules = fw.rules.clone();
+            rules.extend(missing.iter().map(|p| Rule::inbound(p)));
+            let _: serde_json::Value = self.req(reqwest::Method::POST, &format!("/firewalls/{}/actions/set_rules", fw.id), Some(json!({"rules": rules}))).await?;
+        }
+        let applied = fw.applied_to.iter().any(|a| a.kind == "server" && a.server.as_ref().is_some_and(|s| s.id == server));
+        if !applied {
+            let res: Result<serde_json::Value, _> =
+                self.req(reqwest::Method::POST, &format!("/firewalls/{}/actions/apply_to_resources", fw.id), Some(json!({"apply_to": apply}))).await;
+            match res {
+                Ok(_) => {}
+                Err(ProviderError::Permanent(m)) if m.contains("firewall_already_applied") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(PortsOpened::Opened)
+    }
+
+    async fn login_user(&self, _vps: &Vps) -> Result<String, ProviderError> {
+        Ok("root".into())
     }
 }
 

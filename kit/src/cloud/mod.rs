@@ -1,7 +1,9 @@
 //! Providers behind one trait, chosen by configuration (`PN_PROVIDER`): `center` (Center's
 //! brokered cloud tools, the runbook's path) and `hetzner` (the Hetzner Cloud API directly).
-//! svc-cloud creates, probes and deletes through it; svc-deployer and svc-meter only read
-//! (`get`), to check an event against the world before they act on it (`confirm_instance`).
+//! svc-cloud creates, probes, opens the provider firewall (`open_ports`) and deletes through
+//! it; svc-deployer and svc-meter only read (`get`, `login_user`), to check an event against
+//! the world before they act on it (`confirm_instance`) and to log in as the image's user.
+//! [`Providers`] holds the configured provider and the alternate one (`PN_ALT_PROVIDER`).
 
 pub mod center;
 pub mod hetzner;
@@ -31,6 +33,94 @@ impl Vps {
     pub fn is_running(&self) -> bool {
         self.status == "running"
     }
+}
+
+/// A port to open in a provider's firewall: `1022/tcp`, `443/udp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Port {
+    pub port: u16,
+    pub udp: bool,
+}
+
+impl Port {
+    pub const fn tcp(port: u16) -> Port {
+        Port { port, udp: false }
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        if self.udp { "udp" } else { "tcp" }
+    }
+
+    /// `1022/tcp`, `443/udp`, or a bare `1022` (tcp).
+    pub fn parse(s: &str) -> Result<Port, String> {
+        let s = s.trim();
+        let (n, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+        let port: u16 = n.trim().parse().ok().filter(|p| *p > 0).ok_or_else(|| format!("{s:?} is not a port (1-65535)"))?;
+        match proto.trim() {
+            "tcp" => Ok(Port { port, udp: false }),
+            "udp" => Ok(Port { port, udp: true }),
+            _ => Err(format!("{s:?}: the protocol must be tcp or udp")),
+        }
+    }
+
+    /// A comma-separated list (`22/tcp,1022/tcp,443/tcp,443/udp`); duplicates dropped.
+    pub fn parse_list(s: &str) -> Result<Vec<Port>, String> {
+        let mut out: Vec<Port> = Vec::new();
+        for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let p = Port::parse(p)?;
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol())
+    }
+}
+
+/// What `open_ports` achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortsOpened {
+    /// The provider's firewall lets these ports in now.
+    Opened,
+    /// This provider (or this Center) has no way to open ports: the reason. Whether the node
+    /// is reachable is then the deployer's outside check to find out.
+    Unsupported(String),
+}
+
+/// The OS families `provision-node.sh` supports, and their releases, newest first.
+pub const DEBIAN: [&str; 2] = ["13", "12"];
+
+/// Pnp's table of the user a provider's image lets in with the account's key (the runbook's
+/// "default keypair"), by the provider's kind (the Center account's `provider`, or
+/// `hetzner`) and the image's OS:
+///
+/// | provider | Ubuntu | Debian | where it comes from |
+/// |---|---|---|---|
+/// | `lightsail`, `aws`, `ec2` | `ubuntu` | `admin` | AWS's default user names for Lightsail blueprints and EC2 AMIs |
+/// | `hetzner`, `vultr`, `digitalocean`, `linode`, `upcloud` | `root` | `root` | their images install the key for root (their docs) |
+/// | any other (plain cloud-init images) | `ubuntu` | `debian` | the images' cloud-init `default_user` |
+///
+/// A provider missing here whose images use another user is configured with `PN_SSH__USER`.
+pub fn login_user(provider: &str, os: &str) -> &'static str {
+    let provider = provider.to_ascii_lowercase();
+    let os = os.to_ascii_lowercase();
+    match (provider.as_str(), os.as_str()) {
+        ("hetzner" | "vultr" | "digitalocean" | "linode" | "upcloud", _) => "root",
+        ("lightsail" | "aws" | "ec2", "debian") => "admin",
+        (_, "debian") => "debian",
+        _ => "ubuntu",
+    }
+}
+
+/// The OS an image id or name names, when it says (`ubuntu-24-04`, `debian_12`, `ubuntu-22.04`).
+pub fn os_of_image_name(image: &str) -> &'static str {
+    let i = image.to_ascii_lowercase();
+    if i.contains("debian") { "debian" } else { "ubuntu" }
 }
 
 /// What to create: the result of discovery.
@@ -78,6 +168,22 @@ pub trait Provider: Send + Sync {
     async fn get(&self, id: &str) -> Result<Vps, ProviderError>;
     /// Deletes one instance; `NotFound` when it is already gone.
     async fn delete(&self, id: &str) -> Result<(), ProviderError>;
+    /// As `choose`, with the OS families to consider in order of preference (`ubuntu`,
+    /// `debian`): the newest supported release of the first family the region offers.
+    async fn choose_os(&self, region: &str, min_transfer: u64, families: &[String]) -> Result<Choice, ProviderError> {
+        let _ = families;
+        self.choose(region, min_transfer).await
+    }
+    /// Opens `ports` in the provider's firewall in front of instance `id` (idempotent). The
+    /// default: this provider has no firewall API.
+    async fn open_ports(&self, id: &str, ports: &[Port]) -> Result<PortsOpened, ProviderError> {
+        let _ = (id, ports);
+        Ok(PortsOpened::Unsupported(format!("the {} provider has no firewall API here", self.name())))
+    }
+    /// The user `vps`'s image lets in with the account's key ([`login_user`]).
+    async fn login_user(&self, vps: &Vps) -> Result<String, ProviderError> {
+        Ok(login_user(self.name(), os_of_image_name(&vps.image)).to_string())
+    }
     /// Whether an instance the provider shows under `account` is in an account this service
     /// works with (the configured one, when one is configured).
     fn owns_account(&self, account: &str) -> bool {
@@ -160,6 +266,52 @@ fn clip(s: &str) -> String {
 /// The Ubuntu LTS versions the prep script supports, newest first.
 pub const UBUNTU_LTS: [&str; 3] = ["24.04", "22.04", "20.04"];
 
+/// The newest supported image of the first family in `families` that has one (`ubuntu`:
+/// 24.04/22.04/20.04; `debian`: 13/12). `os_of` gives an image's family, `version_of` its
+/// release.
+pub fn newest_supported<'a, T>(images: &'a [T], families: &[String], os_of: impl Fn(&T) -> String, version_of: impl Fn(&T) -> String) -> Option<&'a T> {
+    families.iter().find_map(|fam| {
+        let versions: &[&str] = match fam.to_ascii_lowercase().as_str() {
+            "ubuntu" => &UBUNTU_LTS,
+            "debian" => &DEBIAN,
+            _ => &[],
+        };
+        versions.iter().find_map(|v| images.iter().find(|i| os_of(i).eq_ignore_ascii_case(fam) && version_of(i) == *v))
+    })
+}
+
+/// The configured provider and, optionally, the alternate one tried when the configured
+/// one fails in every sibling region (`PN_ALT_PROVIDER`, svc-cloud). An instance belongs to
+/// the first whose name and account match it.
+#[derive(Clone)]
+pub struct Providers {
+    pub primary: Arc<dyn Provider>,
+    pub alt: Option<Arc<dyn Provider>>,
+}
+
+impl Providers {
+    pub fn new(primary: Arc<dyn Provider>, alt: Option<Arc<dyn Provider>>) -> Providers {
+        Providers { primary, alt }
+    }
+
+    /// Both, the configured one first.
+    pub fn all(&self) -> Vec<Arc<dyn Provider>> {
+        std::iter::once(self.primary.clone()).chain(self.alt.clone()).collect()
+    }
+
+    /// The provider to ask about an event's instance (`provider` is `Instance.provider`, a
+    /// hint; `account` its account): the first named `provider` that works with `account`,
+    /// else the first that works with `account`, else (no account named) the configured one.
+    /// `confirm_instance` then checks the instance there, account included.
+    pub fn for_instance(&self, provider: &str, account: &str) -> Option<Arc<dyn Provider>> {
+        let all = self.all();
+        if account.is_empty() {
+            return all.iter().find(|p| p.name() == provider).cloned().or_else(|| Some(self.primary.clone()));
+        }
+        all.iter().find(|p| p.name() == provider && p.owns_account(account)).or_else(|| all.iter().find(|p| p.owns_account(account))).cloned()
+    }
+}
+
 /// Picks the cheapest plan that covers `min_transfer`, ties broken by the larger transfer.
 pub fn cheapest_covering<T>(plans: &[T], min_transfer: u64, transfer: impl Fn(&T) -> u64, price: impl Fn(&T) -> f64) -> Option<&T> {
     plans
@@ -175,6 +327,7 @@ pub fn newest_ubuntu<T>(images: &[T], is_ubuntu: impl Fn(&T) -> bool, version_of
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     #[test]
@@ -183,6 +336,40 @@ mod tests {
         let p = cheapest_covering(&plans, (1u64 << 40) + 1, |p| p.1, |p| p.2);
         assert_eq!(p.map(|p| p.0), Some("c"));
         assert_eq!(cheapest_covering(&plans, 4u64 << 40, |p| p.1, |p| p.2), None);
+    }
+
+    #[test]
+    fn ports_parse_and_print() {
+        assert_eq!(Port::parse("1022/tcp"), Ok(Port::tcp(1022)));
+        assert_eq!(Port::parse(" 443/udp "), Ok(Port { port: 443, udp: true }));
+        assert_eq!(Port::parse("22"), Ok(Port::tcp(22)));
+        assert!(Port::parse("0/tcp").is_err() && Port::parse("70000").is_err() && Port::parse("22/icmp").is_err() && Port::parse("x").is_err());
+        let l = Port::parse_list("22/tcp, 1022/tcp,443/tcp,443/udp,22").unwrap();
+        assert_eq!(l.iter().map(Port::to_string).collect::<Vec<_>>(), ["22/tcp", "1022/tcp", "443/tcp", "443/udp"]);
+        assert!(Port::parse_list("22,nope").is_err());
+    }
+
+    #[test]
+    fn login_users_by_provider_and_os() {
+        assert_eq!(login_user("lightsail", "ubuntu"), "ubuntu");
+        assert_eq!(login_user("lightsail", "Debian"), "admin");
+        assert_eq!(login_user("hetzner", "ubuntu"), "root");
+        assert_eq!(login_user("vultr", "debian"), "root");
+        assert_eq!(login_user("openstack", "debian"), "debian");
+        assert_eq!(login_user("", "ubuntu"), "ubuntu");
+        assert_eq!((os_of_image_name("debian-12"), os_of_image_name("ubuntu-24.04"), os_of_image_name("x")), ("debian", "ubuntu", "ubuntu"));
+    }
+
+    #[test]
+    fn picks_the_newest_supported_image_of_the_first_family_offered() {
+        let imgs = [("debian", "12"), ("debian", "13"), ("ubuntu", "22.04"), ("ubuntu", "23.10")];
+        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let pick = |fams: &[&str]| newest_supported(&imgs, &f(fams), |i| i.0.to_string(), |i| i.1.to_string()).copied();
+        assert_eq!(pick(&["ubuntu"]), Some(("ubuntu", "22.04")));
+        assert_eq!(pick(&["debian", "ubuntu"]), Some(("debian", "13")));
+        assert_eq!(pick(&["centos"]), None);
+        let only_debian = [("debian", "12")];
+        assert_eq!(newest_supported(&only_debian, &f(&["ubuntu", "debian"]), |i| i.0.to_string(), |i| i.1.to_string()), Some(&("debian", "12")));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The `hetzner` provider (`kit::cloud::hetzner`) against an HTTP stub built from the Hetzner
 //! Cloud API's documented request and response shapes (docs.hetzner.cloud: servers,
-//! server_types, images, ssh_keys). Hetzner cannot be reached from here; the stub checks what
-//! we send as strictly as the API would.
+//! server_types, images, ssh_keys, firewalls). Hetzner cannot be reached from here; the stub
+//! checks what we send as strictly as the API would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use axum::routing::get;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use kit::cloud::hetzner::{Hetzner, HetznerSettings};
-use kit::cloud::{Provider, ProviderError};
+use kit::cloud::{Port, PortsOpened, Provider, ProviderError};
 
 const TOKEN: &str = "hcloud-test-token-0123456789";
 const PUBKEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOr7o6ZYkD6O3h4b9yX1lGd0e0q0m0d0l0W0S0a0b0c0 admin@pn";
@@ -26,6 +26,9 @@ struct Cloud {
     fail_next_create: Option<(u16, &'static str)>,
     ssh_keys: Vec<Value>,
     key_posts: usize,
+    firewalls: Vec<Value>,
+    /// Every firewall write: (path, body).
+    firewall_writes: Vec<(String, Value)>,
 }
 
 type S = Arc<Mutex<Cloud>>;
@@ -162,9 +165,123 @@ async fn images(h: HeaderMap) -> (StatusCode, Json<Value>) {
     ]})))
 }
 
+/// A rule as the API checks it: direction, protocol, a port (or range) for tcp/udp, and
+/// source IPs for inbound rules.
+fn valid_rule(r: &Value) -> bool {
+    let dir_ok = matches!(r["direction"].as_str(), Some("in" | "out"));
+    let proto = r["protocol"].as_str().unwrap_or("");
+    let proto_ok = matches!(proto, "tcp" | "udp" | "icmp" | "esp" | "gre");
+    let port_ok = match proto {
+        "tcp" | "udp" => r["port"].as_str().is_some_and(|p| p.split('-').all(|n| n.parse::<u16>().is_ok_and(|n| n > 0))),
+        _ => r.get("port").is_none_or(Value::is_null),
+    };
+    let src_ok = r["direction"] != "in" || r["source_ips"].as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|c| c.as_str().is_some_and(|c| c.contains('/'))));
+    dir_ok && proto_ok && port_ok && src_ok
+}
+
+fn invalid(msg: &str) -> (StatusCode, Json<Value>) {
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": {"code": "invalid_input", "message": msg}})))
+}
+
+fn action(cmd: &str) -> Value {
+    json!({"id": 1, "command": cmd, "status": "running", "progress": 0, "started": "2026-11-25T10:00:00+00:00", "finished": null, "resources": [], "error": null})
+}
+
+/// `apply_to` entries: servers that exist.
+fn apply_targets(c: &Cloud, apply: &Value) -> Result<Vec<u64>, (StatusCode, Json<Value>)> {
+    let mut out = Vec::new();
+    for a in apply.as_array().ok_or_else(|| invalid("apply_to must be an array"))? {
+        let id = (a["type"] == "server").then(|| a["server"]["id"].as_u64()).flatten().ok_or_else(|| invalid("apply_to: type server with server.id"))?;
+        if !c.servers.iter().any(|s| s["id"] == id) {
+            return Err((StatusCode::NOT_FOUND, Json(json!({"error": {"code": "not_found", "message": "server not found"}}))));
+        }
+        out.push(id);
+    }
+    Ok(out)
+}
+
+async fn list_firewalls(State(s): State<S>, h: HeaderMap, Query(q): Query<std::collections::HashMap<String, String>>) -> (StatusCode, Json<Value>) {
+    if !authorized(&h) {
+        return unauthorized();
+    }
+    let c = s.lock().unwrap();
+    let items: Vec<Value> = c.firewalls.iter().filter(|f| q.get("name").is_none_or(|n| f["name"] == n.as_str())).cloned().collect();
+    (StatusCode::OK, Json(json!({"firewalls": items, "meta": {"pagination": {"page": 1, "per_page": 25, "previous_page": null, "next_page": null, "last_page": 1, "total_entries": items.len()}}})))
+}
+
+async fn create_firewall(State(s): State<S>, h: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    if !authorized(&h) {
+        return unauthorized();
+    }
+    let mut c = s.lock().unwrap();
+    let Some(name) = body["name"].as_str().filter(|n| !n.is_empty()) else { return invalid("name is required") };
+    if c.firewalls.iter().any(|f| f["name"] == name) {
+        return (StatusCode::CONFLICT, Json(json!({"error": {"code": "uniqueness_error", "message": "name is already used"}})));
+    }
+    let rules = body["rules"].as_array().cloned().unwrap_or_default();
+    if !rules.iter().all(valid_rule) {
+        return invalid("invalid rule");
+    }
+    let targets = match apply_targets(&c, body.get("apply_to").unwrap_or(&json!([]))) {
+        Ok(t) => t,
+        Err(e) => return e,
+    };
+    let id = 900 + c.firewalls.len() as u64;
+    let applied: Vec<Value> = targets.iter().map(|t| json!({"type": "server", "server": {"id": t}})).collect();
+    let fw = json!({"id": id, "name": name, "labels": body["labels"], "rules": rules, "applied_to": applied, "created": "2026-11-25T10:00:00+00:00"});
+    c.firewalls.push(fw.clone());
+    c.firewall_writes.push(("/firewalls".into(), body.clone()));
+    (StatusCode::CREATED, Json(json!({"firewall": fw, "actions": [action("apply_firewall")]})))
+}
+
+async fn firewall_action(State(s): State<S>, h: HeaderMap, Path((id, act)): Path<(u64, String)>, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    if !authorized(&h) {
+        return unauthorized();
+    }
+    let mut c = s.lock().unwrap();
+    let Some(i) = c.firewalls.iter().position(|f| f["id"] == id) else {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": {"code": "not_found", "message": "firewall not found"}})));
+    };
+    match act.as_str() {
+        "set_rules" => {
+            let Some(rules) = body["rules"].as_array().filter(|r| r.iter().all(valid_rule)).cloned() else { return invalid("invalid rules") };
+            c.firewalls[i]["rules"] = json!(rules);
+        }
+        "apply_to_resources" => {
+            let targets = match apply_targets(&c, &body["apply_to"]) {
+                Ok(t) => t,
+                Err(e) => return e,
+            };
+            for t in targets {
+                let applied = c.firewalls[i]["applied_to"].as_array().cloned().unwrap_or_default();
+                if applied.iter().any(|a| a["server"]["id"] == t) {
+                    return invalid("firewall_already_applied").pipe_code("firewall_already_applied");
+                }
+                c.firewalls[i]["applied_to"].as_array_mut().unwrap().push(json!({"type": "server", "server": {"id": t}}));
+            }
+        }
+        _ => return (StatusCode::NOT_FOUND, Json(json!({"error": {"code": "not_found", "message": "no such action"}}))),
+    }
+    c.firewall_writes.push((format!("/firewalls/{id}/actions/{act}"), body));
+    (StatusCode::CREATED, Json(json!({"actions": [action(&act)]})))
+}
+
+trait PipeCode {
+    fn pipe_code(self, code: &str) -> Self;
+}
+
+impl PipeCode for (StatusCode, Json<Value>) {
+    fn pipe_code(mut self, code: &str) -> Self {
+        self.1.0["error"]["code"] = json!(code);
+        self
+    }
+}
+
 async fn stub() -> (String, S) {
     let state: S = Arc::new(Mutex::new(Cloud::default()));
     let app = axum::Router::new()
+        .route("/v1/firewalls", get(list_firewalls).post(create_firewall))
+        .route("/v1/firewalls/{id}/actions/{act}", axum::routing::post(firewall_action))
         .route("/v1/servers", get(list_servers).post(create_server))
         .route("/v1/servers/{id}", get(get_server).delete(delete_server))
         .route("/v1/server_types", get(server_types))
@@ -322,4 +439,54 @@ async fn a_reader_confirms_instances_and_cannot_create() {
     }
     let wrong = Hetzner::reader(&HetznerSettings { api_url: url, token: Some(SecretString::from("wrong-token-0000000000")), ..Default::default() }).unwrap();
     assert!(matches!(confirm_instance(&wrong, &claim(id, "pn-s6", ip)).await, Confirmation::Unanswered(_)));
+}
+
+#[tokio::test]
+async fn hetzner_opens_ports_with_one_firewall_and_never_drops_22() {
+    let (url, state) = stub().await;
+    let p = provider(&url, TOKEN);
+    let c = p.choose("fsn1", 1 << 30).await.unwrap();
+    let a = p.create(&c, "pn-fw1").await.unwrap();
+    let b = p.create(&c, "pn-fw2").await.unwrap();
+    let ports = Port::parse_list("1022/tcp,443/tcp,443/udp").unwrap();
+
+    // First server: the firewall is created with 22 and the asked ports, applied to it.
+    assert_eq!(p.open_ports(&a.id, &ports).await.unwrap(), PortsOpened::Opened);
+    let (fw, writes) = {
+        let st = state.lock().unwrap();
+        (st.firewalls.clone(), st.firewall_writes.clone())
+    };
+    assert_eq!(fw.len(), 1);
+    assert_eq!(fw[0]["name"], "pnp-node");
+    let rules: Vec<(String, String)> = fw[0]["rules"].as_array().unwrap().iter().map(|r| (r["protocol"].as_str().unwrap().into(), r["port"].as_str().unwrap().into())).collect();
+    let want: Vec<(String, String)> = [("tcp", "22"), ("tcp", "1022"), ("tcp", "443"), ("udp", "443")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    assert_eq!(rules, want, "22 first, then what was asked");
+    assert!(fw[0]["rules"].as_array().unwrap().iter().all(|r| r["direction"] == "in" && r["source_ips"] == json!(["0.0.0.0/0", "::/0"])));
+    assert_eq!(fw[0]["applied_to"], json!([{"type": "server", "server": {"id": a.id.parse::<u64>().unwrap()}}]));
+    assert_eq!(writes.len(), 1);
+
+    // Second server: the same firewall, applied to it too; the rules are not rewritten.
+    assert_eq!(p.open_ports(&b.id, &ports).await.unwrap(), PortsOpened::Opened);
+    let writes = state.lock().unwrap().firewall_writes.clone();
+    assert_eq!(writes.len(), 2);
+    assert_eq!(writes[1].0, "/firewalls/900/actions/apply_to_resources");
+    // Idempotent: nothing written when everything is in place.
+    assert_eq!(p.open_ports(&a.id, &ports).await.unwrap(), PortsOpened::Opened);
+    assert_eq!(state.lock().unwrap().firewall_writes.len(), 2);
+
+    // A firewall someone narrowed to one port: the union comes back, 22 included.
+    state.lock().unwrap().firewalls[0]["rules"] = json!([{"direction": "in", "protocol": "tcp", "port": "1000-1100", "source_ips": ["0.0.0.0/0"]}]);
+    assert_eq!(p.open_ports(&a.id, &[Port::tcp(8443)]).await.unwrap(), PortsOpened::Opened);
+    let (fw, writes) = {
+        let st = state.lock().unwrap();
+        (st.firewalls.clone(), st.firewall_writes.clone())
+    };
+    assert_eq!(writes.last().unwrap().0, "/firewalls/900/actions/set_rules");
+    let ports_now: Vec<&str> = fw[0]["rules"].as_array().unwrap().iter().map(|r| r["port"].as_str().unwrap()).collect();
+    assert_eq!(ports_now, ["1000-1100", "22", "8443"], "the range covers nothing asked; 22 and 8443 added, the old rule kept");
+
+    // An unknown server is NotFound; a non-numeric id never reaches the API.
+    assert!(matches!(p.open_ports("424242", &ports).await, Err(ProviderError::NotFound(_))));
+    assert!(matches!(p.open_ports("../x", &ports).await, Err(ProviderError::NotFound(_))));
+    assert_eq!(p.login_user(&a).await.unwrap(), "root", "Hetzner's images let root in with the key");
 }
