@@ -347,7 +347,10 @@ async fn without_lease_extension_leases_are_renewed_by_claim_and_none_is_lost() 
         .faults(json!({"leaseExtendsOnProgress": false, "bootDelayMs": 1500, "prepDelayMs": 3000, "registrationDelayMs": 1500, "usageIntervalMs": 300}))
         .await
         .unwrap();
+    let t0 = std::time::Instant::now();
     let ops = intents(&stack, 4).await;
+    let first = stack.wait_status(&ops[0].0, &["done", "failed"], PATIENCE).await.unwrap();
+    assert!(t0.elapsed() > Duration::from_millis(4500), "the pipeline must outlive the 4 s lease for this to test anything: {first}");
     all_done(&stack, &ops).await;
     all_verified(&stack, &ops).await;
     let stats = stack.admin_get("/admin/stats").await.unwrap();
