@@ -236,6 +236,8 @@ impl Instance {
             cloud_init: self.host.cloud_init.as_str(),
             hardened_login_at: self.host.hardened_login_ms.map(rfc3339),
             port22_closed_at: self.host.port22_closed_ms.map(rfc3339),
+            hardened_login_ms: self.host.hardened_login_ms,
+            port22_closed_ms: self.host.port22_closed_ms,
             host_key: self.host.host_public_key(),
             traffic_used_bytes: self.traffic_used_bytes,
             rx_bytes: self.host.nic.rx,
@@ -278,6 +280,9 @@ pub struct AdminInstance {
     pub hardened_login_at: Option<String>,
     /// When 22 was closed on the node (the deployer's close-22 script).
     pub port22_closed_at: Option<String>,
+    /// The same two times in ms since the epoch (for comparing).
+    pub hardened_login_ms: Option<i64>,
+    pub port22_closed_ms: Option<i64>,
     pub host_key: String,
     pub traffic_used_bytes: u64,
     pub rx_bytes: u64,
