@@ -317,7 +317,7 @@ pub struct McpCenter {
     /// The MCP session id (empty when the server keeps none) and the negotiated protocol version.
     session: tokio::sync::Mutex<Option<(String, String)>>,
     /// The tools' argument names as `tools/list` published them (`None`: not read yet).
-    schemas: std::sync::RwLock<Option<Arc<Schemas>>>,
+    schemas: std::sync::RwLock<Option<(Arc<Schemas>, std::time::Instant)>>,
 }
 
 /// The argument names each tool's input schema declares, as `tools/list` answered.
@@ -404,6 +404,8 @@ impl std::fmt::Debug for McpCenter {
 }
 
 const PAGE_SIZE: u32 = 100;
+/// How long a failed `tools/list` is taken as "no schema known" before it is read again.
+const SCHEMA_RETRY: Duration = Duration::from_secs(60);
 const MAX_PAGES: u32 = 10_000;
 
 impl McpCenter {
@@ -514,14 +516,17 @@ impl McpCenter {
     }
 
     /// The tools' schemas, read with `tools/list` once (again after `refresh_schemas`). A
-    /// failed read is remembered as unknown until the next refresh.
+    /// failed read is remembered as unknown for `SCHEMA_RETRY` (every argument then goes out
+    /// as the runbook names it), then tried again.
     pub async fn schemas(&self) -> Arc<Schemas> {
-        if let Some(s) = self.schemas.read().ok().and_then(|g| g.clone()) {
+        if let Some((s, at)) = self.schemas.read().ok().and_then(|g| g.clone())
+            && (s.known || at.elapsed() < SCHEMA_RETRY)
+        {
             return s;
         }
         let s = Arc::new(self.read_schemas().await);
         if let Ok(mut g) = self.schemas.write() {
-            *g = Some(s.clone());
+            *g = Some((s.clone(), std::time::Instant::now()));
         }
         s
     }

@@ -233,6 +233,14 @@ async fn renew(ctx: &Arc<Ctx>, id: &str) {
                         ctx.hold(id, after);
                         return;
                     }
+                    Err(why) if after.is_none() => {
+                        // Center does not say where the lease ends: nothing shows progress does
+                        // not extend it; keep renewing this way (and say so).
+                        metrics::counter!("pn_lease_not_extended_total").increment(1);
+                        tracing::warn!(op = %id, why, "lease renewal accepted; Center does not show the lease's end, so its extension is unknown");
+                        ctx.hold(id, None);
+                        return;
+                    }
                     Err(why) => {
                         metrics::counter!("pn_lease_not_extended_total").increment(1);
                         tracing::warn!(op = %id, why, before = ?before, answered = ?op.lease_expires_at, asked_at_ms = asked_at, lease_ms,

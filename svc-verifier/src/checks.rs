@@ -219,7 +219,7 @@ async fn claim_refused(ctx: &Arc<Ctx>, d: &NodeDeployed) -> Round {
         Ok(Some(o)) if o.status == "queued" => {
             Round::Fatal(format!("registration: claim refused/revoked — Center refused the node's claim ({seen}); the lease was lost and Center requeued the operation"))
         }
-        Ok(Some(o)) if o.holder.as_deref().is_some_and(|h| h != op.holder) => Round::Fatal(format!(
+        Ok(Some(o)) if !op.holder.is_empty() && o.holder.as_deref().is_some_and(|h| h != op.holder) => Round::Fatal(format!(
             "registration: claim refused/revoked — Center refused the node's claim ({seen}); the operation is {} by another holder",
             o.status
         )),

@@ -55,8 +55,8 @@ impl Handler for OnInstance {
                 if rec.holder == ctx.holder {
                     let after = answer.lease_expires_at.as_deref().and_then(crate::poll::parse_rfc3339_ms);
                     let lease_ms = i64::from(ctx.settings.lease_seconds.max(1)) * 1000;
-                    // Only an answer that shows the lease extended counts as a renewal.
-                    if crate::poll::lease_extended(None, after, asked_at, lease_ms).is_ok() {
+                    // Only an answer that shows the lease's end not moved turns renewal by claim on.
+                    if after.is_none() || crate::poll::lease_extended(None, after, asked_at, lease_ms).is_ok() {
                         ctx.hold(&id, after);
                     } else {
                         ctx.progress_does_not_extend(&id);
