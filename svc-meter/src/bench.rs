@@ -1,4 +1,4 @@
-//! The ingest benchmark behind `pnctl bench meter --json`: registers N synthetic private nodes
+//! The ingest benchmark behind `pnctl bench meter --direct --json`: registers N synthetic private nodes
 //! by publishing `pn.op.deployed` events, drives them reporting concurrently over loopback
 //! keep-alive HTTP for a while, then drives the same load against a no-op axum handler in the
 //! same run, and reports both rates, their ratio, latency percentiles and peak RSS.
@@ -62,7 +62,7 @@ impl Default for BenchOpts {
     }
 }
 
-/// The result (`pnctl bench meter --json` prints it).
+/// The result (`pnctl bench meter --direct --json` prints it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct BenchReport {

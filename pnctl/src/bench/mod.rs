@@ -2,8 +2,9 @@
 //! it starts itself (`pnctl up --detach` on a fresh data dir, `down` at the end) with the
 //! simulator's delays at zero, or — `--realistic` — at a real cloud's delays scaled down, and
 //! then measures how many operations can wait in flight at once; `footprint` measures each
-//! service's idle memory, start-to-ready time and the image size; `meter` runs svc-meter's own
-//! ingest benchmark against a scratch NATS.
+//! service's idle memory, start-to-ready time and the image size; `meter` measures the meter's
+//! ingest through the dev stack's ingress (`pn-ingress` → center-sim, copies to svc-meter) on a
+//! scratch NATS, or — `--direct` — svc-meter's own benchmark of the meter alone.
 //!
 //! Never: run against a stack it did not start (other work would mix into the figures), print
 //! a secret (the dev secrets reach the children through their environment only), or claim a
@@ -32,7 +33,8 @@ pub enum BenchCmd {
     Pipeline(pipeline::PipelineArgs),
     /// Each service's idle RSS, start-to-ready time, and the image size estimate.
     Footprint(footprint::FootprintArgs),
-    /// svc-meter's ingest benchmark (reports/s against a no-op handler) on a scratch NATS.
+    /// The meter's durable reports/s through the dev stack's ingress (the copies of what Center
+    /// answers) against a no-op mirror; `--direct`: the meter alone against a no-op handler.
     Meter(meter::MeterArgs),
 }
 
