@@ -549,7 +549,7 @@ impl Deployer {
                 )),
             });
         }
-        let script = harden::close_22_script(ssh.hardened_port);
+        let script = harden::close_22_script();
         let out = remote.run("close-22", &self.cmds.prep(), Some(&script), ssh.command_timeout()).await?;
         rec.port22_closed = true;
         rec.steps.insert("close-22".into(), kit::now_ms());

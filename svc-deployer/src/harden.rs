@@ -24,16 +24,16 @@ pub const CLOSE_22_MARK: &str = "# pnp:close-22";
 /// What `provision-node.sh` writes into its sshd drop-in while it keeps 22 open.
 pub const KEEP_22_LINE: &str = "# pnp:keep-22";
 
-/// The close-22 script for sshd's hardened port `port`. A no-op (`nothing to close`) on a host
-/// whose hardening drop-in does not carry the keep-22 line: it never touches an sshd that
-/// `provision-node.sh` did not configure.
-pub fn close_22_script(port: u16) -> Vec<u8> {
+/// The close-22 script. The hardened port is the node's own, read from the drop-in (the
+/// deployer may reach it through another number: a NAT, a port forward). A no-op (`nothing to
+/// close`) on a host whose hardening drop-in does not carry the keep-22 line: it never touches
+/// an sshd that `provision-node.sh` did not configure.
+pub fn close_22_script() -> Vec<u8> {
     format!(
         r#"{CLOSE_22_MARK} v1
 set -u
 dropin=/etc/ssh/sshd_config.d/00-pn-hardening.conf
 closed=/var/lib/pnp/ssh-22-closed
-port={port}
 answers() {{
   local line
   line=$(timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && IFS= read -r -t 4 l <&3 && printf "%s" "$l"' pnp-probe "$1" 2>/dev/null || true)
@@ -43,6 +43,8 @@ if [ ! -f "$dropin" ] || ! grep -q '^{KEEP_22_LINE}' "$dropin"; then
   echo "pnp-close-22: nothing to close"
   exit 0
 fi
+port=$(awk '$1 == "Port" && $2 != "22" {{ print $2; exit }}' "$dropin")
+[ -n "$port" ] || {{ echo "pnp-close-22: no hardened port in $dropin; 22 kept" >&2; exit 3; }}
 answers "$port" || {{ echo "pnp-close-22: sshd does not answer on $port here; 22 kept" >&2; exit 3; }}
 backup=$(mktemp)
 cp -p "$dropin" "$backup"
@@ -122,9 +124,9 @@ mod tests {
 
     #[test]
     fn the_close_script_is_marked_guarded_and_parses() {
-        let s = String::from_utf8(close_22_script(1022)).unwrap();
+        let s = String::from_utf8(close_22_script()).unwrap();
         assert!(s.starts_with(CLOSE_22_MARK));
-        assert!(s.contains("port=1022") && s.contains("nothing to close") && s.contains("restore"));
+        assert!(s.contains("nothing to close") && s.contains("restore") && s.contains("$2 != \"22\""));
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.sh");
         std::fs::write(&f, &s).unwrap();
