@@ -680,3 +680,84 @@ async fn mcp_requires_the_bearer_token() {
     let tools = sim.center().call("list_cloud_accounts", json!({})).await.unwrap();
     assert_eq!(tools["total"], 2);
 }
+
+// ---------- the cloud and the nodes (issue #19) ----------
+
+/// The provider firewall (`providerFirewall`): only 22 until `open_cloud_instance_port`; a Pnp
+/// prep (`keep-22`) leaves sshd on 22 too; the close-22 script over a session on the hardened
+/// port closes 22, and over 22 while the hardened port never answered it is `closed_22_blind`
+/// — and the node is locked out. `cloud-init status` says `error` on a broken instance that
+/// the provider shows running.
+#[tokio::test]
+async fn the_provider_firewall_keep_22_close_22_and_cloud_init_status() {
+    let sim = spawn_sim(None);
+    sim.faults(json!({"bootDelayMs": 20, "prepDelayMs": 20, "providerFirewall": true})).await;
+    let center = sim.center();
+    let launcher: &[u8] = b"# pnp:prep-start v1 keep-22\nexit 0\n";
+    let status: &[u8] = b"# pnp:prep-status v1\n";
+    // Prep both instances with the Pnp launcher; returns a session on the fresh port.
+    let prep = |ip: String| {
+        let sim = &sim;
+        async move {
+            let s = kit::ssh::connect(&sim.target(&ip, sim.fresh, None)).await.unwrap();
+            let ci = run(&s, "cloud-init status", None).await;
+            assert_eq!((ci.status, ci.stdout_str().trim().to_string()), (0, "status: done".to_string()));
+            assert!(run(&s, "sudo bash -s", Some(launcher)).await.stdout_str().contains("pnp-prep: started"));
+            eventually("prep done", PATIENCE, || async { run(&s, "sudo bash -s", Some(status)).await.stdout_str().contains("done rc=0").then_some(()) })
+                .await
+                .unwrap();
+            s
+        }
+    };
+
+    // A: nothing opened. After the prep 22 still answers (keep-22), the hardened port is
+    // refused by the firewall; closing 22 blind locks the node out and is a violation.
+    let (a, ip_a) = sim.running_instance(&center, "pn-fw-a").await;
+    let s = prep(ip_a.clone()).await;
+    assert!(kit::ssh::connect(&sim.target(&ip_a, sim.hardened, None)).await.is_err(), "the firewall refuses the hardened port");
+    let again = kit::ssh::connect(&sim.target(&ip_a, sim.fresh, None)).await.expect("22 kept after a Pnp prep");
+    again.close().await;
+    let adm = sim.instance_admin(&a.id).await;
+    assert_eq!(adm["firewall"], json!(["22/tcp"]));
+    assert!(adm["firewallRefused"].as_u64().unwrap() >= 1, "{adm}");
+    assert_eq!(adm["sshPorts"].as_array().unwrap().len(), 2, "{adm}");
+    let closed = run(&s, "sudo bash -s", Some(b"# pnp:close-22 v1\n")).await;
+    assert_eq!((closed.status, closed.stdout_str().trim().to_string()), (0, "pnp-close-22: closed".to_string()));
+    s.close().await;
+    let v = sim.violations().await;
+    assert!(v.iter().any(|x| x["kind"] == "closed_22_blind" && x["instanceId"] == a.id.as_str()), "{v:?}");
+    assert!(kit::ssh::connect(&sim.target(&ip_a, sim.fresh, None)).await.is_err(), "22 closed");
+    assert!(kit::ssh::connect(&sim.target(&ip_a, sim.hardened, None)).await.is_err(), "and 1022 shut: locked out");
+
+    // B: 1022 opened through Center; 22 closed over the hardened session: no violation.
+    let (b, ip_b) = sim.running_instance(&center, "pn-fw-b").await;
+    let s = prep(ip_b.clone()).await;
+    s.close().await;
+    let ports = center.open_cloud_instance_port(&b.id, 1022, "tcp").await.unwrap();
+    assert_eq!(ports, ["1022/tcp", "22/tcp"]);
+    assert_eq!(center.open_cloud_instance_port(&b.id, 443, "udp").await.unwrap(), ["1022/tcp", "22/tcp", "443/udp"]);
+    let h = kit::ssh::connect(&sim.target(&ip_b, sim.hardened, None)).await.expect("1022 answers once opened");
+    let closed = run(&h, "sudo bash -s", Some(b"# pnp:close-22 v1\n")).await;
+    assert_eq!(closed.stdout_str().trim(), "pnp-close-22: closed");
+    assert_eq!(run(&h, "sudo bash -s", Some(b"# pnp:close-22 v1\n")).await.stdout_str().trim(), "pnp-close-22: already closed");
+    h.close().await;
+    assert!(kit::ssh::connect(&sim.target(&ip_b, sim.fresh, None)).await.is_err(), "22 closed");
+    let adm = sim.instance_admin(&b.id).await;
+    assert!(adm["hardenedLoginMs"].as_i64().unwrap() <= adm["port22ClosedMs"].as_i64().unwrap(), "{adm}");
+    assert_eq!(adm["sshPorts"], json!([sim.hardened]));
+    assert!(!sim.violations().await.iter().any(|x| x["instanceId"] == b.id.as_str()));
+    assert!(center.open_cloud_instance_port("i-nope", 1022, "tcp").await.unwrap_err().is_conflict(), "unknown instance: 404");
+
+    // Without the tool the call is an unknown tool.
+    sim.faults(json!({"firewallTool": false})).await;
+    assert!(center.open_cloud_instance_port(&b.id, 8443, "tcp").await.unwrap_err().is_unsupported());
+
+    // A broken instance: running at the provider, `status: error` on the host.
+    sim.faults(json!({"cloudInitErrorRate": 1.0, "providerFirewall": false})).await;
+    let (c, ip_c) = sim.running_instance(&center, "pn-ci").await;
+    assert_eq!(center.get_cloud_instance(&c.id).await.unwrap().status, "running");
+    let s = kit::ssh::connect(&sim.target(&ip_c, sim.fresh, None)).await.unwrap();
+    let ci = run(&s, "cloud-init status --long", None).await;
+    assert_eq!((ci.status, ci.stdout_str().trim().to_string()), (1, "status: error".to_string()));
+    assert_eq!(sim.instance_admin(&c.id).await["cloudInit"], "error");
+}
