@@ -87,6 +87,12 @@ async fn provision(stack: &Stack, n: usize) -> Vec<String> {
 /// Waits until Center's and the meter's ledgers agree within one report for every node;
 /// returns `(center, meter)` per node at that moment.
 async fn parity(stack: &Stack, nodes: &[String], what: &str) -> Vec<(u64, u64)> {
+    parity_from(stack, nodes, what, &[]).await
+}
+
+/// [`parity`] once Center's ledger of node `i` holds at least `center_min[i]` (the traffic just
+/// pushed has been reported), so that an agreement on the values before it does not count.
+async fn parity_from(stack: &Stack, nodes: &[String], what: &str, center_min: &[u64]) -> Vec<(u64, u64)> {
     let last: Mutex<Vec<(u64, u64)>> = Mutex::default();
     let r = eventually(&format!("parity {what}"), PATIENCE, || async {
         let mut v = Vec::new();
@@ -98,7 +104,8 @@ async fn parity(stack: &Stack, nodes: &[String], what: &str) -> Vec<(u64, u64)> 
             v.push((c, m));
         }
         *last.lock().unwrap() = v.clone();
-        v.iter().all(|(c, m)| c.abs_diff(*m) <= ONE_REPORT).then_some(v)
+        let reached = v.iter().zip(center_min).all(|((c, _), min)| c >= min);
+        (reached && v.iter().all(|(c, m)| c.abs_diff(*m) <= ONE_REPORT)).then_some(v)
     })
     .await;
     r.unwrap_or_else(|e| panic!("{e}: last (center, meter) per node {:?}", last.lock().unwrap()))
@@ -154,7 +161,7 @@ async fn centers_ledger_advances_with_the_meter_stopped_or_killed_and_the_meter_
     let meter_while_stopped = {
         signal(pid, Signal::SIGCONT);
         // 2. Continued: the copies queued meanwhile land, and the next reports carry the rest.
-        parity(&stack, &nodes, "after the meter was stopped").await
+        parity_from(&stack, &nodes, "after the meter was stopped", &want).await
     };
     for ((_, m), w) in meter_while_stopped.iter().zip(&want) {
         assert!(*m + ONE_REPORT >= *w, "the meter caught up: {m} vs Center's {w}");
@@ -184,7 +191,7 @@ async fn centers_ledger_advances_with_the_meter_stopped_or_killed_and_the_meter_
 
     // 4. Back: its ledger (durable) catches up with the next report of each node.
     stack.restart("svc-meter").await.unwrap();
-    let after = parity(&stack, &nodes, "after the meter was killed and restarted").await;
+    let after = parity_from(&stack, &nodes, "after the meter was killed and restarted", &want).await;
     for (((_, m), b), w) in after.iter().zip(&meter_before).zip(&want) {
         assert!(*m >= b + 2_000_000, "the restarted meter counted the traffic of its downtime: {m} (was {b})");
         assert!(*m + ONE_REPORT >= *w, "…all of it: {m} vs Center's {w}");
@@ -200,10 +207,13 @@ async fn center_and_meter_agree_after_traffic_a_reboot_a_meter_restart_and_a_cen
     let nodes = provision(&stack, 2).await;
 
     // Traffic.
+    let before = all_center_used(&stack, &nodes).await;
+    let mut want = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         traffic(&stack, n, 5_000_000 + i as u64 * 1_000_000).await;
+        want.push(before[i] + 5_000_000 + i as u64 * 1_000_000);
     }
-    let p = parity(&stack, &nodes, "after traffic").await;
+    let p = parity_from(&stack, &nodes, "after traffic", &want).await;
     assert!(p.iter().all(|(c, _)| *c >= 5_000_000), "{p:?}");
 
     // A reboot: counters from 0, a new boot id: a new epoch in both ledgers.
@@ -215,18 +225,19 @@ async fn center_and_meter_agree_after_traffic_a_reboot_a_meter_restart_and_a_cen
     .await
     .unwrap();
     traffic(&stack, &nodes[0], 1_500_000).await;
-    let p = parity(&stack, &nodes, "after a reboot").await;
+    let p = parity_from(&stack, &nodes, "after a reboot", &[c0 + 1_500_000]).await;
     assert!(p[0].0 >= c0 + 1_500_000, "the new epoch counts from 0 and adds up: {p:?} (was {c0})");
 
     // A meter restart (SIGKILL, traffic meanwhile, start again on its ledger).
     stack.kill("svc-meter");
+    let want: Vec<u64> = all_center_used(&stack, &nodes).await.iter().map(|c| c + 2_500_000).collect();
     for n in &nodes {
         traffic(&stack, n, 2_500_000).await;
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    center_reaches(&stack, &nodes, &want, "Center records the traffic while the meter is down").await;
     stack.restart("svc-meter").await.unwrap();
     let before_restart = p.clone();
-    let p = parity(&stack, &nodes, "after a meter restart").await;
+    let p = parity_from(&stack, &nodes, "after a meter restart", &want).await;
     for ((_, m), (_, m0)) in p.iter().zip(&before_restart) {
         assert!(*m >= m0 + 2_500_000, "the meter caught up with the next report: {m} (was {m0})");
     }
@@ -252,7 +263,8 @@ async fn center_and_meter_agree_after_traffic_a_reboot_a_meter_restart_and_a_cen
     .unwrap();
     assert_eq!(all_center_used(&stack, &nodes).await, c_before, "Center recorded nothing while down");
     stack.faults(json!({"slaveErrorRate": 0.0})).await.unwrap();
-    let p = parity(&stack, &nodes, "after a Center outage").await;
+    let want: Vec<u64> = c_before.iter().map(|c| c + 4_000_000).collect();
+    let p = parity_from(&stack, &nodes, "after a Center outage", &want).await;
     for ((c, _), c0) in p.iter().zip(&c_before) {
         assert!(*c >= c0 + 4_000_000, "Center caught up with the next report: {c} (was {c0})");
     }
