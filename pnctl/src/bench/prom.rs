@@ -131,6 +131,7 @@ fn label(labels: &str, key: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const BEFORE: &str = r#"# TYPE pn_stage_pickup_seconds histogram
