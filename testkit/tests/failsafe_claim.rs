@@ -189,8 +189,10 @@ async fn a_thousand_queued_with_a_budget_of_fifty() {
     const BUDGET: u64 = 50;
     let stack = Stack::builder()
         .env("svc-claimer", "PN_MAX_CLAIMED", &BUDGET.to_string())
-        // A short lease, so that an operation claimed but not carried would show as an expiry.
-        .env("svc-claimer", "PN_LEASE_SECONDS", "30")
+        // A short lease, so that an operation claimed but not carried would show as an expiry
+        // (1,000 claimed at once could not all finish within it), yet long enough that renewals
+        // every lease/6 hold on a loaded machine (30 s expired once under a parallel VM test).
+        .env("svc-claimer", "PN_LEASE_SECONDS", "120")
         .env("svc-verifier", "PN_DEADLINE_MS", "300000")
         .start()
         .await

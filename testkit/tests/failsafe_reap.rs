@@ -126,7 +126,13 @@ async fn a_node_that_never_registers_is_failed_by_the_sweep_and_reaped() {
     .unwrap();
     let inst = stack.items("/admin/instances").await.unwrap();
     assert_eq!(inst.iter().filter(|i| i["name"] == format!("pn-{sub}")).count(), 1, "{inst:?}");
-    let lines = cloud_log_lines(&stack, &op, "reap: deleted");
+    // The decision is logged right after the delete returns: give the line a moment.
+    let lines = testkit::eventually("the reap decision logged", Duration::from_secs(10), || async {
+        let l = cloud_log_lines(&stack, &op, "reap: deleted");
+        (!l.is_empty()).then_some(l)
+    })
+    .await
+    .unwrap();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("failed at Center"), "{}", lines[0]);
     no_secret_leaked(&stack).await;
