@@ -566,9 +566,8 @@ impl Meter {
         let deployed_at = next.deployed_at_ms;
         tracing::info!(node = %d.node, ipv4 = %new_ip, sold = next.sold_bytes, state = next.state.as_str(), "node updated by a deployment");
         *write(&slot.auth) = (next.ipv4, next.secret_hash());
-        st.ledger = next;
-        drop(st);
-        self.store.flush().await?;
+        // The address index moves with the credentials, before anyone can see the new ledger:
+        // a report from the new address is never refused for a moment (seen under load).
         if old_ip != new_ip {
             let mut by_ip = write(&self.by_ip);
             if by_ip.get(&old_ip).is_some_and(|(_, s)| Arc::ptr_eq(s, &slot)) {
@@ -576,6 +575,9 @@ impl Meter {
             }
             claim_ip(&mut by_ip, new_ip, deployed_at, &slot);
         }
+        st.ledger = next;
+        drop(st);
+        self.store.flush().await?;
         if change.is_some() {
             self.outbox.quota_dirty(&d.node);
         }
