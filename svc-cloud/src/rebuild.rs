@@ -2,8 +2,9 @@
 //! on it (cloud-init reported an error). Seed 001 §3.f: "re-provision fresh (destroy the broken
 //! VM first)". The request is a hint, checked like a reap:
 //!
-//! - the instance must be the one this service published for the operation and one it created
-//!   (`CloudRecord::ours`); anything else is dropped and left alone;
+//! - the instance must be the one this service published for the operation (else the request
+//!   is dropped) and one it created (`CloudRecord::ours`; an adopted stranger is left alone and
+//!   the operation fails: it cannot be deployed);
 //! - Center must say the operation is in flight (`kit::world::activation`): activated → kept
 //!   for good; failed → the reaper's business; unknown → asked again later;
 //! - the provider must show it with our id and the name `pn-<subId>` (another name: never
@@ -65,12 +66,17 @@ impl Handler for OnRebuild {
             return Err(HandleError::Drop(format!("operation {id} failed already; its VPS is the reaper's")));
         }
         let current = rec.instance.as_ref().map(|i| i.id.clone()).unwrap_or_default();
-        if current != broken || !rec.ours().contains(&broken) {
-            tracing::warn!(instance = %broken, current = %current, "rebuild asked for an instance that is not this operation's own published one; nothing deleted");
+        if current != broken {
+            tracing::warn!(instance = %broken, current = %current, "rebuild asked for an instance that is not this operation's published one; nothing deleted");
             metrics::counter!("pn_rebuilds_total", "result" => "refused").increment(1);
-            return Err(HandleError::Drop(format!("instance {broken} is not the one this service created and published for {id}")));
+            return Err(HandleError::Drop(format!("instance {broken} is not the one this service published for {id}")));
         }
         let reason: String = r.reason.chars().filter(|c| !c.is_control()).take(200).collect();
+        if !rec.ours().contains(&broken) {
+            // Adopted, not created by us: never deleted; it cannot be deployed either.
+            metrics::counter!("pn_rebuilds_total", "result" => "kept-not-ours").increment(1);
+            return Err(failed(&op, &broken, format!("instance {broken} came up broken ({reason}); it was adopted, not created by this service, so it is not deleted or replaced")));
+        }
         let limit = ctx.settings.rebuilds as usize;
         if rec.rebuilt.len() >= limit {
             metrics::counter!("pn_rebuilds_total", "result" => "exhausted").increment(1);

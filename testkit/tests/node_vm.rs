@@ -352,12 +352,14 @@ fn usage_cycles(logs: &str) -> Vec<(u64, u64, String)> {
         .collect()
 }
 
+/// Fields drop in this order: the VM is stopped (`vm down` reads its pid file) and the
+/// deployer killed before the temporary directory holding them is removed.
 struct World {
     phases: Phases,
-    dir: tempfile::TempDir,
     vm: Option<Vm>,
     deployer: Option<Deployer>,
     sim_log: Option<PathBuf>,
+    dir: tempfile::TempDir,
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -365,7 +367,7 @@ async fn the_node_side_on_a_real_debian_vm() {
     let _ = START.get_or_init(Instant::now);
     let uid = Command::new("id").arg("-u").output().expect("id");
     assert_eq!(String::from_utf8_lossy(&uid.stdout).trim(), "0", "the VM test needs root (debootstrap, as in CI)");
-    let mut w = World { phases: Phases::default(), dir: tempfile::tempdir().unwrap(), vm: None, deployer: None, sim_log: None };
+    let mut w = World { phases: Phases::default(), vm: None, deployer: None, sim_log: None, dir: tempfile::tempdir().unwrap() };
     let res = body(&mut w).await;
     w.phases.end();
     eprintln!("{}", w.phases.summary());
@@ -377,7 +379,7 @@ async fn the_node_side_on_a_real_debian_vm() {
             // The prep's own log, when the node still answers.
             for port in [vm.hardened_port, vm.fresh_port] {
                 if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(40), vm.ssh(port, None)).await {
-                    let tail = sh(&s, &format!("sudo tail -n 40 {PREP_STATE}/log; sudo docker ps -a 2>&1 | tail -5; sudo journalctl -n 30 --no-pager 2>&1"))
+                    let tail = sh(&s, &format!("sudo tail -n 40 {PREP_STATE}/log; sudo docker ps -a 2>&1 | tail -5; echo '--- k2-sidecar'; sudo docker logs --tail 15 k2-sidecar 2>&1; sudo journalctl -n 30 --no-pager 2>&1 | grep -v -e 'sudo\\[' -e pam_unix -e sshd-session"))
                         .await
                         .unwrap_or_else(|e| format!("({e})"));
                     report.push_str(&format!("--- node (port {port}): prep log, containers, journal\n{tail}\n"));
@@ -507,7 +509,7 @@ async fn body(w: &mut World) -> Result<()> {
         .env("PN_SSH__HARDENED_PORT", hardened_port.to_string())
         .env("PN_SSH__CONNECT_TIMEOUT_MS", "20000")
         .env("PN_SSH__COMMAND_TIMEOUT_MS", "300000")
-        .env("PN_SSH__PREP_TIMEOUT_MS", "1500000")
+        .env("PN_SSH__PREP_TIMEOUT_MS", "2700000")
         .env("PN_SSH__PREP_EXPECTED_MS", "60000")
         .env("PN_SSH__PREP_POLL_MS", "3000")
         .env("PN_SSH__RETRY_DELAY_MS", "2000")
@@ -541,7 +543,7 @@ async fn body(w: &mut World) -> Result<()> {
             instance_id: inst.id.clone(),
             name: inst.name.clone(),
             ipv4: "127.0.0.1".into(),
-            provider: "lightsail".into(),
+            provider: "center".into(),
             account: inst.account_name.clone(),
             provider_region: inst.region.clone(),
             plan: inst.plan.clone(),
@@ -577,7 +579,7 @@ async fn body(w: &mut World) -> Result<()> {
         if let Some(Body::Failed(f)) = last(subjects::FAILED).await {
             bail!("the deployer failed the operation: {} (stage {})", f.reason, f.stage);
         }
-        ensure!(started.elapsed() < Duration::from_secs(25 * 60), "no pn.op.deployed after {:?}", started.elapsed());
+        ensure!(started.elapsed() < Duration::from_secs(45 * 60), "no pn.op.deployed after {:?}", started.elapsed());
         if started.elapsed() >= next_note {
             next_note += Duration::from_secs(60);
             // Where the prep is (its log's last line), on whichever port answers.
@@ -725,7 +727,7 @@ async fn body(w: &mut World) -> Result<()> {
     let ops = 19464;
     let meter_env = format!(
         "PN_NATS_URL=nats://10.0.2.2:{}\nPN_NATS_USER=svc-meter\nPN_NATS_PASSWORD={}\nPN_CENTER_URL={}\nPN_CENTER_TOKEN={CENTER_TOKEN}\n\
-         PN_OPS_LISTEN=127.0.0.1:{ops}\nPN_LISTEN=127.0.0.1:19465\nRUST_LOG=info\n",
+         PN_OPS_LISTEN=127.0.0.1:{ops}\nPN_LISTEN=127.0.0.1:19465\nPN_INTERNAL_LISTEN=127.0.0.1:19466\nRUST_LOG=info\n",
         nats.port,
         nats.password("svc-meter").unwrap_or_default(),
         sim.public_url
