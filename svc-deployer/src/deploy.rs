@@ -8,9 +8,8 @@
 //! Never: a plaintext secret in sled, NATS, a log line or a reason; `docker compose down`;
 //! a command against a node other than the operation's own instance.
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kit::bus::{Bus, HandleError, Meta};
@@ -81,24 +80,6 @@ impl DeployError {
     }
 }
 
-/// One async lock per operation: the instance and the replay consumers never work on the
-/// same node at once.
-#[derive(Default)]
-struct OpLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl OpLocks {
-    async fn lock(&self, op: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            if map.len() > 1024 {
-                map.retain(|_, m| Arc::strong_count(m) > 1);
-            }
-            map.entry(op.to_string()).or_default().clone()
-        };
-        m.lock_owned().await
-    }
-}
-
 /// The deploy stage's shared state.
 pub struct Deployer {
     settings: Settings,
@@ -111,7 +92,7 @@ pub struct Deployer {
     cmds: Commands,
     table: Table<DeployRecord>,
     bus: Bus,
-    locks: OpLocks,
+    locks: kit::locks::OpLocks,
     /// The detached-prep launcher and status scripts, built once.
     prep_start: Vec<u8>,
     prep_status: Vec<u8>,
@@ -151,7 +132,7 @@ impl Deployer {
             cmds,
             table,
             bus,
-            locks: OpLocks::default(),
+            locks: kit::locks::OpLocks::default(),
             prep_start,
             prep_status,
             prep_learned: Mutex::new((0, 0)),

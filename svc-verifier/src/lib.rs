@@ -17,9 +17,8 @@
 mod checks;
 mod record;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kit::app::Runtime;
@@ -104,7 +103,7 @@ pub(crate) struct Ctx {
     pub settings: Settings,
     pub keys: AdminKeys,
     pub ops: Table<VerifyRecord>,
-    locks: OpLocks,
+    locks: kit::locks::OpLocks,
     /// Operations degraded and still watched (the `pn_ops_degraded` gauge).
     degraded_open: AtomicI64,
 }
@@ -120,24 +119,6 @@ impl Ctx {
     }
 }
 
-/// One async lock per operation: the deployed and the replay consumers never run a round of
-/// the same operation at once.
-#[derive(Default)]
-struct OpLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl OpLocks {
-    async fn lock(&self, op: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            if map.len() > 1024 {
-                map.retain(|_, m| Arc::strong_count(m) > 1);
-            }
-            map.entry(op.to_string()).or_default().clone()
-        };
-        m.lock_owned().await
-    }
-}
-
 pub struct App {
     ctx: Arc<Ctx>,
 }
@@ -150,7 +131,7 @@ impl App {
         // The gauge survives restarts: count the degraded operations still watched.
         let open = ops.iter().filter_map(Result::ok).filter(|(_, r)| r.degraded_open()).count() as i64;
         metrics::gauge!("pn_ops_degraded", "stage" => Stage::Verify.as_str()).set(open as f64);
-        let ctx = Ctx { rt, settings, keys, ops, locks: OpLocks::default(), degraded_open: AtomicI64::new(open) };
+        let ctx = Ctx { rt, settings, keys, ops, locks: kit::locks::OpLocks::default(), degraded_open: AtomicI64::new(open) };
         Ok(App { ctx: Arc::new(ctx) })
     }
 
