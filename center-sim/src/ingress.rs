@@ -284,12 +284,7 @@ where
     T: Into<OsString> + Clone,
 {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
-        let format = match std::env::var("PN_LOG_FORMAT").unwrap_or_default().as_str() {
-            "json" => kit::config::LogFormat::Json,
-            "human" => kit::config::LogFormat::Human,
-            _ => kit::config::LogFormat::Auto,
-        };
-        kit::telemetry::init(format);
+        kit::telemetry::init(kit::config::LogFormat::from_env());
         let settings = IngressSettings::load_from(args);
         let mirroring = settings.mirror.clone().unwrap_or_default();
         let app = App::build(settings).await?;

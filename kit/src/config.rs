@@ -40,6 +40,18 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// `PN_LOG_FORMAT` (`json`, `human`; anything else is `Auto`), for the processes that
+    /// read no service settings (center-sim, pn-ingress).
+    pub fn from_env() -> LogFormat {
+        match std::env::var("PN_LOG_FORMAT").unwrap_or_default().as_str() {
+            "json" => LogFormat::Json,
+            "human" => LogFormat::Human,
+            _ => LogFormat::Auto,
+        }
+    }
+}
+
 /// What every service needs. Flattened into each service's settings, so the keys are
 /// top-level: `PN_NATS_URL`, `PN_SEAL_KEY`, `PN_CENTER_TOKEN`, …
 #[derive(Debug, Clone, Deserialize)]
