@@ -1,11 +1,13 @@
 //! Offline validation of `deploy/`: the container image recipe, the k3s manifests and the NATS
 //! configurations, with the real tools and no cluster.
 //!
-//! - `kubectl kustomize` renders `deploy/k8s/base` and `deploy/k8s/overlays/example`;
+//! - `kubectl kustomize` renders `deploy/k8s/base`, `deploy/k8s/overlays/example` and
+//!   `deploy/k8s/overlays/seed-002` (with the monitoring component);
 //! - `kubernetes-validate --strict` (PyPI, bundled schemas) checks every rendered document
 //!   against the Kubernetes 1.31 API — except Traefik's CRDs (`traefik.io/v1alpha1`
-//!   `IngressRoute`, `TraefikService`), for which it has no schema: those are held to a strict
-//!   subset of Traefik's own CRD schema kept here (unknown fields, wrong types, missing required
+//!   `IngressRoute`, `TraefikService`) and the Prometheus Operator's (`monitoring.coreos.com/v1`
+//!   `PodMonitor`, `PrometheusRule`), for which it has no schema: those are held to a strict
+//!   subset of their own CRD schemas kept here (unknown fields, wrong types, missing required
 //!   fields fail), and any other kind without a schema still fails;
 //! - `hadolint` lints `deploy/Dockerfile`, and the image rules the project sets are asserted
 //!   here too (pinned bases, distroless non-root runtime, no shell, the one multi-call binary
@@ -14,7 +16,9 @@
 //!   Standard plus the project's own rules (read-only root, writable only `/data` and `/tmp`,
 //!   secrets only by reference, drain time);
 //! - the NetworkPolicies are evaluated as a cluster would, and the set of allowed flows must be
-//!   exactly the intended one (only the meter is reachable from Traefik);
+//!   exactly the intended one (only the meter is reachable from Traefik — a pod in kube-system,
+//!   or in seed 002 a hostNetwork DaemonSet reaching it from the nodes' addresses; Prometheus,
+//!   in monitoring or in seed 002's dp-system, reaches the ops ports and NATS's exporter);
 //! - Center's host: everything routed to Center (`center-origin`), `POST /slave/usage` through a
 //!   mirroring `TraefikService` with the meter as its one 100 % mirror;
 //! - the NATS configurations are checked by a real `nats-server` (`sync_interval: always`
@@ -175,8 +179,10 @@ fn parse_yaml_docs(text: &str, what: &str) -> Vec<Value> {
     docs
 }
 
+/// Every tree a cluster gets: the base, the example overlay and seed 002's overlay (with the
+/// monitoring component).
 fn both() -> Vec<Rendered> {
-    vec![render("deploy/k8s/base"), render("deploy/k8s/overlays/example")]
+    vec![render("deploy/k8s/base"), render("deploy/k8s/overlays/example"), render("deploy/k8s/overlays/seed-002")]
 }
 
 fn kind(d: &Value) -> &str {
@@ -262,12 +268,25 @@ fn doc_texts(r: &Rendered) -> Vec<String> {
     out
 }
 
-/// Traefik's CRD kinds, which kubernetes-validate has no schema for (checked by `traefik_schema`).
+/// Traefik's CRD kinds, which kubernetes-validate has no schema for (checked by `crd_schema`).
 const TRAEFIK_API: &str = "traefik.io/v1alpha1";
 const TRAEFIK_KINDS: [&str; 2] = ["IngressRoute", "TraefikService"];
+/// The Prometheus Operator's CRD kinds (deploy/k8s/components/monitoring), likewise without a
+/// schema in kubernetes-validate: held to a strict subset of the operator's CRDs here.
+const MONITORING_API: &str = "monitoring.coreos.com/v1";
+const MONITORING_KINDS: [&str; 2] = ["PodMonitor", "PrometheusRule"];
 
 fn is_traefik(d: &Value) -> bool {
     d["apiVersion"] == TRAEFIK_API && TRAEFIK_KINDS.contains(&kind(d))
+}
+
+fn is_monitoring(d: &Value) -> bool {
+    d["apiVersion"] == MONITORING_API && MONITORING_KINDS.contains(&kind(d))
+}
+
+/// A CRD document checked by `crd_schema` instead of kubernetes-validate.
+fn is_crd(d: &Value) -> bool {
+    is_traefik(d) || is_monitoring(d)
 }
 
 #[test]
@@ -279,12 +298,16 @@ fn rendered_manifests_pass_strict_schema_validation() {
         let (mut core, mut crds) = (String::new(), String::new());
         let (mut n_core, mut n_crds) = (0, 0);
         for (d, t) in r.docs.iter().zip(&texts) {
-            let (buf, n) = if is_traefik(d) { (&mut crds, &mut n_crds) } else { (&mut core, &mut n_core) };
+            let (buf, n) = if is_crd(d) { (&mut crds, &mut n_crds) } else { (&mut core, &mut n_core) };
             buf.push_str("---\n");
             buf.push_str(t);
             *n += 1;
         }
         assert!(n_crds >= 2, "{}: the mirroring TraefikService and its IngressRoute are rendered", r.label);
+        if r.label.ends_with("seed-002") {
+            let mon = r.docs.iter().filter(|d| is_monitoring(d)).count();
+            assert_eq!(mon, 3, "{}: two PodMonitors and the PrometheusRule", r.label);
+        }
         let file = dir.path().join(format!("{}.yaml", r.label.replace('/', "_")));
         std::fs::write(&file, &core).unwrap();
         let out = run(Command::new(&validator).args(["--strict", "-k", K8S_VERSION, "--quiet"]).arg(&file));
@@ -303,31 +326,33 @@ fn rendered_manifests_pass_strict_schema_validation() {
         let out = run(Command::new(&validator).args(["--strict", "-k", K8S_VERSION, "--quiet"]).arg(&crd_file));
         let said = format!("{}{}", out.stdout, out.stderr);
         let lines: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert!(out.ok && lines.len() == n_crds, "{}: expected one 'no schema' warning per Traefik document:\n{said}", r.label);
+        assert!(out.ok && lines.len() == n_crds, "{}: expected one 'no schema' warning per CRD document:\n{said}", r.label);
         for l in &lines {
             assert!(
-                l.contains("Couldn't find schema for kind") && TRAEFIK_KINDS.iter().any(|k| l.contains(&format!("kind {k} "))),
-                "{}: unexpected validator output for a Traefik document: {l}",
+                l.contains("Couldn't find schema for kind")
+                    && TRAEFIK_KINDS.iter().chain(&MONITORING_KINDS).any(|k| l.contains(&format!("kind {k} "))),
+                "{}: unexpected validator output for a CRD document: {l}",
                 r.label
             );
         }
-        // …so they are held to Traefik's own CRD schema (the parts kept in `traefik_schema`).
-        for d in r.docs.iter().filter(|d| is_traefik(d)) {
+        // …so they are held to Traefik's and the Prometheus Operator's own CRD schemas (the
+        // parts kept in `crd_schema`).
+        for d in r.docs.iter().filter(|d| is_crd(d)) {
             let mut errs = Vec::new();
-            traefik_schema::check_document(d, &mut errs);
-            assert!(errs.is_empty(), "{}: {}/{} breaks Traefik's CRD schema: {errs:?}", r.label, kind(d), name(d));
+            crd_schema::check_document(d, &mut errs);
+            assert!(errs.is_empty(), "{}: {}/{} breaks its CRD schema: {errs:?}", r.label, kind(d), name(d));
         }
     }
 }
 
 #[test]
-fn the_traefik_schema_check_catches_what_a_cluster_would_reject() {
+fn the_crd_schema_check_catches_what_a_cluster_would_reject() {
     let r = render("deploy/k8s/base");
     let ts = find(&r, "TraefikService", "center-usage-mirrored").clone();
     let ir = find(&r, "IngressRoute", "center-host").clone();
     let mut ok = Vec::new();
-    traefik_schema::check_document(&ts, &mut ok);
-    traefik_schema::check_document(&ir, &mut ok);
+    crd_schema::check_document(&ts, &mut ok);
+    crd_schema::check_document(&ir, &mut ok);
     assert!(ok.is_empty(), "{ok:?}");
     let broken: Vec<(&str, Value)> = vec![
         ("misspelt field", {
@@ -363,16 +388,68 @@ fn the_traefik_schema_check_catches_what_a_cluster_would_reject() {
     ];
     for (what, d) in broken {
         let mut errs = Vec::new();
-        traefik_schema::check_document(&d, &mut errs);
+        crd_schema::check_document(&d, &mut errs);
+        assert!(!errs.is_empty(), "{what}: passed the schema check");
+    }
+    // The Prometheus Operator's kinds (seed 002's monitoring component).
+    let seed = render("deploy/k8s/overlays/seed-002");
+    let pm = find(&seed, "PodMonitor", "pn-services").clone();
+    let pr = find(&seed, "PrometheusRule", "pn-alerts").clone();
+    let mut ok = Vec::new();
+    crd_schema::check_document(&pm, &mut ok);
+    crd_schema::check_document(&pr, &mut ok);
+    assert!(ok.is_empty(), "{ok:?}");
+    let broken: Vec<(&str, Value)> = vec![
+        ("podMetricsEndpoints misspelt", {
+            let mut d = pm.clone();
+            let eps = d["spec"]["podMetricsEndpoints"].take();
+            d["spec"]["podMetricEndpoints"] = eps;
+            d
+        }),
+        ("port as a number", {
+            let mut d = pm.clone();
+            d["spec"]["podMetricsEndpoints"][0]["port"] = json!(9090);
+            d
+        }),
+        ("no selector", {
+            let mut d = pm.clone();
+            d["spec"].as_object_mut().unwrap().remove("selector");
+            d
+        }),
+        ("rule without expr", {
+            let mut d = pr.clone();
+            d["spec"]["groups"][0]["rules"][0].as_object_mut().unwrap().remove("expr");
+            d
+        }),
+        ("for as a number", {
+            let mut d = pr.clone();
+            d["spec"]["groups"][0]["rules"][0]["for"] = json!(300);
+            d
+        }),
+        ("a label that is not a string", {
+            let mut d = pr.clone();
+            d["spec"]["groups"][0]["rules"][0]["labels"]["severity"] = json!(1);
+            d
+        }),
+        ("old apiVersion", {
+            let mut d = pm.clone();
+            d["apiVersion"] = json!("monitoring.coreos.com/v1alpha1");
+            d
+        }),
+    ];
+    for (what, d) in broken {
+        let mut errs = Vec::new();
+        crd_schema::check_document(&d, &mut errs);
         assert!(!errs.is_empty(), "{what}: passed the schema check");
     }
 }
 
 /// A strict subset of Traefik's CRD schemas (traefik.io/v1alpha1, as in Traefik's
-/// `traefik.io_ingressroutes.yaml` / `traefik.io_traefikservices.yaml`): every object lists the
+/// `traefik.io_ingressroutes.yaml` / `traefik.io_traefikservices.yaml`) and of the Prometheus
+/// Operator's (monitoring.coreos.com/v1 PodMonitor, PrometheusRule): every object lists the
 /// properties the CRD declares (nested objects the manifests do not use are accepted as any
 /// object), unknown keys, wrong types and missing required fields are errors.
-mod traefik_schema {
+mod crd_schema {
     use serde_json::Value;
 
     #[derive(Clone)]
@@ -385,6 +462,8 @@ mod traefik_schema {
         AnyObj,
         Arr(Box<S>),
         Obj(Vec<(&'static str, S)>, &'static [&'static str]),
+        /// An object whose values are all strings (labels, annotations).
+        MapStr,
     }
 
     fn middleware_refs() -> S {
@@ -468,6 +547,7 @@ mod traefik_schema {
             S::IntOrStr => v.is_string() || v.is_i64() || v.is_u64(),
             S::Enum(vals) => v.as_str().is_some_and(|x| vals.contains(&x)),
             S::AnyObj => v.is_object(),
+            S::MapStr => v.as_object().is_some_and(|m| m.values().all(Value::is_string)),
             S::Arr(item) => match v.as_array() {
                 Some(a) => {
                     for (i, x) in a.iter().enumerate() {
@@ -500,15 +580,106 @@ mod traefik_schema {
         }
     }
 
-    /// Checks a whole `traefik.io/v1alpha1` document of a kind kept here.
+    fn label_selector() -> S {
+        S::Obj(vec![("matchLabels", S::MapStr), ("matchExpressions", S::Arr(Box::new(S::AnyObj)))], &[])
+    }
+
+    /// `monitoring.coreos.com/v1` PodMonitor (prometheus-operator's `monitoring.coreos.com_podmonitors.yaml`).
+    fn pod_monitor_spec() -> S {
+        let endpoint = S::Obj(
+            vec![
+                ("authorization", S::AnyObj),
+                ("basicAuth", S::AnyObj),
+                ("bearerTokenSecret", S::AnyObj),
+                ("enableHttp2", S::Bool),
+                ("filterRunning", S::Bool),
+                ("followRedirects", S::Bool),
+                ("honorLabels", S::Bool),
+                ("honorTimestamps", S::Bool),
+                ("interval", S::Str),
+                ("metricRelabelings", S::Arr(Box::new(S::AnyObj))),
+                ("oauth2", S::AnyObj),
+                ("params", S::AnyObj),
+                ("path", S::Str),
+                ("port", S::Str),
+                ("portNumber", S::Int),
+                ("proxyUrl", S::Str),
+                ("relabelings", S::Arr(Box::new(S::AnyObj))),
+                ("scheme", S::Enum(&["http", "https", "HTTP", "HTTPS"])),
+                ("scrapeTimeout", S::Str),
+                ("targetPort", S::IntOrStr),
+                ("tlsConfig", S::AnyObj),
+                ("trackTimestampsStaleness", S::Bool),
+            ],
+            &[],
+        );
+        S::Obj(
+            vec![
+                ("attachMetadata", S::AnyObj),
+                ("bodySizeLimit", S::Str),
+                ("jobLabel", S::Str),
+                ("keepDroppedTargets", S::Int),
+                ("labelLimit", S::Int),
+                ("labelNameLengthLimit", S::Int),
+                ("labelValueLengthLimit", S::Int),
+                ("namespaceSelector", S::Obj(vec![("any", S::Bool), ("matchNames", S::Arr(Box::new(S::Str)))], &[])),
+                ("podMetricsEndpoints", S::Arr(Box::new(endpoint))),
+                ("podTargetLabels", S::Arr(Box::new(S::Str))),
+                ("sampleLimit", S::Int),
+                ("scrapeClass", S::Str),
+                ("scrapeProtocols", S::Arr(Box::new(S::Str))),
+                ("selector", label_selector()),
+                ("targetLimit", S::Int),
+            ],
+            &["selector"],
+        )
+    }
+
+    /// `monitoring.coreos.com/v1` PrometheusRule (`monitoring.coreos.com_prometheusrules.yaml`).
+    fn prometheus_rule_spec() -> S {
+        let rule = S::Obj(
+            vec![
+                ("alert", S::Str),
+                ("annotations", S::MapStr),
+                ("expr", S::IntOrStr),
+                ("for", S::Str),
+                ("keep_firing_for", S::Str),
+                ("labels", S::MapStr),
+                ("record", S::Str),
+            ],
+            &["expr"],
+        );
+        let group = S::Obj(
+            vec![
+                ("interval", S::Str),
+                ("labels", S::MapStr),
+                ("limit", S::Int),
+                ("name", S::Str),
+                ("partial_response_strategy", S::Str),
+                ("query_offset", S::Str),
+                ("rules", S::Arr(Box::new(rule))),
+            ],
+            &["name"],
+        );
+        S::Obj(vec![("groups", S::Arr(Box::new(group)))], &[])
+    }
+
+    /// Checks a whole `traefik.io/v1alpha1` or `monitoring.coreos.com/v1` document of a kind
+    /// kept here.
     pub fn check_document(d: &Value, errs: &mut Vec<String>) {
-        if d["apiVersion"] != super::TRAEFIK_API {
-            errs.push(format!("apiVersion {} (want {})", d["apiVersion"], super::TRAEFIK_API));
+        let want_api = match d["kind"].as_str() {
+            Some("PodMonitor" | "PrometheusRule") => super::MONITORING_API,
+            _ => super::TRAEFIK_API,
+        };
+        if d["apiVersion"] != want_api {
+            errs.push(format!("apiVersion {} (want {want_api})", d["apiVersion"]));
             return;
         }
         let spec = match d["kind"].as_str() {
             Some("TraefikService") => traefik_service_spec(),
             Some("IngressRoute") => ingress_route_spec(),
+            Some("PodMonitor") => pod_monitor_spec(),
+            Some("PrometheusRule") => prometheus_rule_spec(),
             other => {
                 errs.push(format!("kind {other:?} has no schema here"));
                 return;
@@ -786,7 +957,13 @@ fn every_workload_meets_the_restricted_standard_and_the_project_rules() {
                     }
                     writable.insert(path.to_string());
                 }
-                assert_eq!(writable, BTreeSet::from(["/data".to_string(), "/tmp".to_string()]), "{at}: writable mounts");
+                // The main container writes both; a sidecar (NATS's metrics exporter) at most those.
+                let allowed = BTreeSet::from(["/data".to_string(), "/tmp".to_string()]);
+                if c["name"] == w.containers()[0]["name"] {
+                    assert_eq!(writable, allowed, "{at}: writable mounts");
+                } else {
+                    assert!(writable.is_subset(&allowed), "{at}: writable mounts {writable:?}");
+                }
                 for claim in claims.values() {
                     assert_eq!(claim["spec"]["storageClassName"], "local-path", "{at}: PVC storageClassName");
                 }
@@ -1262,13 +1439,32 @@ fn network_policies_allow_exactly_the_intended_flows() {
             .map(|w| Peer::Pod { id: w.app(), ns: NS.into(), ns_labels: ns_labels.clone(), labels: w.labels(), ports: w.container_ports() })
             .collect();
         assert_eq!(ours.len(), 6, "{}: five services and NATS", r.label);
-        let traefik = ext_pod("traefik", "kube-system", &[("app.kubernetes.io/name", "traefik")]);
-        let prometheus = ext_pod("prometheus", "monitoring", &[("app.kubernetes.io/name", "prometheus")]);
+        // Where Traefik and Prometheus are: k3s' defaults (Traefik a pod in kube-system,
+        // Prometheus in monitoring), or seed 002's (Traefik a hostNetwork DaemonSet on the run
+        // nodes, whose connections carry the node's address on 10.0.1.0/24; kube-prometheus-stack
+        // in dp-system). Each tree must refuse the other's.
+        let seed = r.label.ends_with("seed-002");
+        let traefik_labels = [("app.kubernetes.io/name", "traefik")];
+        let prom_labels = [("app.kubernetes.io/name", "prometheus")];
+        let (traefik, other_traefik) = if seed {
+            (Peer::Ip { id: "traefik".into(), ip: Ipv4Addr::new(10, 0, 1, 100) }, ext_pod("traefik-pod-in-kube-system", "kube-system", &traefik_labels))
+        } else {
+            (ext_pod("traefik", "kube-system", &traefik_labels), Peer::Ip { id: "traefik-on-a-node".into(), ip: Ipv4Addr::new(10, 0, 1, 100) })
+        };
+        let (prometheus, other_prometheus) = if seed {
+            (ext_pod("prometheus", "dp-system", &prom_labels), ext_pod("prometheus-in-monitoring", "monitoring", &prom_labels))
+        } else {
+            (ext_pod("prometheus", "monitoring", &prom_labels), ext_pod("prometheus-in-dp-system", "dp-system", &prom_labels))
+        };
         let coredns = ext_pod("coredns", "kube-system", &[("k8s-app", "kube-dns")]);
         let others: Vec<Peer> = vec![
             traefik.clone(),
             prometheus.clone(),
             coredns.clone(),
+            other_traefik,
+            other_prometheus,
+            // Prometheus's labels in a namespace nobody trusts.
+            ext_pod("fake-prometheus", "default", &prom_labels),
             // Same labels as Traefik, wrong namespace: must not pass.
             ext_pod("fake-traefik", "default", &[("app.kubernetes.io/name", "traefik")]),
             ext_pod("customer-pod", "dp-tenant-app", &[("app", "web")]),
@@ -1281,7 +1477,7 @@ fn network_policies_allow_exactly_the_intended_flows() {
             Peer::Ip { id: "cloud-metadata".into(), ip: Ipv4Addr::new(169, 254, 169, 254) },
         ];
         let everyone: Vec<&Peer> = ours.iter().chain(&others).collect();
-        let probe_ports: [(i64, &str); 12] = [
+        let probe_ports: [(i64, &str); 13] = [
             (22, "TCP"),
             (53, "UDP"),
             (53, "TCP"),
@@ -1291,6 +1487,7 @@ fn network_policies_allow_exactly_the_intended_flows() {
             (4222, "TCP"),
             (5000, "TCP"),
             (6222, "TCP"),
+            (7777, "TCP"),
             (8090, "TCP"),
             (8222, "TCP"),
             (9090, "TCP"),
@@ -1314,6 +1511,14 @@ fn network_policies_allow_exactly_the_intended_flows() {
             want.insert(format!("{s} -> nats:4222/TCP"));
         }
         want.insert("nats -> nats:6222/TCP".to_string());
+        // NATS's metrics exporter.
+        want.insert("prometheus -> nats:7777/TCP".to_string());
+        if seed {
+            // The ipBlock of the nodes' network lets every host-network process on a node reach
+            // the meter's ingest port (what Traefik as a hostNetwork DaemonSet needs); the
+            // meter authenticates every report anyway.
+            want.insert("node-network -> svc-meter:8090/TCP".to_string());
+        }
         assert_eq!(got, want, "{}: allowed ingress flows", r.label);
         // Said plainly: of all our workloads, only the meter takes traffic from the edge.
         let from_edge: BTreeSet<&str> = got.iter().filter(|f| f.starts_with("traefik ")).map(|f| f.split(" -> ").nth(1).unwrap()).collect();
