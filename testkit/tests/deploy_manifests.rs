@@ -51,7 +51,7 @@ const PROGRAMS: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-ve
 const IMAGE_BINARY: &str = "pnp";
 const IMAGE_BINARY_PATH: &str = "/usr/local/bin/pnp";
 /// Every Secret the manifests reference (created out of band, deploy/k8s/README.md).
-const SECRETS: [&str; 15] = [
+const SECRETS: [&str; 16] = [
     "pn-seal-key",
     "pn-center-token-svc-claimer",
     "pn-center-token-svc-cloud",
@@ -67,7 +67,12 @@ const SECRETS: [&str; 15] = [
     "pn-nats-tls",
     "pn-meter-internal-token",
     "pn-ssh-admin-keys",
+    "pn-hetzner-token-readonly",
 ];
+/// The services that confirm an instance with the provider before a secret moves or a node's
+/// identity changes (kit::cloud::confirm_instance): with PN_PROVIDER=hetzner they read the
+/// read-only Hetzner token (an optional Secret).
+const PROVIDER_READERS: [&str; 2] = ["svc-deployer", "svc-meter"];
 /// The services that hold the seal key (they seal and unseal the claim token and node secret).
 const SEAL_KEY_USERS: [&str; 2] = ["svc-claimer", "svc-deployer"];
 const NONROOT: i64 = 65532;
@@ -1053,6 +1058,18 @@ fn services_run_as_the_contract_says() {
                 assert!(env_value(&r, c, "PN_SEAL_KEY").is_none(), "{at}: the seal key only in {SEAL_KEY_USERS:?}");
             }
             assert_eq!(get("PN_CENTER_TOKEN"), format!("secret:pn-center-token-{svc}/token"), "{at}: its own Center token");
+            // The provider the instance checks ask, from pn-config; the read-only Hetzner token
+            // (optional: unused with `center`) only where the instance is confirmed.
+            if svc != "svc-claimer" && svc != "svc-verifier" {
+                assert_eq!(get("PN_PROVIDER"), "center", "{at}: PN_PROVIDER from pn-config");
+            }
+            let hz = arr(&c["env"]).iter().find(|e| e["name"] == "PN_HETZNER__TOKEN");
+            if PROVIDER_READERS.contains(&svc) {
+                let r = &hz.unwrap_or_else(|| panic!("{at}: PN_HETZNER__TOKEN"))["valueFrom"]["secretKeyRef"];
+                assert_eq!((r["name"].as_str(), r["key"].as_str(), r["optional"].as_bool()), (Some("pn-hetzner-token-readonly"), Some("token"), Some(true)), "{at}");
+            } else {
+                assert!(hz.is_none(), "{at}: the read-only provider token only in {PROVIDER_READERS:?}");
+            }
 
             for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
                 let p = &c[probe]["httpGet"];
@@ -1727,6 +1744,9 @@ fn each_workload_holds_only_its_own_secrets() {
             }
             if svc == "svc-meter" {
                 s.insert("pn-meter-internal-token".into());
+            }
+            if PROVIDER_READERS.contains(&svc) {
+                s.insert("pn-hetzner-token-readonly".into());
             }
             want.insert(svc.to_string(), s);
         }
