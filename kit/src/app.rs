@@ -87,6 +87,16 @@ impl Runtime {
         Ok(())
     }
 
+    /// Runs `sample` now and every `PN_GAUGE_SAMPLE_MS` until shutdown (`kit::ops::spawn_sampler`):
+    /// the service's gauges read from its own state.
+    pub fn spawn_sampler<F, Fut>(&self, sample: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        crate::ops::spawn_sampler(Duration::from_millis(self.common.gauge_sample_ms), self.shutdown.clone(), sample);
+    }
+
     /// Waits for `shutdown`, cancels every loop, and waits for them to drain.
     pub async fn run_until(&self, mut set: JoinSet<()>, shutdown: impl std::future::Future<Output = ()>) {
         let token = self.shutdown.clone();

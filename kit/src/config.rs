@@ -88,6 +88,11 @@ pub struct Common {
     pub state_cache_mb: u64,
     /// JetStream replicas for the streams this service creates (3 on a 3-server cluster).
     pub stream_replicas: usize,
+    /// `PN_GAUGE_SAMPLE_MS`: how often the gauges read from the service's own state are
+    /// sampled (`pn_ops_in_flight`, `pn_ops_parked`, `pn_ops_overdue`, `pn_meter_nodes`,
+    /// `pn_relay_backlog`; `kit::ops::spawn_sampler`). Each sample reads the service's table
+    /// once, off the message path.
+    pub gauge_sample_ms: u64,
 }
 
 impl Default for Common {
@@ -110,6 +115,7 @@ impl Default for Common {
             max_parked: 20_000,
             state_cache_mb: crate::state::DEFAULT_CACHE_MB,
             stream_replicas: 1,
+            gauge_sample_ms: crate::ops::DEFAULT_SAMPLE_MS,
         }
     }
 }

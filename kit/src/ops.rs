@@ -44,10 +44,16 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("pn_lease_renewals_total", "Lease renewals accepted by Center, by how (progress: update_node_operation(in_progress); claim: a claim by the holder)."),
     ("pn_lease_lost_total", "Leases this claimer found lost (Center requeued the operation or gave it to another holder) while it still held the operation in flight."),
     ("pn_stale_failures_total", "pn.op.failed events of an earlier claim attempt than the operation's current one (not reported to Center)."),
+    ("pn_meter_cutoffs_total", "Times a node reached the cut-off (>= 95 % of its sold quota) in the meter's ledger."),
+    ("pn_meter_nodes", "Private nodes in the meter's ledger, by quota state (ok, warn, cutoff); sampled."),
     ("pn_meter_hide_unsupported_total", "Hide/show calls (update_node) that Center could not take because it has no update_node tool; the meter's own 402 still holds."),
     ("pn_meter_billed_bytes_total", "Bytes billed to nodes' ledgers."),
     ("pn_meter_reports_total", "Usage reports received, by outcome."),
     ("pn_meter_usage_published_total", "meter.usage.<node> messages published."),
+    ("pn_ops_in_flight", "Operations a stage holds now (started, not yet handed on or terminal), read from its own state; sampled, by stage."),
+    ("pn_ops_overdue", "Operations a stage holds past its deadline (the wait they are in ended more than a minute ago without a decision); sampled, by stage."),
+    ("pn_ops_parked", "Operations a stage holds parked, waiting on the world (a booting VPS, a pause, the OS prep, the next verification round); sampled, by stage."),
+    ("pn_relay_backlog", "Reports to Center waiting to be delivered, by relay (claimer-instance, claimer-failed, claimer-verified: the claimer's consumers' pending and unacknowledged messages; meter-visibility: the meter's pending hide/show calls); sampled."),
     ("pn_ops_degraded", "Activated operations whose later checks do not hold (degraded), now."),
     ("pn_ops_degraded_total", "Operations that became degraded."),
     ("pn_reap_decisions_total", "The reaper's decisions, by decision."),
@@ -71,6 +77,87 @@ pub fn prometheus() -> Option<PrometheusHandle> {
         Some(handle)
     })
     .clone()
+}
+
+/// How long past the end of the wait it is in an operation counts as overdue: its parked
+/// message should have come back and been decided by then (JetStream redelivers at the end
+/// of the nak delay; a handler slot frees within seconds).
+pub const OVERDUE_GRACE_MS: i64 = 60_000;
+
+/// Whether an operation whose current wait ends at `due_ms` is overdue at `now_ms`.
+pub fn overdue(now_ms: i64, due_ms: i64) -> bool {
+    due_ms > 0 && now_ms > due_ms.saturating_add(OVERDUE_GRACE_MS)
+}
+
+/// What a stage holds now, counted from its own durable state by a sampler (so the gauges are
+/// right after a restart, not a sum of increments since the process started).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StageCounts {
+    pub in_flight: u64,
+    pub parked: u64,
+    pub overdue: u64,
+}
+
+impl StageCounts {
+    /// Counts one operation the stage holds.
+    pub fn held(&mut self, parked: bool, overdue: bool) {
+        self.in_flight += 1;
+        self.parked += u64::from(parked);
+        self.overdue += u64::from(overdue);
+    }
+
+    /// Sets `pn_ops_in_flight{stage}`, `pn_ops_parked{stage}` and `pn_ops_overdue{stage}`.
+    pub fn set(&self, stage: &'static str) {
+        metrics::gauge!("pn_ops_in_flight", "stage" => stage).set(self.in_flight as f64);
+        metrics::gauge!("pn_ops_parked", "stage" => stage).set(self.parked as f64);
+        metrics::gauge!("pn_ops_overdue", "stage" => stage).set(self.overdue as f64);
+    }
+}
+
+/// How often the sampled gauges are read when a service does not say (`PN_GAUGE_SAMPLE_MS`).
+pub const DEFAULT_SAMPLE_MS: u64 = 5_000;
+
+/// Runs `sample` at once and then every `every` until `shutdown`: the one periodic sampler
+/// behind the gauges read from a service's state (`pn_ops_*`, `pn_meter_nodes`,
+/// `pn_relay_backlog`), off the message path. A sample that scans a sled table should do it
+/// in `tokio::task::spawn_blocking`. Samples never overlap; a slow one delays the next.
+pub fn spawn_sampler<F, Fut>(every: std::time::Duration, shutdown: tokio_util::sync::CancellationToken, mut sample: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let every = every.max(std::time::Duration::from_millis(50));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = sample() => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    })
+}
+
+/// What a durable consumer still has to deliver: messages not yet delivered (`num_pending`)
+/// plus delivered and not yet acknowledged (`num_ack_pending`, which holds the nak'ed ones
+/// waiting for their retry). One `CONSUMER.INFO` call, which every service may make on its
+/// own durables (`kit::nats_auth`).
+pub async fn consumer_backlog(bus: &crate::bus::Bus, stream: &str, durable: &str) -> Option<u64> {
+    let consumer = bus
+        .js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(durable, stream)
+        .await
+        .ok()?;
+    let info = consumer.cached_info();
+    Some(info.num_pending.saturating_add(info.num_ack_pending as u64))
+}
+
+/// Sets `pn_relay_backlog{relay}`.
+pub fn relay_backlog(relay: &'static str, n: u64) {
+    metrics::gauge!("pn_relay_backlog", "relay" => relay).set(n as f64);
 }
 
 /// Sets `pn_build_info{service, version} 1`.
@@ -160,6 +247,52 @@ mod tests {
         for name in ["pn_handler_seconds", "pn_handler_retries_total", "pn_build_info"] {
             assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}: {text}");
         }
+    }
+
+    #[test]
+    fn stage_counts_set_the_three_gauges() {
+        let Some(prom) = prometheus() else { panic!("the recorder could not be installed") };
+        let mut c = StageCounts::default();
+        c.held(true, false);
+        c.held(true, true);
+        c.held(false, false);
+        c.set("unit");
+        relay_backlog("unit-relay", 7);
+        let text = prom.render();
+        assert!(text.contains("pn_ops_in_flight{stage=\"unit\"} 3"), "{text}");
+        assert!(text.contains("pn_ops_parked{stage=\"unit\"} 2"), "{text}");
+        assert!(text.contains("pn_ops_overdue{stage=\"unit\"} 1"), "{text}");
+        assert!(text.contains("pn_relay_backlog{relay=\"unit-relay\"} 7"), "{text}");
+        for name in ["pn_ops_in_flight", "pn_ops_parked", "pn_ops_overdue", "pn_relay_backlog"] {
+            assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}: {text}");
+        }
+    }
+
+    #[test]
+    fn overdue_only_past_the_grace_and_never_without_a_due_time() {
+        assert!(!overdue(1_000_000, 0), "no due time known: not overdue");
+        assert!(!overdue(1_000_000, 1_000_000 - OVERDUE_GRACE_MS), "at the grace's end: not yet");
+        assert!(overdue(1_000_001, 1_000_000 - OVERDUE_GRACE_MS));
+    }
+
+    #[tokio::test]
+    async fn the_sampler_samples_at_once_and_again_until_shutdown() {
+        let n = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let token = tokio_util::sync::CancellationToken::new();
+        let n2 = n.clone();
+        let h = spawn_sampler(std::time::Duration::from_millis(50), token.clone(), move || {
+            let n = n2.clone();
+            async move {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        token.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), h).await;
+        let seen = n.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(seen >= 2, "sampled {seen} times");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), seen, "no sample after shutdown");
     }
 
     #[test]

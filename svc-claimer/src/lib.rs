@@ -9,6 +9,7 @@
 //! `pn.op.failed`; a `pn.op.failed` for an operation Center reports activated is recorded, not
 //! reported. It claims only what the pipeline can carry (`max_claimed`).
 
+mod gauges;
 mod handlers;
 mod poll;
 mod record;
@@ -224,6 +225,10 @@ impl App {
             let ctx = ctx.clone();
             let token = rt.shutdown.clone();
             set.spawn(async move { poll::lease_keeper(ctx, token).await });
+        }
+        {
+            let ctx = ctx.clone();
+            rt.spawn_sampler(move || gauges::sample(ctx.clone()));
         }
         rt.run_until(set, shutdown).await;
         Ok(())

@@ -9,6 +9,7 @@
 //! listed for an operator. No wait holds a handler: the boot wait and the retry pauses are
 //! recorded and the message parked.
 
+mod gauges;
 mod http;
 mod reaper;
 mod rebuild;
@@ -314,6 +315,10 @@ impl App {
             let ctx = ctx.clone();
             let token = rt.shutdown.clone();
             set.spawn(async move { reaper::reap_loop(ctx, token).await });
+        }
+        {
+            let ctx = ctx.clone();
+            rt.spawn_sampler(move || gauges::sample(ctx.clone()));
         }
         rt.run_until(set, shutdown).await;
         Ok(())

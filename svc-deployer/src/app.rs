@@ -44,6 +44,10 @@ impl App {
         let runtime = Runtime::start(SERVICE, &settings.common).await?;
         let table = runtime.store.table::<DeployRecord>(TABLE).context("open the deploy table")?;
         let max_parked = settings.common.max_parked;
+        {
+            let (table, prep_timeout_ms) = (table.clone(), settings.ssh.prep_timeout_ms);
+            runtime.spawn_sampler(move || crate::gauges::sample(table.clone(), prep_timeout_ms));
+        }
         // Read only: the deployer asks the provider to confirm each event's instance.
         let primary = kit::cloud::build(&settings.provider, &settings.account, &settings.hetzner, runtime.center.clone(), true)?;
         let alt = match settings.alt_provider.as_str() {

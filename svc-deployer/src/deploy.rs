@@ -306,6 +306,21 @@ impl Deployer {
         }
     }
 
+    /// Records that this stage failed the operation's current attempt (its `pn.op.failed` is
+    /// on its way): the stage no longer holds it (`crate::gauges`). A recorded outcome wins.
+    pub async fn record_failed(&self, op_id: &str) {
+        let _guard = self.locks.lock(op_id).await;
+        let Ok(Some(mut rec)) = self.table.get(op_id) else { return };
+        if rec.deployed.is_some() || rec.failed_attempt.is_some_and(|a| a >= rec.claim_attempt) {
+            return;
+        }
+        rec.failed_attempt = Some(rec.claim_attempt);
+        rec.failed_at_ms = Some(kit::now_ms());
+        if let Err(e) = self.table.put(op_id, &rec).await {
+            tracing::warn!(op = op_id, error = %e, "could not record the failure");
+        }
+    }
+
     async fn deploy(&self, op_id: &str, mut rec: DeployRecord) -> Result<(), HandleError> {
         let Some(input) = rec.input() else {
             return Err(HandleError::Fail {

@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod deploy;
+pub mod gauges;
 pub mod handlers;
 pub mod harden;
 pub mod node_env;

@@ -64,6 +64,12 @@ pub struct DeployRecord {
     pub steps: BTreeMap<String, i64>,
     pub deployed: Option<Deployed>,
     pub updated_at_ms: i64,
+    /// The claim attempt this stage failed (its `pn.op.failed` went out), and when: the
+    /// operation is no longer held here (`pn_ops_in_flight`) unless a newer attempt comes.
+    #[serde(default)]
+    pub failed_attempt: Option<u32>,
+    #[serde(default)]
+    pub failed_at_ms: Option<i64>,
 }
 
 /// The recorded outcome: enough to publish the same `NodeDeployed` again.

@@ -98,6 +98,10 @@ impl App {
         };
         set.spawn(outbox::usage_loop(meter.clone(), rt.bus.clone(), rt.shutdown.clone()));
         set.spawn(outbox::quota_loop(meter.clone(), rt.bus.clone(), rt.center.clone(), rt.shutdown.clone()));
+        {
+            let meter = meter.clone();
+            rt.spawn_sampler(move || crate::gauges::sample(meter.clone()));
+        }
 
         tracing::info!(listen = %http_addr, internal = ?internal_addr, nodes = meter.node_count(), "svc-meter ready");
         println!("svc-meter listening on http://{http_addr}");

@@ -188,6 +188,9 @@ impl NodeLedger {
             at_ms: now_ms,
         };
         self.state = to;
+        if to == State::Cutoff {
+            metrics::counter!("pn_meter_cutoffs_total").increment(1);
+        }
         self.quota_changes.push(change.clone());
         let published = self.published_quota_seq;
         while self.quota_changes.len() > MAX_CHANGES_KEPT {

@@ -11,6 +11,7 @@ pub mod app;
 pub mod auth;
 pub mod bench;
 pub mod delta;
+pub mod gauges;
 pub mod handlers;
 pub mod http;
 pub mod ledger;

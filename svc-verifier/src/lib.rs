@@ -15,6 +15,7 @@
 //! When Center cannot say, nothing is concluded: it asks again later.
 
 mod checks;
+mod gauges;
 mod record;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -145,6 +146,10 @@ impl App {
             .await?;
         rt.spawn_consumer(&mut set, ConsumerSpec::replay(SERVICE, Stage::Verify, &cfg), cfg.clone(), Arc::new(OnReplay(ctx.clone())))
             .await?;
+        {
+            let ctx = ctx.clone();
+            rt.spawn_sampler(move || gauges::sample(ctx.clone()));
+        }
         rt.run_until(set, shutdown).await;
         Ok(())
     }

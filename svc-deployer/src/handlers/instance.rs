@@ -18,9 +18,13 @@ impl Handler for OnInstance {
             .filter(|s| proto::subjects::is_token(s))
             .map(str::to_string)
             .ok_or_else(|| HandleError::Drop("subject carries no operation id".into()))?;
-        match msg.decode()? {
+        let res = match msg.decode()? {
             Body::Instance(ir) => self.0.on_instance(&op_id, ir, msg.delivered).await,
             other => Err(HandleError::fail(format!("expected pn.v1.InstanceReady, got {}", other.type_name()))),
+        };
+        if matches!(res, Err(HandleError::Fail { .. })) {
+            self.0.record_failed(&op_id).await;
         }
+        res
     }
 }

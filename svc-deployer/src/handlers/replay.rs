@@ -12,6 +12,10 @@ pub struct OnReplay(pub Arc<Deployer>);
 impl Handler for OnReplay {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let op_id = msg.replay_op_id()?;
-        self.0.on_replay(&op_id).await
+        let res = self.0.on_replay(&op_id).await;
+        if matches!(res, Err(HandleError::Fail { .. })) {
+            self.0.record_failed(&op_id).await;
+        }
+        res
     }
 }
