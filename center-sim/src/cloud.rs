@@ -53,6 +53,11 @@ pub fn login_user(provider: &str, os: &str) -> &'static str {
     }
 }
 
+/// The admin user `provision-node.sh` makes from root's keys when it runs in a root session
+/// (images that let only root in), before it sets `PermitRootLogin no`: its `ADMIN_USER`.
+/// Kept apart from Pnp's `kit::cloud::ADMIN_USER`, like the table above.
+pub const PREP_ADMIN_USER: &str = "pnadmin";
+
 /// The provider of an account (empty for an unknown one).
 pub fn provider_of(account: &str) -> &'static str {
     ACCOUNTS.iter().find(|a| a.0 == account).map(|a| a.1).unwrap_or("")
@@ -231,6 +236,8 @@ impl Instance {
             ssh_ports: self.host.listener.iter().chain(self.host.fresh_listener.iter()).map(|l| l.port).collect(),
             account: self.account.clone(),
             login_user: self.login_user(),
+            admin_user: self.host.admin_user.clone(),
+            root_logins_refused: self.host.root_logins_refused,
             firewall: self.firewall.iter().cloned().collect(),
             firewall_refused: self.firewall_refused,
             cloud_init: self.host.cloud_init.as_str(),
@@ -271,6 +278,10 @@ pub struct AdminInstance {
     pub account: String,
     /// The user the image lets in.
     pub login_user: &'static str,
+    /// The admin the prep left (`null` before the prep): the only way in with root refused.
+    pub admin_user: Option<String>,
+    /// Root logins refused after the prep (`PermitRootLogin no`).
+    pub root_logins_refused: u32,
     /// The provider firewall's open ports.
     pub firewall: Vec<String>,
     pub firewall_refused: u32,

@@ -17,7 +17,7 @@
 # Steps:  1 preflight (root, Ubuntu/Debian)   2 wait for cloud-init   3 timezone Asia/Singapore
 #         4 snapd removal   5 swap   6 base packages   7 Docker + compose plugin
 #         8 IPv6   9 BBR   10 Docker daemon.json   11 UFW   12 ufw-docker rules
-#         13 SSH 22 -> 1022 (key-only)   14 persistent journald + crash-monitor cron
+#         13 SSH 22 -> 1022 (key-only, PermitRootLogin no)   14 persistent journald + crash-monitor cron
 #         15 auto-update cron   16 deploy dir /apps/kaitu-slave
 #
 # After step 13 SSH answers on 1022 only (the running session survives); port 22 is closed in
@@ -36,6 +36,13 @@ readonly TIMEZONE=Asia/Singapore
 readonly K2S_PORTS=("443/tcp" "443/udp")
 readonly SSHD_DROPIN=/etc/ssh/sshd_config.d/00-pn-hardening.conf
 readonly SYSCTL_FILE=/etc/sysctl.d/99-pn-node.conf
+# The admin user made here when the session is root's (images that let only root in): once
+# this script has set `PermitRootLogin no`, the node is reached as this user (kit::cloud::ADMIN_USER).
+readonly ADMIN_USER=${PN_ADMIN_USER:-pnadmin}
+readonly SUDOERS_ADMIN=/etc/sudoers.d/90-pnp-admin
+# Docker's apt repository key, as Docker publishes it (docs.docker.com, "Install Docker Engine"):
+# the downloaded key is trusted only when its primary key has exactly this fingerprint.
+readonly DOCKER_KEY_FINGERPRINT=9DC858229FC7DD38854AE2D88D81803C0EBFCD88
 
 export DEBIAN_FRONTEND=noninteractive
 # Ubuntu 22.04+ asks which services to restart after upgrades; never ask.
@@ -47,6 +54,7 @@ KEEP_22=0
 if [ "${PN_SSH_KEEP_22:-0}" = 1 ] && [ ! -f /var/lib/pnp/ssh-22-closed ]; then KEEP_22=1; fi
 
 STEP=0
+ADMIN=
 CHANGES=()
 log() { printf '[provision-node] %s\n' "$*"; }
 # Records that this run changed something; the last line lists them (or "nothing changed").
@@ -227,6 +235,17 @@ install_docker() {
   docker compose version >/dev/null || die "docker compose plugin not working"
 }
 
+# Whether the armored key file $1 holds exactly one primary key, with Docker's published
+# fingerprint. In a throw-away keyring: nothing is imported anywhere.
+docker_key_ok() {
+  local home fprs
+  home=$(mktemp -d)
+  fprs=$(GNUPGHOME=$home gpg --batch --no-tty --with-colons --show-keys "$1" 2>/dev/null |
+    awk -F: '$1 == "pub" {p = 1; next} $1 == "fpr" && p {print $10; p = 0}' || true)
+  rm -rf "$home"
+  [ "$fprs" = "$DOCKER_KEY_FINGERPRINT" ]
+}
+
 # Docker CE and the compose plugin from Docker's repository for this distribution.
 install_docker_ce() {
   step "Docker CE (Docker's repository)"
@@ -247,10 +266,16 @@ install_docker_ce() {
   install -m 0755 -d /etc/apt/keyrings
   if [ ! -s "$keyring" ]; then
     curl -fsSL --retry 5 --retry-delay 3 "${base}/gpg" -o "${keyring}.tmp"
+    if ! docker_key_ok "${keyring}.tmp"; then
+      rm -f "${keyring}.tmp"
+      die "the key at ${base}/gpg is not Docker's (fingerprint ${DOCKER_KEY_FINGERPRINT} expected): not trusted, nothing installed from Docker's repository"
+    fi
     mv "${keyring}.tmp" "$keyring"
     chmod a+r "$keyring"
     changed "$keyring"
   fi
+  # Checked on every run: a key replaced since is not trusted either.
+  docker_key_ok "$keyring" || die "${keyring} is not Docker's key (fingerprint ${DOCKER_KEY_FINGERPRINT} expected): not trusted"
   arch=$(dpkg --print-architecture)
   list="deb [arch=${arch} signed-by=${keyring}] ${base} ${CODENAME} stable"
   if printf '%s\n' "$list" | write_if_changed /etc/apt/sources.list.d/docker.list 0644; then
@@ -478,8 +503,42 @@ restore_sshd() {
   fi
 }
 
+# The user the node is reached as once root may not log in: the one this session came in as
+# (cloud-init's default user — ubuntu, admin, debian — or the admin user Pnp's own cloud-init
+# made), or, when the session is root's (images that let only root in), ADMIN_USER made here
+# with root's keys and passwordless sudo. Without a key for it this stops before sshd is
+# touched: the node is never locked out.
+ensure_admin_user() {
+  local who=${SUDO_USER:-root} home
+  if [ "$who" != root ] && id -u "$who" >/dev/null 2>&1 && [ "$(id -u "$who")" != 0 ]; then
+    ADMIN=$who
+    log "admin user: ${ADMIN} (this session's)"
+    return 0
+  fi
+  [ -s /root/.ssh/authorized_keys ] || die "root has no authorized_keys to give ${ADMIN_USER}: PermitRootLogin no would lock the node out; sshd left as it is"
+  if ! id -u "$ADMIN_USER" >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/bash "$ADMIN_USER"
+    changed "admin user ${ADMIN_USER}"
+  fi
+  home=$(getent passwd "$ADMIN_USER" | cut -d: -f6)
+  install -d -m 0700 -o "$ADMIN_USER" -g "$ADMIN_USER" "$home/.ssh"
+  # Root's keys, without cloud-init's disable_root command in front of them.
+  write_if_changed "$home/.ssh/authorized_keys" 0600 \
+    < <(sed -E 's/^.*(ssh-(ed25519|rsa|dss)|ecdsa-sha2-[a-z0-9]+|sk-[a-z0-9@.-]+) /\1 /' /root/.ssh/authorized_keys) || true
+  chown "$ADMIN_USER:" "$home/.ssh/authorized_keys"
+  local tmp
+  tmp=$(mktemp)
+  printf '# Pnp: the node admin (provision-node.sh).\n%s ALL=(ALL) NOPASSWD:ALL\n' "$ADMIN_USER" >"$tmp"
+  visudo -cqf "$tmp" >/dev/null || { rm -f "$tmp"; die "visudo rejected the sudoers line for ${ADMIN_USER}"; }
+  write_if_changed "$SUDOERS_ADMIN" 0440 <"$tmp" || true
+  rm -f "$tmp"
+  ADMIN=$ADMIN_USER
+  log "admin user: ${ADMIN} (root's keys, passwordless sudo)"
+}
+
 harden_ssh() {
-  step "SSH ${SSH_PORT} (key-only)"
+  step "SSH ${SSH_PORT} (key-only, no root login)"
+  ensure_admin_user
   local main=/etc/ssh/sshd_config changed=0
   SSHD_BACKUP=$(mktemp)
   cp -p "$main" "$SSHD_BACKUP"
@@ -505,7 +564,7 @@ ${keep}Port ${SSH_PORT}
 PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
+PermitRootLogin no
 PermitEmptyPasswords no
 X11Forwarding no
 MaxAuthTries 3
@@ -638,7 +697,7 @@ main() {
   journald_and_crash_monitor
   auto_update_cron
   deploy_dir
-  log "done: SSH on ${SSH_PORT}, Docker $(docker --version 2>/dev/null | awk '{print $3}' | tr -d ,), deploy dir ${DEPLOY_DIR}"
+  log "done: SSH on ${SSH_PORT} for ${ADMIN} (root may not log in), Docker $(docker --version 2>/dev/null | awk '{print $3}' | tr -d ,), deploy dir ${DEPLOY_DIR}"
   if [ "${#CHANGES[@]}" -eq 0 ]; then
     log "nothing changed (already provisioned)"
   else

@@ -11,8 +11,10 @@
 //! starts (and refuses to start when one is missing).
 //!
 //! What a service may publish (allow-lists; everything else is refused by the server):
-//! - its own events (`pn.op.claimed.>` for svc-claimer, …; `pn.op.failed.>` only for the stages
-//!   whose consumer loop fails operations: svc-cloud, svc-deployer, svc-verifier);
+//! - its own events (`pn.op.claimed.>` for svc-claimer, …; `pn.op.failed.>` for the stages
+//!   whose consumer loop fails operations: svc-cloud, svc-deployer, svc-verifier — and for
+//!   svc-claimer, whose consumers only report and never fail anything, for the one failure an
+//!   operator asks for: `pnctl ops abandon`, after Center says the operation is not activated);
 //! - for each of its durable consumers, and no other: `CONSUMER.CREATE` with the durable's name
 //!   and filter in the subject (JetStream checks that they match the request), `CONSUMER.INFO`,
 //!   `CONSUMER.MSG.NEXT` (fetch) and `$JS.ACK.<stream>.<durable>.>` (ack, nak, progress, term);
@@ -22,7 +24,8 @@
 //!   configuration is refused by JetStream), so a service can bring up a fresh bus but cannot
 //!   change, purge or delete a stream — updates, deletes and purges need the operator;
 //! - svc-verifier reads single messages of `PN_METER` (`STREAM.MSG.GET`, the latest
-//!   `meter.usage.<node>`).
+//!   `meter.usage.<node>`); svc-claimer those of `PN_OPS` (the latest `pn.op.claimed.<op>`, so
+//!   any replica serves a claim replay or an abandon of an operation another replica claimed).
 //!
 //! A service subscribes only to its own reply inbox, `_INBOX_<user>.>` ([`inbox_prefix`];
 //! `kit::bus::Bus::connect_as` sets that prefix), so no service sees another's fetched messages
@@ -140,10 +143,11 @@ impl Identity {
 /// The five services' identities (user = service name).
 pub fn services() -> Vec<Identity> {
     let ev = |e: &str| subjects::op_filter(e);
-    vec![
+    let mut ids = vec![
         Identity::service(
             "svc-claimer",
-            &[ev(subjects::CLAIMED)],
+            // failed: only an operator's abandon (svc-claimer's `operator.rs`).
+            &[ev(subjects::CLAIMED), ev(subjects::FAILED)],
             vec![
                 Durable::ops("svc-claimer-instance", subjects::INSTANCE),
                 Durable::ops("svc-claimer-failed", subjects::FAILED),
@@ -182,16 +186,24 @@ pub fn services() -> Vec<Identity> {
             &["meter.usage.>".into(), "meter.quota.>".into()],
             vec![Durable::ops("svc-meter-deployed", subjects::DEPLOYED)],
         ),
-    ]
+    ];
+    // The latest pn.op.claimed.<op> (a claim replay or an abandon served by any replica).
+    ids[0].api.push(format!("STREAM.MSG.GET.{}", subjects::OPS_STREAM));
+    ids
 }
 
-/// The operator: replays (`pn.replay.>`), the whole JetStream API (streams, consumers, message
+/// The stages an operator may replay: `pn.replay.<stage>` for these, and no other subject —
+/// `pn.replay.meter` is refused by the server (the meter's ledger is the record, not a stream
+/// to re-run; `pnctl ledger` reads it).
+pub const REPLAY_STAGES: [Stage; 4] = [Stage::Claim, Stage::Cloud, Stage::Deploy, Stage::Verify];
+
+/// The operator: replays (`pn.replay.<stage>` of [`REPLAY_STAGES`]), the whole JetStream API (streams, consumers, message
 /// reads: `pnctl tail/status/demo`, stream updates, purges), acks of its own consumers, and
 /// subscribing to anything. It cannot publish pipeline events (`pn.op.>`, `meter.>`).
 pub fn operator() -> Identity {
     Identity {
         user: OPERATOR.to_string(),
-        publishes: vec![subjects::REPLAY_ALL.into(), "$JS.API.>".into(), "$JS.ACK.>".into()],
+        publishes: REPLAY_STAGES.iter().map(|s| subjects::replay(*s)).chain(["$JS.API.>".to_string(), "$JS.ACK.>".to_string()]).collect(),
         durables: Vec::new(),
         api: Vec::new(),
         unrestricted: false,
@@ -255,8 +267,11 @@ mod tests {
                 assert!(d.name.starts_with(&i.user), "{} owns only its own durables: {}", i.user, d.name);
             }
         }
+        // The claimer's consumers only report (kit's reports-only loop publishes nothing); it
+        // publishes a failure only for an operator's abandon, and reads PN_OPS's claims.
         let claimer = &ids[0];
-        assert!(!claimer.publish_allow().iter().any(|s| s == "pn.op.failed.>"), "the claimer never fails an operation");
+        let p = claimer.publish_allow();
+        assert!(p.iter().any(|s| s == "pn.op.failed.>") && p.iter().any(|s| s == "$JS.API.STREAM.MSG.GET.PN_OPS"), "{p:?}");
         let meter = &ids[4];
         assert!(!meter.publish_allow().iter().any(|s| s.starts_with("pn.op.")), "the meter publishes no pipeline event");
     }
@@ -265,7 +280,11 @@ mod tests {
     fn the_operator_replays_and_administers_but_publishes_no_event() {
         let op = operator();
         let p = op.publish_allow();
-        assert!(p.contains(&"pn.replay.>".to_string()) && p.contains(&"$JS.API.>".to_string()));
+        for s in ["claim", "cloud", "deploy", "verify"] {
+            assert!(p.contains(&format!("pn.replay.{s}")), "{p:?}");
+        }
+        assert!(p.contains(&"$JS.API.>".to_string()));
+        assert!(!p.iter().any(|s| s == "pn.replay.>" || s == "pn.replay.meter"), "no replay of the meter: {p:?}");
         assert!(!p.iter().any(|s| s.starts_with("pn.op") || s.starts_with("meter") || s == ">"), "{p:?}");
     }
 

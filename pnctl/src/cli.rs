@@ -95,7 +95,10 @@ enum Cmd {
         #[arg(long)]
         pretty: bool,
     },
-    /// Ask a stage (claim|cloud|deploy|verify) to re-run an operation from its state.
+    /// Ask a stage (claim|cloud|deploy|verify) to re-run an operation from its state; its
+    /// outcome is published again under a msg id of its own (`<msgId>.replay.<unix-ms>`), so a
+    /// replay within JetStream's dedup window is not swallowed. There is no meter replay (the
+    /// meter's ledger is the record: `pnctl ledger`); NATS refuses `pn.replay.meter`.
     Replay {
         stage: String,
         operation_id: String,
@@ -123,10 +126,74 @@ enum Cmd {
         #[arg(long)]
         cloud_url: Option<String>,
     },
+    /// Find, show and end operations: from PN_OPS and the services' own state (never logs).
+    Ops {
+        #[command(subcommand)]
+        what: OpsCmd,
+    },
+    /// Print a shell completion script (bash, zsh, fish) to stdout.
+    Completions {
+        shell: clap_complete::Shell,
+    },
     /// Benchmarks on a dev stack of their own: pipeline, footprint, meter.
     Bench {
         #[command(subcommand)]
         what: crate::bench::BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OpsCmd {
+    /// Operations a stage holds (`--all`: every one), with their stage, age and deadline, and
+    /// what the services hold (running, parked, retrying).
+    List {
+        /// Only operations held by this stage (claim|cloud|deploy|verify) or done|failed.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Only operations held in a stage longer than that stage's deadline.
+        #[arg(long)]
+        stuck: bool,
+        /// Only operations a service holds parked (waiting on the world).
+        #[arg(long)]
+        parked: bool,
+        /// Only activated operations whose later check does not hold.
+        #[arg(long)]
+        degraded: bool,
+        /// Also the finished ones (done, failed).
+        #[arg(long)]
+        all: bool,
+        /// A stage's deadline, e.g. `verify=10m` (default: the services' settings' defaults).
+        #[arg(long, value_name = "STAGE=DURATION", value_parser = crate::ops::parse_deadline)]
+        deadline: Vec<(String, u64)>,
+        /// A service's ops URL, e.g. `svc-cloud=http://127.0.0.1:9464` (default: stack.json,
+        /// then `PN_OPS_URLS`).
+        #[arg(long, value_name = "SERVICE=URL")]
+        ops_url: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every event of one operation on PN_OPS, each stage's record, the reason.
+    Show {
+        operation_id: String,
+        #[arg(long, value_name = "SERVICE=URL")]
+        ops_url: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail an operation in flight at Center, through svc-claimer (refused once activated);
+    /// its VPS then goes to svc-cloud's fail-safe reaper.
+    Abandon {
+        operation_id: String,
+        /// Why (reported to Center, on the pn.op.failed event).
+        #[arg(long)]
+        reason: String,
+        /// svc-claimer's ops URL (default: `--ops-url svc-claimer=…`, `PN_OPS_URLS`, stack.json).
+        #[arg(long)]
+        claimer_url: Option<String>,
+        #[arg(long, value_name = "SERVICE=URL")]
+        ops_url: Vec<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -234,6 +301,32 @@ async fn run(cli: Cli, data_dir_given: bool) -> anyhow::Result<ExitCode> {
                 None => crate::reap::ReapCmd::Pending,
             };
             return crate::reap::run(&cli.data_dir, cloud_url.clone(), &cmd, *json).await;
+        }
+        Cmd::Ops { what } => {
+            return match what {
+                OpsCmd::List { stage, stuck, parked, degraded, all, deadline, ops_url, json } => {
+                    let opts = crate::ops::ListOptions {
+                        stage: stage.clone(),
+                        stuck: *stuck,
+                        parked: *parked,
+                        degraded: *degraded,
+                        all: *all,
+                        json: *json,
+                        deadlines: deadline.clone(),
+                        ops_urls: ops_url.clone(),
+                    };
+                    crate::ops::list(&ep(), &opts).await
+                }
+                OpsCmd::Show { operation_id, ops_url, json } => crate::ops::show(&ep(), operation_id, ops_url, *json).await,
+                OpsCmd::Abandon { operation_id, reason, claimer_url, ops_url, json } => {
+                    let base = crate::ops::claimer_url(&cli.data_dir, claimer_url.clone(), ops_url)?;
+                    crate::ops::abandon(&base, operation_id, reason, *json).await
+                }
+            };
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "pnctl", &mut std::io::stdout());
         }
         Cmd::Bench { what } => crate::bench::run(what, data_dir_given.then(|| cli.data_dir.clone())).await?,
     }

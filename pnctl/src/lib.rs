@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod events;
 pub mod ledger;
 pub mod multicall;
+pub mod ops;
 pub mod reap;
 pub mod replay;
 pub mod stack;

@@ -11,6 +11,7 @@
 
 mod gauges;
 mod handlers;
+mod operator;
 mod poll;
 mod record;
 
@@ -165,7 +166,9 @@ pub struct App {
 
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
-        let rt = Runtime::start(SERVICE, &settings.common).await?;
+        // The operator's abandon lives on the ops listener, which starts before the state.
+        let cell: operator::Cell = Arc::new(std::sync::OnceLock::new());
+        let rt = Runtime::start_with(SERVICE, &settings.common, operator::router(cell.clone())).await?;
         let seal = rt.seal_key()?;
         let ops: Table<OpRecord> = rt.store.table("ops")?;
         let holder = record::holder(&rt.store, &settings.holder).await?;
@@ -187,6 +190,7 @@ impl App {
             progress_extends: std::sync::atomic::AtomicBool::new(true),
         });
         ctx.in_flight();
+        let _ = cell.set(ctx.clone());
         Ok(App { ctx })
     }
 

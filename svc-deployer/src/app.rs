@@ -40,7 +40,8 @@ impl App {
             tracing::warn!("no admin SSH keys configured (PN_SSH__ADMIN_KEYS): every operation will fail");
         }
         let seal = settings.common.seal_key()?;
-        let stack = Stack::load(settings.prep_script.as_deref())?;
+        let images = crate::stack::parse_images(&settings.k2_images).map_err(crate::settings::SettingsError)?;
+        let stack = Stack::load(settings.prep_script.as_deref(), &images)?;
         let runtime = Runtime::start(SERVICE, &settings.common).await?;
         let table = runtime.store.table::<DeployRecord>(TABLE).context("open the deploy table")?;
         let max_parked = settings.common.max_parked;

@@ -301,7 +301,7 @@ impl Deployer {
     pub async fn on_replay(&self, op_id: &str) -> Result<(), HandleError> {
         let _guard = self.locks.lock(op_id).await;
         match self.table.get(op_id).map_err(state_retry)? {
-            Some(rec) => self.deploy(op_id, rec).await,
+            Some(rec) => self.deploy_as(op_id, rec, true).await,
             None => Err(HandleError::Drop(format!("replay of unknown operation {op_id}"))),
         }
     }
@@ -321,7 +321,12 @@ impl Deployer {
         }
     }
 
-    async fn deploy(&self, op_id: &str, mut rec: DeployRecord) -> Result<(), HandleError> {
+    async fn deploy(&self, op_id: &str, rec: DeployRecord) -> Result<(), HandleError> {
+        self.deploy_as(op_id, rec, false).await
+    }
+
+    /// The deploy; a `replay`'s outcome is published under a msg id of its own (see `publish_as`).
+    async fn deploy_as(&self, op_id: &str, mut rec: DeployRecord, replay: bool) -> Result<(), HandleError> {
         let Some(input) = rec.input() else {
             return Err(HandleError::Fail {
                 reason: "the recorded input does not decode".into(),
@@ -338,7 +343,7 @@ impl Deployer {
         let span = tracing::info_span!("deploy", op = op_id, stage = "deploy");
         let res = self.steps(op_id, &input, &mut rec).instrument(span).await;
         let res = match res {
-            Ok(d) => self.publish(&input, &d).await,
+            Ok(d) => self.publish_as(&input, &d, replay).await,
             Err(DeployError::Rebuild(why)) => {
                 rec.rebuild_requested = Some(rec.instance_id.clone());
                 match self.table.put(op_id, &rec).await {
@@ -381,9 +386,18 @@ impl Deployer {
     }
 
     async fn publish(&self, input: &InstanceReady, d: &Deployed) -> Result<(), DeployError> {
+        self.publish_as(input, d, false).await
+    }
+
+    /// Publishes `pn.op.deployed`; an operator's replay under `<msgId>.replay.<unix-ms>`, so
+    /// JetStream's dedup window does not swallow it (the consumers are idempotent).
+    async fn publish_as(&self, input: &InstanceReady, d: &Deployed, replay: bool) -> Result<(), DeployError> {
         let nd = outcome(input, d);
         let op = nd.op.clone().unwrap_or_default();
-        let meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Deploy, d.claim_attempt);
+        let mut meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Deploy, d.claim_attempt);
+        if replay {
+            meta.msg_id = format!("{}.replay.{}", meta.msg_id, kit::now_ms());
+        }
         let subject = subjects::op_event(subjects::DEPLOYED, &op.operation_id);
         self.bus.publish(subject, Body::Deployed(nd), &meta).await.map_err(|e| DeployError::Publish(e.to_string()))?;
         tracing::info!(op = %op.operation_id, node = %node_name(&op.sub_id), "pn.op.deployed published");

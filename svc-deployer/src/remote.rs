@@ -122,12 +122,16 @@ impl RemoteError {
 struct Live {
     session: Session,
     port: u16,
+    user: String,
 }
 
-/// A node reached as `user@host` with one account's admin key.
+/// A node reached as `user@host` with one account's admin key: before the prep as the image's
+/// login user, after it as the node's admin (`kit::cloud::admin_user`: the same user, or for
+/// a root login the admin user the prep made — root may not log in any more).
 pub struct Remote {
     host: String,
     user: String,
+    admin: String,
     key: Arc<PrivateKey>,
     cfg: SshSettings,
     pinned: Option<String>,
@@ -148,12 +152,26 @@ impl Remote {
     /// tried first.
     #[allow(clippy::too_many_arguments)]
     pub fn new(host: &str, user: &str, key: Arc<PrivateKey>, cfg: &SshSettings, pinned: Option<String>, prepared: bool, scrub: Scrubber) -> Remote {
-        Remote { host: host.to_string(), user: user.to_string(), key, cfg: cfg.clone(), pinned, prepared, live: None, scrub }
+        let admin = kit::cloud::admin_user(user).to_string();
+        Remote { host: host.to_string(), user: user.to_string(), admin, key, cfg: cfg.clone(), pinned, prepared, live: None, scrub }
     }
 
-    /// The login user.
+    /// The user of the open session, else the one the node is reached as now (its admin once
+    /// the prep is done).
     pub fn user(&self) -> &str {
-        &self.user
+        match &self.live {
+            Some(l) => &l.user,
+            None if self.prepared => &self.admin,
+            None => &self.user,
+        }
+    }
+
+    /// The users to try, the likely one first: a run may have died between the prep and
+    /// recording it (root is refused then), or before the prep (the admin may not exist).
+    fn users(&self) -> Vec<String> {
+        let mut v = if self.prepared { vec![self.admin.clone(), self.user.clone()] } else { vec![self.user.clone(), self.admin.clone()] };
+        v.dedup();
+        v
     }
 
     /// The port of the open session, if one is open.
@@ -183,21 +201,28 @@ impl Remote {
     async fn try_ports(&self, ports: &[u16]) -> Result<Live, SshError> {
         let mut refused = None;
         let mut others = Vec::new();
+        let users = self.users();
         for &port in ports {
-            let target = Target {
-                host: self.host.clone(),
-                port,
-                user: self.user.clone(),
-                key: self.key.clone(),
-                pinned: self.pinned.clone(),
-                connect_timeout: self.cfg.connect_timeout(),
-            };
-            match ssh::connect(&target).await {
-                Ok(session) => return Ok(Live { session, port }),
-                Err(e @ SshError::HostKeyChanged { .. }) => return Err(e),
-                // An auth refusal says more than a closed port: it is the answer.
-                Err(e @ SshError::AuthRefused { .. }) => refused = Some(e),
-                Err(e) => others.push(e.to_string()),
+            for user in &users {
+                let target = Target {
+                    host: self.host.clone(),
+                    port,
+                    user: user.clone(),
+                    key: self.key.clone(),
+                    pinned: self.pinned.clone(),
+                    connect_timeout: self.cfg.connect_timeout(),
+                };
+                match ssh::connect(&target).await {
+                    Ok(session) => return Ok(Live { session, port, user: user.clone() }),
+                    Err(e @ SshError::HostKeyChanged { .. }) => return Err(e),
+                    // An auth refusal says more than a closed port: it is the answer.
+                    Err(e @ SshError::AuthRefused { .. }) => refused = Some(e),
+                    // A closed port refuses every user alike.
+                    Err(e) => {
+                        others.push(e.to_string());
+                        break;
+                    }
+                }
             }
         }
         Err(refused.unwrap_or_else(|| SshError::Unreachable { addr: self.host.clone(), msg: others.join("; ") }))
@@ -225,7 +250,7 @@ impl Remote {
             .notify(|e: &SshError, d: Duration| tracing::debug!(%host, error = %e, retry_in_ms = d.as_millis() as u64, "node not reachable yet"))
             .await;
         let live = res.map_err(|e| RemoteError::from_ssh(&e, &self.scrub))?;
-        tracing::info!(host = %self.host, port = live.port, "ssh session open");
+        tracing::info!(host = %self.host, port = live.port, user = %live.user, "ssh session open");
         let learned = if self.pinned.is_none() {
             self.pinned = Some(live.session.host_key.clone());
             self.pinned.clone()
@@ -295,7 +320,7 @@ impl Remote {
     /// (on the fresh port) is closed so the next step proves the hardened port works.
     pub async fn prepared(&mut self) {
         self.prepared = true;
-        if self.live.as_ref().is_some_and(|l| l.port != self.cfg.hardened_port) {
+        if self.live.as_ref().is_some_and(|l| l.port != self.cfg.hardened_port || l.user != self.admin) {
             self.disconnect().await;
         }
     }

@@ -33,6 +33,12 @@ pub struct Settings {
     /// The pinned image tag written as `K2_VERSION` (`PN_K2_VERSION`).
     #[serde(deserialize_with = "string_or_number")]
     pub k2_version: String,
+    /// The node images' digest pins (`PN_K2_IMAGES`): comma-separated `repo@sha256:<digest>`
+    /// replacing the pins of the shipped `docker-compose.yml` for those repositories. Empty:
+    /// the shipped pins, which are `DEFAULT_K2_VERSION`'s; another `k2_version` needs its
+    /// digests here for every image (else the node would run the old release's image under
+    /// the new tag).
+    pub k2_images: String,
     /// Privilege prefix of the node commands (`PN_SUDO`); empty runs them as the SSH user.
     pub sudo: String,
     /// A file to send instead of the embedded `provision-node.sh` (`PN_PREP_SCRIPT`).
@@ -60,6 +66,7 @@ impl Default for Settings {
             ssh: SshSettings::default(),
             deploy_dir: DEFAULT_DEPLOY_DIR.into(),
             k2_version: DEFAULT_K2_VERSION.into(),
+            k2_images: String::new(),
             sudo: "sudo".into(),
             prep_script: None,
             provider: "center".into(),
@@ -210,6 +217,13 @@ impl Settings {
         }
         if !v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')) || v.len() > 128 {
             return Err(SettingsError("k2_version must be a docker tag ([A-Za-z0-9._-])".into()));
+        }
+        let images = crate::stack::parse_images(&self.k2_images).map_err(SettingsError)?;
+        let shipped = crate::stack::pins(crate::stack::DOCKER_COMPOSE_YML);
+        if v != DEFAULT_K2_VERSION && shipped.iter().any(|(repo, _)| !images.iter().any(|(r, _)| r == repo)) {
+            return Err(SettingsError(format!(
+                "k2_version {v} is not the release the stack's digests pin ({DEFAULT_K2_VERSION}): give its digests for every image in k2_images"
+            )));
         }
         let d = &self.deploy_dir;
         if !d.starts_with('/') || d.len() < 2 || d.contains("..") || d.bytes().any(|b| b.is_ascii_control()) {

@@ -21,7 +21,7 @@ use testkit::Nats;
 /// that table that widens a permission fails this test): event kinds under `pn.op.`, and
 /// `meter.usage` / `meter.quota`.
 const OWNS: [(&str, &[&str]); 6] = [
-    ("svc-claimer", &["pn.op.claimed"]),
+    ("svc-claimer", &["pn.op.claimed", "pn.op.failed"]),
     ("svc-cloud", &["pn.op.instance", "pn.op.failed"]),
     ("svc-deployer", &["pn.op.deployed", "pn.op.failed", "pn.op.rebuild"]),
     ("svc-verifier", &["pn.op.verified", "pn.op.degraded", "pn.op.failed"]),
@@ -36,7 +36,8 @@ fn all_subjects() -> Vec<String> {
         .iter()
         .map(|e| subjects::op_event(e, "op-forged"))
         .collect();
-    v.extend(["claim", "cloud", "deploy", "verify"].iter().map(|s| format!("pn.replay.{s}")));
+    // pn.replay.meter: no one may publish it (the meter has no replay; its ledger is the record).
+    v.extend(["claim", "cloud", "deploy", "verify", "meter"].iter().map(|s| format!("pn.replay.{s}")));
     v.push(subjects::meter_usage("pn-forged"));
     v.push(subjects::meter_quota("pn-forged"));
     v
@@ -180,8 +181,8 @@ async fn every_identity_may_publish_what_it_owns() {
             assert!(ack.is_ok(), "{user} must be able to publish {s}: {ack:?}");
         }
     }
-    // Each owned subject landed once per owner (failed: three stages).
-    assert_eq!(count_on(&h, &subjects::op_event("failed", "op-forged")).await, 3);
+    // Each owned subject landed once per owner (failed: three stages and the claimer's abandon).
+    assert_eq!(count_on(&h, &subjects::op_event("failed", "op-forged")).await, 4);
     assert_eq!(count_on(&h, &subjects::op_event("claimed", "op-forged")).await, 1);
     assert_eq!(count_on(&h, &subjects::meter_quota("pn-forged")).await, 1);
     assert_eq!(count_on(&h, "pn.replay.deploy").await, 1);

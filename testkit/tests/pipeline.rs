@@ -245,7 +245,7 @@ async fn a_sidecar_without_the_claim_fails_naming_the_usage_reporter() {
         .unwrap();
     let host_key = s.host_key.clone();
     let secret = "ab".repeat(32);
-    let env = format!("K2_NODE_SECRET={secret}\nK2_CENTER_URL={}\nK2_DOMAIN=\nK2_VERSION=1.0.0\nK2_NODE_NAME={name}\nK2_NODE_REGION=de\nK2_IP_TYPE=residential\n", stack.center_url);
+    let env = format!("K2_NODE_SECRET={secret}\nK2_CENTER_URL={}\nK2_DOMAIN=\nK2_VERSION=1.6.3\nK2_NODE_NAME={name}\nK2_NODE_REGION=de\nK2_IP_TYPE=residential\n", stack.center_url);
     assert_eq!(s.exec("sudo tee /apps/kaitu-slave/.env > /dev/null", Some(env.as_bytes()), t).await.unwrap().status, 0);
     // The stack the deployer ships (compose checks its images against the sim's registry).
     let compose = include_str!("../../deploy/node/docker-compose.yml");

@@ -12,11 +12,36 @@ use std::collections::BTreeMap;
 
 use serde_yaml::Value;
 
-/// The simulated registry: repository → the tags it holds. Raise it with the deployer's
-/// `DEFAULT_K2_VERSION` (the pipeline tests fail on a tag missing here, as a real pull would).
-pub const REGISTRY: &[(&str, &[&str])] = &[
-    ("kaitu/k2s", &["1.0.0", "1.4.2", "1.5.0", "1.6.0", "1.6.1", "1.6.2", "1.6.3"]),
-    ("kaitu/k2-sidecar", &["1.0.0", "1.4.2", "1.5.0", "1.6.0", "1.6.1", "1.6.2", "1.6.3"]),
+/// The simulated registry: repository → the tags it holds, each with its manifest's digest
+/// (made up: the sha256 of `center-sim registry <repo>:<tag>`; the pins in
+/// `deploy/node/docker-compose.yml` are these). Raise it with the deployer's
+/// `DEFAULT_K2_VERSION` and the compose file's pins (the pipeline tests fail on a tag or a
+/// digest missing here, as a real pull would).
+pub const REGISTRY: &[(&str, &[(&str, &str)])] = &[
+    (
+        "kaitu/k2s",
+        &[
+            ("1.0.0", "sha256:799966d22aafcd70e78e3f6e1fdbc3770b7fe2a305e766a0a8ffce5e51854e53"),
+            ("1.4.2", "sha256:57b8d49e77c8e89b273b35ffbfe42e2bc12fc83de434aff2a20db4f761c07835"),
+            ("1.5.0", "sha256:ed3d101906f6979a96414ef5034d3faa951dd12a4ccb34fe9a0dff1d917ac1a2"),
+            ("1.6.0", "sha256:77a28959c2a21a335958f8ba7bf2042bab9777b0ba57b29ffbcb287775b0c101"),
+            ("1.6.1", "sha256:86228fb18ca35bc87575e20feccc3c3f592995809b48982ec326b77bd3d665a6"),
+            ("1.6.2", "sha256:353071ae68e35bdbb0f56bf5482cde4aabd67d701a3452910ea76a7a0f454fd3"),
+            ("1.6.3", "sha256:618ff6ce9b464ba02db80d708d1914c39631c6986dbb1745b452c156d84b27b7"),
+        ],
+    ),
+    (
+        "kaitu/k2-sidecar",
+        &[
+            ("1.0.0", "sha256:f5ffbd9fffcb5a5efba5290fa6fcbe9d58a4d235a4c89f2b3093b4d27c95b299"),
+            ("1.4.2", "sha256:f3e2bfe8c27a6ea6745e27b324832ac562b47902300abc14af05d60aadbe5546"),
+            ("1.5.0", "sha256:0ee11117b1d0ee050df5ae07377ae5b9eb5f8a2533ff0c8d7701fe9ca20cd7fa"),
+            ("1.6.0", "sha256:6e19817cc58d4cc5077990e46478a5a98724b91d28b5a25dd730e80db31f89d6"),
+            ("1.6.1", "sha256:488cf036d4d9bdf2caaef9da5cd22b920d73dadba3df9ed1cb6a0a22b501556c"),
+            ("1.6.2", "sha256:e8057233d3267b2a10426fe6085f9c6454468d36cc562367b332aa1e32eef98c"),
+            ("1.6.3", "sha256:bf36d38cbfb8cf989fce6548572d7df90dff4a2326ca06346a718cf85d7f1944"),
+        ],
+    ),
 ];
 
 /// The services runbook step 6 deploys (its checks read their containers' logs by name).
@@ -83,29 +108,47 @@ fn yaml_error(e: &serde_yaml::Error) -> String {
     }
 }
 
-/// Normalizes `image` (`docker.io/` and `library/` dropped, `:latest` implied) and checks that
-/// the registry holds it.
+/// Normalizes `image` (`docker.io/` and `library/` dropped, `:latest` implied without a
+/// digest) and checks that the registry holds it. A digest pin (`repo@sha256:…` or
+/// `repo:tag@sha256:…`) must be one the registry holds; with a tag too, it must be that tag's
+/// (docker would pull by the digest and ignore the tag: a pin that says one release and runs
+/// another is refused here, stricter than docker).
 fn check_image(image: &str) -> Result<String, Refusal> {
     let bare = image.strip_prefix("docker.io/").or_else(|| image.strip_prefix("index.docker.io/")).unwrap_or(image);
-    if bare.contains('@') {
-        return Err(refuse(format!("Error response from daemon: manifest for {bare} not found: manifest unknown: manifest unknown")));
-    }
-    // A colon after the last slash separates the tag (a colon before it is a registry port).
-    let (repo, tag) = match bare.rfind(':').filter(|i| !bare[*i..].contains('/')) {
-        Some(i) => (&bare[..i], &bare[i + 1..]),
-        None => (bare, "latest"),
+    let invalid = |r: &str| refuse(format!("invalid reference format: {:?}", r.chars().take(120).collect::<String>()));
+    let (name, digest) = match bare.split_once('@') {
+        Some((n, d)) => {
+            let hex = d.strip_prefix("sha256:").ok_or_else(|| invalid(bare))?;
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return Err(invalid(bare));
+            }
+            (n, Some(d))
+        }
+        None => (bare, None),
     };
-    let reference = format!("{repo}:{tag}");
-    if repo.is_empty() || tag.is_empty() || reference.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(refuse(format!("invalid reference format: {:?}", reference.chars().take(120).collect::<String>())));
+    // A colon after the last slash separates the tag (a colon before it is a registry port).
+    let (repo, tag) = match name.rfind(':').filter(|i| !name[*i..].contains('/')) {
+        Some(i) => (&name[..i], Some(&name[i + 1..])),
+        None => (name, if digest.is_some() { None } else { Some("latest") }),
+    };
+    if repo.is_empty() || tag == Some("") || bare.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(bare));
     }
-    let known = REGISTRY.iter().find(|(r, _)| *r == repo);
-    match known {
-        Some((_, tags)) if tags.contains(&tag) => Ok(reference),
-        Some(_) => Err(refuse(format!("Error response from daemon: manifest for {reference} not found: manifest unknown: manifest unknown"))),
-        None => Err(refuse(format!(
+    let Some((_, tags)) = REGISTRY.iter().find(|(r, _)| *r == repo) else {
+        return Err(refuse(format!(
             "Error response from daemon: pull access denied for {repo}, repository does not exist or may require 'docker login': denied: requested access to the resource is denied"
-        ))),
+        )));
+    };
+    let unknown = |what: String| refuse(format!("Error response from daemon: manifest for {what} not found: manifest unknown: manifest unknown"));
+    match (tag, digest) {
+        (Some(t), None) => tags.iter().any(|(k, _)| *k == t).then(|| format!("{repo}:{t}")).ok_or_else(|| unknown(format!("{repo}:{t}"))),
+        (Some(t), Some(d)) => match tags.iter().find(|(k, _)| *k == t) {
+            None => Err(unknown(format!("{repo}:{t}"))),
+            Some((_, known)) if *known == d => Ok(format!("{repo}:{t}@{d}")),
+            Some(_) => Err(unknown(format!("{repo}@{d} (center-sim: not the digest of {repo}:{t})"))),
+        },
+        (None, Some(d)) => tags.iter().any(|(_, k)| *k == d).then(|| format!("{repo}@{d}")).ok_or_else(|| unknown(format!("{repo}@{d}"))),
+        (None, None) => Err(invalid(bare)),
     }
 }
 
@@ -208,7 +251,30 @@ mod tests {
     fn the_deployers_stack_loads_with_a_pinned_version() {
         let s = load(DEPLOYED.as_bytes(), &full("1.6.3"), "kaitu-slave").unwrap();
         let v: Vec<(&str, &str, &str)> = s.iter().map(|s| (s.name.as_str(), s.image.as_str(), s.container.as_str())).collect();
-        assert_eq!(v, [("k2s", "kaitu/k2s:1.6.3", "k2s"), ("k2-sidecar", "kaitu/k2-sidecar:1.6.3", "k2-sidecar")]);
+        let pin = |repo: &str| {
+            let d = REGISTRY.iter().find(|r| r.0 == repo).and_then(|r| r.1.iter().find(|t| t.0 == "1.6.3")).unwrap().1;
+            format!("{repo}:1.6.3@{d}")
+        };
+        let (k2s, sidecar) = (pin("kaitu/k2s"), pin("kaitu/k2-sidecar"));
+        assert_eq!(v, [("k2s", k2s.as_str(), "k2s"), ("k2-sidecar", sidecar.as_str(), "k2-sidecar")]);
+        // Another release's tag on these pins: docker would run 1.6.3's image and call it
+        // 1.6.2; refused.
+        let e = load(DEPLOYED.as_bytes(), &full("1.6.2"), "kaitu-slave").unwrap_err().message;
+        assert!(e.contains("not the digest of kaitu/k2s:1.6.2"), "{e}");
+    }
+
+    #[test]
+    fn digest_pins() {
+        let r = |image: &str| check_image(image).map_err(|e| e.message);
+        let d163 = REGISTRY[0].1.iter().find(|t| t.0 == "1.6.3").unwrap().1;
+        assert_eq!(r(&format!("kaitu/k2s@{d163}")).unwrap(), format!("kaitu/k2s@{d163}"));
+        assert_eq!(r(&format!("docker.io/kaitu/k2s:1.6.3@{d163}")).unwrap(), format!("kaitu/k2s:1.6.3@{d163}"));
+        let other = format!("sha256:{}", "0".repeat(64));
+        assert!(r(&format!("kaitu/k2s@{other}")).unwrap_err().contains("manifest unknown"));
+        assert!(r(&format!("kaitu/k2s:1.6.3@{other}")).unwrap_err().contains("not the digest of kaitu/k2s:1.6.3"));
+        for bad in ["kaitu/k2s@sha256:abc", "kaitu/k2s@md5:00", &format!("kaitu/k2s@sha256:{}", "A".repeat(64))] {
+            assert!(r(bad).unwrap_err().contains("invalid reference format"), "{bad}");
+        }
     }
 
     #[test]

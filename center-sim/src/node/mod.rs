@@ -97,6 +97,11 @@ pub struct Host {
     /// else `<project>-<service>-1`): `docker logs` finds them by these.
     pub container_names: Option<(String, String)>,
     pub hardened: bool,
+    /// The user the prep left as the node's admin (the prep's session user, or for a root
+    /// session the one `provision-node.sh` makes); root may not log in once it is set.
+    pub admin_user: Option<String>,
+    /// Root logins sshd refused after the prep (`PermitRootLogin no`).
+    pub root_logins_refused: u32,
     pub prep_runs: u32,
     /// The OS prep started detached (`# pnp:prep-start`), running on without a session.
     pub prep_job: Option<PrepJob>,
@@ -148,6 +153,8 @@ impl Host {
             port22_closed_ms: None,
             container_names: None,
             hardened: false,
+            admin_user: None,
+            root_logins_refused: 0,
             prep_runs: 0,
             prep_job: None,
             up_runs: 0,

@@ -1,6 +1,7 @@
 //! Each instance's sshd (a russh server): only the image's login user (`cloud::login_user`)
 //! with its account's key — root on an image whose user is not root gets cloud-init's
-//! "Please login as the user …" and exit 142 — behind the provider firewall (the
+//! "Please login as the user …" and exit 142; after the prep root is refused outright
+//! (`PermitRootLogin no`) and the admin the prep left gets in — behind the provider firewall (the
 //! `providerFirewall` knob), and a parser + interpreter for exactly the commands the deployer
 //! and verifier send, behaving like a fresh Ubuntu/Debian cloud host (`cloud-init status`,
 //! prep script over stdin, `sudo tee`, `docker compose … pull/up -d` checked as compose and a
@@ -19,7 +20,7 @@ use russh::{Channel, ChannelId, Disconnect, MethodKind, MethodSet};
 use tokio_util::sync::CancellationToken;
 
 use super::{CloudInit, DEPLOY_DIR, ENV_PATH, Listener, in_deploy_dir, inspect_env, normalize, parse_env, write_disk};
-use crate::cloud::{Instance, image_os, real_port};
+use crate::cloud::{Instance, PREP_ADMIN_USER, image_os, real_port};
 use crate::sim::{Sim, Violation};
 
 /// Largest stdin a command may receive (the prep script and stack files are far smaller).
@@ -455,7 +456,7 @@ pub async fn execute(sim: &Sim, id: &str, user: &str, port: u16, raw: &str, stdi
     match &p.cmd {
         Command::True => ok(""),
         Command::CloudInitStatus => cloud_init_status(sim, id),
-        Command::Prep => prep(sim, id, root, port, input, life).await,
+        Command::Prep => prep(sim, id, user, root, port, input, life).await,
         Command::Mkdir { paths } => mkdir(sim, id, root, &cwd, paths),
         Command::Tee { path, append } => tee(sim, id, root, &cwd, path, *append, input, p.stdout_null),
         Command::Chmod { mode, paths } => chmod(sim, id, root, &cwd, mode, paths),
@@ -504,7 +505,7 @@ fn cloud_init_status(sim: &Sim, id: &str) -> Output {
     }
 }
 
-async fn prep(sim: &Sim, id: &str, root: bool, port: u16, script: Vec<u8>, life: CancellationToken) -> Output {
+async fn prep(sim: &Sim, id: &str, user: &str, root: bool, port: u16, script: Vec<u8>, life: CancellationToken) -> Output {
     if script.iter().all(u8::is_ascii_whitespace) {
         return ok("");
     }
@@ -523,9 +524,9 @@ async fn prep(sim: &Sim, id: &str, root: bool, port: u16, script: Vec<u8>, life:
     }
     if first.starts_with(PREP_START_MARK) {
         let keep_22 = first.split_whitespace().any(|w| w == KEEP_22_MARK);
-        return prep_start(sim, id, keep_22, life);
+        return prep_start(sim, id, user, keep_22, life);
     }
-    run_prep(sim, id, false, life).await
+    run_prep(sim, id, user, false, life).await
 }
 
 /// The deployer's close-22 script: sshd stops listening on the fresh port (22). Sent over a
@@ -554,7 +555,7 @@ fn close_22(sim: &Sim, id: &str, port: u16) -> Output {
 }
 
 /// Starts the prep as a job of the host (it outlives the session, ends with the instance).
-fn prep_start(sim: &Sim, id: &str, keep_22: bool, life: CancellationToken) -> Output {
+fn prep_start(sim: &Sim, id: &str, user: &str, keep_22: bool, life: CancellationToken) -> Output {
     {
         let mut st = sim.st();
         let Some(inst) = st.cloud.instances.get_mut(id).filter(|i| i.live()) else {
@@ -567,10 +568,10 @@ fn prep_start(sim: &Sim, id: &str, keep_22: bool, life: CancellationToken) -> Ou
         }
         inst.host.prep_job = Some(super::PrepJob { started: std::time::Instant::now(), result: None });
     }
-    let (sim, id) = (sim.clone(), id.to_string());
+    let (sim, id, user) = (sim.clone(), id.to_string(), user.to_string());
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        let out = run_prep(&sim, &id, keep_22, life).await;
+        let out = run_prep(&sim, &id, &user, keep_22, life).await;
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         let tail: Vec<&str> = text.lines().rev().take(20).collect();
@@ -602,8 +603,11 @@ fn prep_status(sim: &Sim, id: &str) -> Output {
 const PREP_OS: &[(&str, &[&str])] = &[("ubuntu", &["20.04", "22.04", "24.04"]), ("debian", &["12", "13"])];
 
 /// The prep itself: the fault knobs' delay and failure, then SSH moves to the hardened port
-/// (and, with `keep_22`, stays on the fresh one too until the close-22 script).
-async fn run_prep(sim: &Sim, id: &str, keep_22: bool, life: CancellationToken) -> Output {
+/// (and, with `keep_22`, stays on the fresh one too until the close-22 script), root may no
+/// longer log in (`PermitRootLogin no`) and the node's admin is the session's `user` — or,
+/// for a root session, the user `provision-node.sh` makes from root's keys
+/// ([`PREP_ADMIN_USER`]).
+async fn run_prep(sim: &Sim, id: &str, user: &str, keep_22: bool, life: CancellationToken) -> Output {
     let (delay, fails, os) = {
         let mut st = sim.st();
         let delay = st.faults.prep_delay_ms;
@@ -632,6 +636,7 @@ async fn run_prep(sim: &Sim, id: &str, keep_22: bool, life: CancellationToken) -
     };
     inst.host.stop_containers();
     inst.host.hardened = true;
+    inst.host.admin_user = Some(if user == "root" { PREP_ADMIN_USER.to_string() } else { user.to_string() });
     inst.host.dirs.insert("/apps".into());
     inst.host.dirs.insert(DEPLOY_DIR.into());
     if inst.host.listener.as_ref().is_some_and(|l| l.port != hardened_port) {
@@ -1000,17 +1005,26 @@ enum Login {
 
 impl Conn {
     fn login(&self, user: &str, key: &russh::keys::PublicKey) -> Login {
-        let (account, image_user) = {
+        let (account, image_user, prepared, admin) = {
             let st = self.sim.st();
             match st.cloud.instances.get(&self.id) {
-                Some(i) => (i.account.clone(), i.login_user()),
+                Some(i) => (i.account.clone(), i.login_user(), i.host.hardened, i.host.admin_user.clone()),
                 None => return Login::Reject,
             }
         };
         if key.key_data() != self.sim.account_key(&account).key_data() {
             return Login::Reject;
         }
-        if user == image_user {
+        // After the prep: `PermitRootLogin no` (sshd refuses root, key or not); the admin the
+        // prep left (the session's user, or the one it made for a root session) gets in.
+        if prepared && user == "root" {
+            let mut st = self.sim.st();
+            if let Some(i) = st.cloud.instances.get_mut(&self.id) {
+                i.host.root_logins_refused += 1;
+            }
+            return Login::Reject;
+        }
+        if admin.as_deref() == Some(user) || user == image_user {
             Login::Accept
         } else if user == "root" {
             Login::RootRestricted(image_user)

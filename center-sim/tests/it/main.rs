@@ -201,7 +201,7 @@ async fn run(s: &kit::ssh::Session, cmd: &str, stdin: Option<&[u8]>) -> kit::ssh
 
 fn env_file(secret: &str, claim: &str, center_url: &str, name: &str) -> String {
     format!(
-        "K2_NODE_SECRET={secret}\nK2_PRIVATE_CLAIM={claim}\nK2_CENTER_URL={center_url}\nK2_DOMAIN=\nK2_VERSION=1.4.2\n\
+        "K2_NODE_SECRET={secret}\nK2_PRIVATE_CLAIM={claim}\nK2_CENTER_URL={center_url}\nK2_DOMAIN=\nK2_VERSION=1.6.3\n\
          K2_NODE_TRAFFIC_LIMIT_GB=950\nK2_NODE_NAME={name}\nK2_NODE_REGION=sg\nK2_IP_TYPE=residential\n"
     )
 }

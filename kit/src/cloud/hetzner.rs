@@ -8,7 +8,9 @@
 //! `firewall_name`, found or created once, whose inbound rules are the union of what was asked
 //! (22/tcp always among them), applied to each server: Hetzner combines every firewall applied
 //! to a server, so this one opens its ports whatever else a project applies. The server's
-//! login user is root (Hetzner's images install the key for root).
+//! login user is the admin user the user-data makes ([`super::ADMIN_USER`], passwordless
+//! sudo); Hetzner also installs the key for root, which the prep then shuts out
+//! (`PermitRootLogin no`).
 
 use std::time::Duration;
 
@@ -271,9 +273,16 @@ impl Hetzner {
     }
 }
 
-/// cloud-init user-data: the admin public key only, password logins off.
+/// cloud-init user-data (seed 001 §3.a): the admin user [`super::ADMIN_USER`] with the admin
+/// public key and passwordless sudo, its password locked; password logins off. The deployer
+/// logs in as that user; root (which Hetzner gives the registered key) stops getting in once
+/// the prep sets `PermitRootLogin no`.
 pub fn cloud_init(public_key: &str) -> String {
-    format!("#cloud-config\nssh_pwauth: false\nssh_authorized_keys:\n  - {public_key}\n")
+    let user = super::ADMIN_USER;
+    format!(
+        "#cloud-config\nssh_pwauth: false\nusers:\n  - name: {user}\n    shell: /bin/bash\n    lock_passwd: true\n    \
+         sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    ssh_authorized_keys:\n      - {public_key}\n"
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -498,8 +507,9 @@ impl Provider for Hetzner {
         Ok(PortsOpened::Opened)
     }
 
+    /// The admin user our cloud-init makes on every server we create ([`cloud_init`]).
     async fn login_user(&self, _vps: &Vps) -> Result<String, ProviderError> {
-        Ok("root".into())
+        Ok(super::ADMIN_USER.into())
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod center;
 pub mod hetzner;
+mod traced;
 
 use std::sync::Arc;
 
@@ -90,6 +91,17 @@ pub enum PortsOpened {
     /// This provider (or this Center) has no way to open ports: the reason. Whether the node
     /// is reachable is then the deployer's outside check to find out.
     Unsupported(String),
+}
+
+/// The node's admin user once the prep has run (`PermitRootLogin no`) on an image that let
+/// only root in: `provision-node.sh` makes it from root's keys with passwordless sudo (its
+/// `ADMIN_USER`), and the Hetzner user-data makes it at first boot (seed 001 §3.a). On images
+/// whose user is not root, that user stays the admin.
+pub const ADMIN_USER: &str = "pnadmin";
+
+/// The user the deployer reaches a node as after the prep, given the image's `login_user`.
+pub fn admin_user(login_user: &str) -> &str {
+    if login_user == "root" { ADMIN_USER } else { login_user }
 }
 
 /// The OS families `provision-node.sh` supports, and their releases, newest first.
@@ -196,12 +208,14 @@ pub trait Provider: Send + Sync {
 /// keypair). `create` needs the Hetzner admin public key; a service that only reads
 /// (`readonly`) may leave it unset and should be given a read-only Hetzner token.
 pub fn build(kind: &str, account: &str, hetzner: &hetzner::HetznerSettings, center: Arc<dyn Center>, readonly: bool) -> Result<Arc<dyn Provider>, ProviderError> {
-    match kind {
-        "center" => Ok(Arc::new(center::CenterProvider::new(center, account.to_string()))),
-        "hetzner" if readonly => Ok(Arc::new(hetzner::Hetzner::reader(hetzner)?)),
-        "hetzner" => Ok(Arc::new(hetzner::Hetzner::new(hetzner)?)),
-        other => Err(ProviderError::Permanent(format!("PN_PROVIDER: unknown provider {other:?} (center | hetzner)"))),
-    }
+    let p: Arc<dyn Provider> = match kind {
+        "center" => Arc::new(center::CenterProvider::new(center, account.to_string())),
+        "hetzner" if readonly => Arc::new(hetzner::Hetzner::reader(hetzner)?),
+        "hetzner" => Arc::new(hetzner::Hetzner::new(hetzner)?),
+        other => return Err(ProviderError::Permanent(format!("PN_PROVIDER: unknown provider {other:?} (center | hetzner)"))),
+    };
+    // Every call in a span `provider.<method>` of the operation's trace (kit::trace).
+    Ok(Arc::new(traced::Traced(p)))
 }
 
 /// What an event says about an instance, to be checked against the provider.

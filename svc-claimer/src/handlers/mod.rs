@@ -5,6 +5,7 @@ mod failed;
 mod instance;
 
 pub use failed::OnFailed;
+pub(crate) use failed::concise_reason;
 pub use instance::OnInstance;
 
 use std::sync::Arc;
@@ -60,14 +61,6 @@ pub struct OnReplay(pub Arc<Ctx>);
 impl Handler for OnReplay {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let id = msg.replay_op_id()?;
-        let rec = self.0.ops.get(&id).map_err(|e| HandleError::retry(e.to_string(), std::time::Duration::from_secs(1)))?;
-        match rec {
-            Some(rec) if rec.terminal.is_none() => {
-                crate::poll::publish_claimed(&self.0, rec).await;
-                Ok(())
-            }
-            Some(_) => Err(HandleError::Drop(format!("operation {id} is already terminal"))),
-            None => Err(HandleError::Drop(format!("operation {id} is not known to this claimer"))),
-        }
+        crate::operator::replay_claim(&self.0, &id).await
     }
 }

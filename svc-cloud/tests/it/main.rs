@@ -326,6 +326,12 @@ async fn hetzner_chooses_creates_probes_and_deletes() {
     let ud = body["user_data"].as_str().unwrap();
     assert!(ud.starts_with("#cloud-config"), "{ud}");
     assert!(ud.contains(PUBKEY) && !ud.contains("PRIVATE") && ud.contains("ssh_pwauth: false"), "{ud}");
+    // Seed 001 §3.a: cloud-init makes the admin user with the key and passwordless sudo.
+    let admin = format!("users:\n  - name: {}\n", kit::cloud::ADMIN_USER);
+    let rest = ud.split_once(&admin).map(|(_, r)| r).unwrap_or_else(|| panic!("no admin user: {ud}"));
+    for want in ["    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n", "    lock_passwd: true\n", &format!("    ssh_authorized_keys:\n      - {PUBKEY}\n")] {
+        assert!(rest.contains(want), "{want:?} not in {ud}");
+    }
     assert_eq!(body["labels"]["managed-by"], "pnp");
     // The admin key is registered once and named in the create call: no root password.
     let (keys, posts) = {
@@ -488,5 +494,6 @@ async fn hetzner_opens_ports_with_one_firewall_and_never_drops_22() {
     // An unknown server is NotFound; a non-numeric id never reaches the API.
     assert!(matches!(p.open_ports("424242", &ports).await, Err(ProviderError::NotFound(_))));
     assert!(matches!(p.open_ports("../x", &ports).await, Err(ProviderError::NotFound(_))));
-    assert_eq!(p.login_user(&a).await.unwrap(), "root", "Hetzner's images let root in with the key");
+    // Our user-data makes the admin user (seed 001 §3.a); root is shut out by the prep.
+    assert_eq!(p.login_user(&a).await.unwrap(), kit::cloud::ADMIN_USER, "the deployer logs in as the admin cloud-init made");
 }

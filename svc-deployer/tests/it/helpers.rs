@@ -345,6 +345,11 @@ impl Sim {
     /// instance through the MCP tools and wait until it runs. Returns the `InstanceReady`
     /// svc-cloud would publish, and the plaintext claim token (for leak checks).
     pub async fn ready_instance(&self, seal: &Seal, sub_id: &str) -> Result<(InstanceReady, SecretString)> {
+        self.ready_instance_on(seal, sub_id, "sim-lightsail", "ubuntu-22-04").await
+    }
+
+    /// As [`Sim::ready_instance`], in `account` with `image`.
+    pub async fn ready_instance_on(&self, seal: &Seal, sub_id: &str, account: &str, image: &str) -> Result<(InstanceReady, SecretString)> {
         let v = self
             .json(self.http.post(format!("{}/admin/intents", self.url)).json(&json!({
                 "subId": sub_id, "region": "sg", "trafficTotalBytes": 950u64 << 30, "ipType": "residential",
@@ -357,10 +362,10 @@ impl Sim {
         let created = self
             .center
             .create_cloud_instance(&CreateInstance {
-                account_name: "sim-lightsail".into(),
+                account_name: account.into(),
                 region: "ap-southeast-1".into(),
                 plan: "small_1tb".into(),
-                image_id: "ubuntu-22-04".into(),
+                image_id: image.into(),
                 name: format!("pn-{sub_id}"),
             })
             .await?;

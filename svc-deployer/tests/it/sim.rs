@@ -476,3 +476,55 @@ async fn a_new_instance_the_provider_confirms_replaces_the_pin() {
     let secret = s.sim.node_env(&inst.name).unwrap()["K2_NODE_SECRET"].clone();
     s.assert_no_leaks(&d, &[claim.expose_secret(), &secret]);
 }
+
+/// Issue 18 item 5: after the prep root may not log in (`PermitRootLogin no`). On an image
+/// that lets only root in (the sim's Vultr account), the deployer logs in as root for the
+/// prep, then reaches the node as the admin the prep made (`kit::cloud::ADMIN_USER`), and the
+/// node refuses root — key or not — on every port.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_the_prep_root_is_refused_and_the_admin_gets_in() {
+    let s = Stack::start().await;
+    let mut cfg = s.config();
+    cfg.set("PN_SSH__ADMIN_KEYS", format!("sim-vultr={}", s.admin.private_path.display()));
+    let mut d = Deployer::start(&cfg).unwrap();
+    let sub = sub();
+    let (ir, _claim) = s.sim.ready_instance_on(&s.seal, &sub, "sim-vultr", "ubuntu-24-04").await.unwrap();
+    let op = ir.op.clone().unwrap();
+    let inst = ir.instance.clone().unwrap();
+    let key = std::sync::Arc::new(kit::ssh::parse_private_key(&std::fs::read_to_string(&s.admin.private_path).unwrap()).unwrap());
+    let target = |port: u16, user: &str| kit::ssh::Target {
+        host: inst.ipv4.clone(),
+        port,
+        user: user.into(),
+        key: key.clone(),
+        pinned: None,
+        connect_timeout: Duration::from_secs(5),
+    };
+    // Before the prep the image lets root in (and no admin user exists yet).
+    let before = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!((before["loginUser"].as_str(), before["adminUser"].as_str()), (Some("root"), None));
+    let r = kit::ssh::connect(&target(s.sim.fresh_port, "root")).await.expect("root before the prep");
+    assert_eq!(r.exec("true", None, Duration::from_secs(10)).await.unwrap().status, 0);
+    r.close().await;
+
+    s.bus.publish_instance(&ir, &format!("{}.cloud.1", op.operation_id)).await.unwrap();
+    let nd = s.bus.wait_deployed(&op.operation_id, PATIENCE).await.unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    d.assert_alive();
+    assert_eq!(nd.ssh_user, kit::cloud::ADMIN_USER, "the verifier is told the admin, not root");
+    let after = s.sim.instance(&inst.instance_id).await.unwrap();
+    assert_eq!(after["adminUser"].as_str(), Some(kit::cloud::ADMIN_USER));
+    for port in [s.sim.hardened_port, s.sim.fresh_port] {
+        match kit::ssh::connect(&target(port, "root")).await {
+            Err(kit::ssh::SshError::AuthRefused { .. }) => {}
+            Err(e) if port == s.sim.fresh_port => assert!(!matches!(e, kit::ssh::SshError::HostKeyChanged { .. }), "{e}"),
+            other => panic!("root on {port} after the prep: {:?}", other.map(|_| "got in")),
+        }
+    }
+    assert!(s.sim.instance(&inst.instance_id).await.unwrap()["rootLoginsRefused"].as_u64().unwrap_or(0) >= 1);
+    let a = kit::ssh::connect(&target(s.sim.hardened_port, kit::cloud::ADMIN_USER)).await.expect("the admin after the prep");
+    let out = a.exec("sudo docker logs --tail 5 k2-sidecar", None, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(out.status, 0, "{}", out.stderr_tail());
+    a.close().await;
+    let log = d.log_text();
+    assert!(log.contains("user=root") || log.contains("\"user\":\"root\""), "the prep ran as root");
+}

@@ -21,7 +21,7 @@ fn strings(v: &Value) -> Vec<String> {
 }
 
 #[test]
-fn compose_defines_both_services_pinned_by_k2_version() {
+fn compose_defines_both_services_pinned_by_digest() {
     let c = compose();
     let services = c["services"].as_mapping().unwrap();
     let names: Vec<&str> = services.keys().filter_map(Value::as_str).collect();
@@ -30,10 +30,14 @@ fn compose_defines_both_services_pinned_by_k2_version() {
         let s = &c["services"][name];
         assert_eq!(s["container_name"].as_str(), Some(name), "container_name of {name}");
         let image = s["image"].as_str().unwrap();
-        // `<repo>:${K2_VERSION…}`: the tag is the variable and nothing else.
-        let (repo, tag) = image.split_once(':').unwrap();
+        // `<repo>:${K2_VERSION…}@sha256:<64 hex>`: the release named by the variable, the
+        // image fixed by its digest (issue 18 item 5).
+        let (named, digest) = image.rsplit_once('@').unwrap_or_else(|| panic!("{name}: image {image} is not pinned by digest"));
+        let hex = digest.strip_prefix("sha256:").unwrap_or_else(|| panic!("{name}: {digest} is not a sha256 digest"));
+        assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{name}: digest {digest}");
+        let (repo, tag) = named.split_once(':').unwrap();
         assert!(!repo.is_empty() && !repo.contains('$'), "{name}: image {image}");
-        assert!(tag.starts_with("${K2_VERSION") && tag.ends_with('}') && tag.matches('}').count() == 1, "{name}: image {image} must be pinned by K2_VERSION");
+        assert!(tag.starts_with("${K2_VERSION") && tag.ends_with('}') && tag.matches('}').count() == 1, "{name}: image {image} must name its release by K2_VERSION");
         assert!(!image.contains("latest"), "{name}: never :latest ({image})");
         // .env is compose's (interpolation) only: a shared env_file would hand every
         // container the node secret and the claim.
@@ -159,4 +163,101 @@ fn the_prep_script_covers_the_runbook_steps() {
     ] {
         assert!(text.contains(needle), "provision-node.sh lacks {needle}");
     }
+}
+
+/// Every `image:` line of the compose file, as written (not parsed: a comment or an anchor
+/// cannot hide one), is pinned by digest, and the deployer's reading of the pins agrees.
+#[test]
+fn every_image_line_is_pinned_by_digest() {
+    let text = svc_deployer::stack::DOCKER_COMPOSE_YML;
+    let lines: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("image:")).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        let digest = l.rsplit_once("@sha256:").map(|(_, d)| d.trim()).unwrap_or_else(|| panic!("not pinned by digest: {l}"));
+        assert!(digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()), "{l}");
+    }
+    let pins = svc_deployer::stack::pins(text);
+    assert_eq!(pins.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["kaitu/k2s", "kaitu/k2-sidecar"]);
+    // Another release needs its digests for every image; with them the shipped file is re-pinned.
+    let mut s = svc_deployer::settings::Settings { k2_version: "1.7.0".into(), ..Default::default() };
+    assert!(s.validate().unwrap_err().0.contains("k2_images"), "another release without its digests");
+    let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    s.k2_images = format!("kaitu/k2s@{},kaitu/k2-sidecar@{}", d('a'), d('b'));
+    s.validate().unwrap();
+    let images = svc_deployer::stack::parse_images(&s.k2_images).unwrap();
+    let stack = svc_deployer::stack::Stack::load(None, &images).unwrap();
+    let shipped = String::from_utf8(stack.files[0].1.clone()).unwrap();
+    assert_eq!(svc_deployer::stack::pins(&shipped), vec![("kaitu/k2s".to_string(), d('a')), ("kaitu/k2-sidecar".to_string(), d('b'))]);
+    s.k2_images = format!("kaitu/k2s@{}", d('a'));
+    assert!(s.validate().is_err(), "one image re-pinned, the other left on the old release");
+}
+
+/// Issue 18 item 5: after the prep root may not log in, and the node keeps an admin.
+#[test]
+fn the_prep_forbids_root_logins_and_keeps_an_admin() {
+    let text = svc_deployer::stack::PROVISION_NODE_SH;
+    let dropin = text.split("write_if_changed \"$SSHD_DROPIN\"").nth(1).and_then(|t| t.split("\nEOF\n").next()).unwrap();
+    assert!(dropin.lines().any(|l| l == "PermitRootLogin no"), "the hardening drop-in:\n{dropin}");
+    assert!(dropin.contains("PasswordAuthentication no"));
+    assert!(!text.contains("PermitRootLogin yes") && !text.contains("PermitRootLogin prohibit-password"));
+    // The admin is made (or found) before sshd is touched, so a failure there locks no one out.
+    let harden = text.split("\nharden_ssh() {").nth(1).unwrap();
+    let (admin, sshd) = (harden.find("ensure_admin_user").unwrap(), harden.find("SSHD_BACKUP=$(mktemp)").unwrap());
+    assert!(admin < sshd, "ensure_admin_user must run before the sshd configuration changes");
+    assert!(text.contains(&format!("ADMIN_USER=${{PN_ADMIN_USER:-{}}}", kit::cloud::ADMIN_USER)), "the prep's admin is Pnp's ADMIN_USER");
+    assert!(text.contains("NOPASSWD:ALL") && text.contains("visudo -cqf"), "passwordless sudo, checked by visudo");
+    assert!(text.contains("/root/.ssh/authorized_keys ] || die"), "no key for the admin: stop before locking root out");
+}
+
+/// The body of shell function `name` in provision-node.sh (its lines up to the closing `}`).
+fn shell_function(name: &str) -> String {
+    let text = svc_deployer::stack::PROVISION_NODE_SH;
+    let start = text.find(&format!("\n{name}() {{\n")).unwrap_or_else(|| panic!("no function {name}"));
+    let rest = &text[start + 1..];
+    let end = rest.find("\n}\n").unwrap();
+    rest[..end + 3].to_string()
+}
+
+/// Docker's apt key is trusted only with Docker's published fingerprint; a mismatch stops the
+/// prep before anything is installed from Docker's repository. Run for real with gpg: a key
+/// that is not Docker's is refused; the same check passes for a key whose fingerprint it is
+/// told (so it reads the primary key's fingerprint, not a subkey's or nothing).
+#[test]
+fn dockers_apt_key_is_checked_against_its_fingerprint() {
+    let text = svc_deployer::stack::PROVISION_NODE_SH;
+    assert!(text.contains("readonly DOCKER_KEY_FINGERPRINT=9DC858229FC7DD38854AE2D88D81803C0EBFCD88"));
+    let ce = shell_function("install_docker_ce");
+    let (check, mv) = (ce.find("if ! docker_key_ok \"${keyring}.tmp\"; then").unwrap(), ce.find("mv \"${keyring}.tmp\" \"$keyring\"").unwrap());
+    assert!(check < mv, "the downloaded key is checked before it becomes the keyring");
+    assert!(ce[check..mv].contains("die \""), "a mismatch is fatal");
+    assert!(ce.contains("docker_key_ok \"$keyring\" || die"), "a keyring already there is checked too");
+    assert!(ce.find("docker_key_ok \"$keyring\" || die").unwrap() < ce.find("apt-get \"${APT_OPTS[@]}\" install docker-ce").unwrap());
+
+    let Some(gpg) = testkit::which("gpg") else { panic!("gpg is not installed (apt-get install gnupg)") };
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("gnupg");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let made = Command::new(&gpg)
+        .env("GNUPGHOME", &home)
+        .args(["--batch", "--passphrase", "", "--quick-gen-key", "Not Docker <not-docker@example.invalid>", "ed25519", "sign,cert", "never"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let sub = Command::new(&gpg).env("GNUPGHOME", &home).args(["--batch", "--with-colons", "--list-keys"]).output().unwrap();
+    let colons = String::from_utf8_lossy(&sub.stdout).into_owned();
+    let fpr = colons.lines().find(|l| l.starts_with("fpr:")).and_then(|l| l.split(':').nth(9)).unwrap().to_string();
+    let add = Command::new(&gpg).env("GNUPGHOME", &home).args(["--batch", "--passphrase", "", "--quick-add-key", &fpr, "cv25519", "encr", "never"]).output().unwrap();
+    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    let key = dir.path().join("key.asc");
+    let exp = Command::new(&gpg).env("GNUPGHOME", &home).args(["--batch", "--armor", "--export", &fpr]).output().unwrap();
+    std::fs::write(&key, &exp.stdout).unwrap();
+    let check = |expected: &str| {
+        let script = format!("set -u\nDOCKER_KEY_FINGERPRINT={expected}\n{}\ndocker_key_ok \"$1\"\n", shell_function("docker_key_ok"));
+        Command::new("bash").arg("-c").arg(script).arg("check").arg(&key).status().unwrap().success()
+    };
+    assert!(!check("9DC858229FC7DD38854AE2D88D81803C0EBFCD88"), "a key that is not Docker's passed");
+    assert!(check(&fpr), "the check did not read the key's own fingerprint");
+    std::fs::write(&key, b"not a key").unwrap();
+    assert!(!check(&fpr), "garbage passed");
 }
