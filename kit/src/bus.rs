@@ -261,7 +261,11 @@ impl Bus {
             msg_id: format!("{}.failed.{}", failed.operation_id, failed.attempt.max(1)),
         };
         let subject = subjects::op_event(subjects::FAILED, &failed.operation_id);
-        self.publish(subject, Body::Failed(failed), &meta).await
+        let res = self.publish(subject, Body::Failed(failed), &meta).await;
+        if res.is_ok() {
+            metrics::counter!("pn_ops_failed_total", "stage" => stage.as_str()).increment(1);
+        }
+        res
     }
 
     /// Creates or updates a durable pull consumer.

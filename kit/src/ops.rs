@@ -47,9 +47,11 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("pn_meter_cutoffs_total", "Times a node reached the cut-off (>= 95 % of its sold quota) in the meter's ledger."),
     ("pn_meter_nodes", "Private nodes in the meter's ledger, by quota state (ok, warn, cutoff); sampled."),
     ("pn_meter_hide_unsupported_total", "Hide/show calls (update_node) that Center could not take because it has no update_node tool; the meter's own 402 still holds."),
+    ("pn_meter_ingest_seconds", "Time the meter took to answer one POST /slave/usage (authenticate, bill, write and flush the ledger), whatever the answer."),
     ("pn_meter_billed_bytes_total", "Bytes billed to nodes' ledgers."),
-    ("pn_meter_reports_total", "Usage reports received, by outcome."),
+    ("pn_meter_reports_total", "Usage reports received, by result (accepted, unauthorized, malformed, too_fast, refused, stale, flooded, future_at, unavailable)."),
     ("pn_meter_usage_published_total", "meter.usage.<node> messages published."),
+    ("pn_ops_failed_total", "pn.op.failed events a stage published, by stage (the reason is in the event and the logs, not a label)."),
     ("pn_ops_in_flight", "Operations a stage holds now (started, not yet handed on or terminal), read from its own state; sampled, by stage."),
     ("pn_ops_overdue", "Operations a stage holds past its deadline (the wait they are in ended more than a minute ago without a decision); sampled, by stage."),
     ("pn_ops_parked", "Operations a stage holds parked, waiting on the world (a booting VPS, a pause, the OS prep, the next verification round); sampled, by stage."),
@@ -60,6 +62,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("pn_reap_delete_unsupported_total", "Reaps of proven-dead VPSes left to an operator because Center has no delete_cloud_instance tool."),
     ("pn_reap_pending", "VPSes of failed operations kept because their death is not proven; waiting for an operator."),
     ("pn_stage_pickup_seconds", "From an event's publication to the next stage starting on it, by stage."),
+    ("pn_time_to_active_seconds", "From the operation queued at Center (else claimed) to its node verified active; observed once per operation."),
     ("pn_verify_watch_ended_total", "Degraded operations the verifier stopped watching."),
 ];
 

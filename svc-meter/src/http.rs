@@ -160,8 +160,10 @@ async fn post_usage(
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::PayloadTooLarge } else { ApiError::BadRequest("unreadable body".into()) }
     })?;
     let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-    let ok = m.ingest(source, auth, &body).await?;
-    Ok(axum::Json(ok).into_response())
+    let started = std::time::Instant::now();
+    let res = m.ingest(source, auth, &body).await;
+    metrics::histogram!("pn_meter_ingest_seconds").record(started.elapsed().as_secs_f64());
+    Ok(axum::Json(res?).into_response())
 }
 
 fn node_name(node: &str) -> Result<&str, ApiError> {

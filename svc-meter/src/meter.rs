@@ -249,6 +249,8 @@ struct Counters {
     stale: metrics::Counter,
     flooded: metrics::Counter,
     future: metrics::Counter,
+    /// The ledger could not be written or flushed: 503, nothing acknowledged.
+    unavailable: metrics::Counter,
     billed_bytes: metrics::Counter,
 }
 
@@ -264,6 +266,7 @@ impl Counters {
             stale: r("stale"),
             flooded: r("flooded"),
             future: r("future_at"),
+            unavailable: r("unavailable"),
             billed_bytes: metrics::counter!("pn_meter_billed_bytes_total"),
         }
     }
@@ -455,6 +458,7 @@ impl Meter {
             } else {
                 tracing::error!(node = %slot.name, "could not re-read the ledger after a failed write");
             }
+            self.counters.unavailable.increment(1);
             return Err(IngestError::Unavailable(e.to_string()));
         }
         st.last_accepted = Some(now);
@@ -470,6 +474,7 @@ impl Meter {
         drop(st);
         if let Err(e) = self.store.flush().await {
             tracing::error!(node = %slot.name, error = %e, "ledger flush failed; report not acknowledged");
+            self.counters.unavailable.increment(1);
             return Err(IngestError::Unavailable(e.to_string()));
         }
         if delta > 0 {

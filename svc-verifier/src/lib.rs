@@ -302,6 +302,8 @@ async fn step(ctx: &Arc<Ctx>, d: &NodeDeployed, rec: &mut VerifyRecord, src: Sou
             }
             rec.verified = Some(v.clone());
             ctx.ops.put(&id, rec).await.map_err(transient)?;
+            // Once per operation: a recorded outcome is republished above, not observed again.
+            metrics::histogram!("pn_time_to_active_seconds").record(v.time_to_active_ms.max(0) as f64 / 1000.0);
             return publish_verified(ctx, d, v, src.replay()).await;
         }
         checks::Round::Pending(u) => (u, false),

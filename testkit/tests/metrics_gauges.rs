@@ -99,6 +99,14 @@ async fn every_service_exports_buckets_and_gauges_that_follow_an_operation() {
         assert!(!t.contains("quantile=\""), "{svc} still exports a summary:\n{t}");
         assert!(t.contains("# HELP pn_ops_in_flight ") || svc == "svc-meter", "{svc}: no HELP for pn_ops_in_flight:\n{t}");
     }
+    // The two end-to-end histograms: queued → active (once per operation, at the verifier)
+    // and the meter's answer to a usage report.
+    let t = scrape(&stack, "svc-verifier").await.unwrap();
+    assert_eq!(value(&t, "pn_time_to_active_seconds_count"), Some(1.0), "one operation became active:\n{t}");
+    assert!(t.contains("pn_time_to_active_seconds_bucket{le="), "{t}");
+    let t = scrape(&stack, "svc-meter").await.unwrap();
+    assert!(value(&t, "pn_meter_ingest_seconds_count").is_some_and(|n| n >= 1.0), "the meter answered reports:\n{t}");
+    assert!(t.contains("pn_meter_ingest_seconds_bucket{le="), "{t}");
 
     // Center refuses progress reports for a while: the claimer's in_progress report of a
     // second operation waits (nak'ed, unacknowledged), counted as relay backlog, then goes out.
