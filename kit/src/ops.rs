@@ -64,6 +64,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("pn_stage_pickup_seconds", "From an event's publication to the next stage starting on it, by stage."),
     ("pn_time_to_active_seconds", "From the operation queued at Center (else claimed) to its node verified active; observed once per operation."),
     ("pn_verify_watch_ended_total", "Degraded operations the verifier stopped watching."),
+    ("pn_verify_usage_mismatch_total", "Verifications where the meter's ledger and Center's trafficUsedBytes disagreed by more than one report (a warning; never fails or degrades the operation)."),
 ];
 
 /// The process-wide Prometheus recorder (installed on first use), with histogram buckets and

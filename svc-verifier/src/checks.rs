@@ -195,10 +195,7 @@ async fn round_inner(ctx: &Arc<Ctx>, d: &NodeDeployed, held: &mut Held, logs: &m
         }
     }
     if d.private_node && !held.usage {
-        if usage(ctx, &node).await == 0 {
-            return Err(Round::Pending(format!("usage: the meter has recorded no usage for {node} after its first report")));
-        }
-        held.usage = true;
+        center_usage(ctx, d, held).await?;
     }
     Ok(Seen { domain: held.listed_domain.clone().unwrap_or_default(), tunnels: 1 })
 }
@@ -232,13 +229,89 @@ async fn claim_refused(ctx: &Arc<Ctx>, d: &NodeDeployed) -> Round {
     }
 }
 
-/// Bytes the meter has recorded for `node` (the last `meter.usage.<node>`), 0 when none.
-async fn usage(ctx: &Ctx, node: &str) -> u64 {
-    let Ok(stream) = ctx.rt.bus.js.get_stream(subjects::METER_STREAM).await else { return 0 };
-    let Ok(m) = stream.get_last_raw_message_by_subject(&subjects::meter_usage(node)).await else { return 0 };
+/// Runbook step 7, "Usage recorded in Center": `get_cloud_instance` for the node's instance,
+/// `trafficUsedBytes` advancing. Two readings, the second higher: the first one read is kept
+/// in the record (`center_usage_first`), and the check holds on the first later reading above
+/// it. A non-zero first reading alone does not do: Center's ledger belongs to the node's name
+/// across re-registrations, so bytes of an earlier deployment would pass without this
+/// deployment's reporter ever reaching Center. A reading below the first (a ledger started
+/// over) becomes the new first. When it holds, the meter's ledger is compared ([`cross_check`]).
+async fn center_usage(ctx: &Ctx, d: &NodeDeployed, held: &mut Held) -> Result<(), Round> {
+    let node = &d.node_name;
+    let id = d.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default();
+    if id.is_empty() {
+        return Err(Round::Pending(format!("usage: the deployment of {node} names no instance; Center's ledger cannot be read")));
+    }
+    let inst = ctx
+        .rt
+        .center
+        .get_cloud_instance(&id)
+        .await
+        .map_err(|e| Round::Pending(format!("usage: Center's get_cloud_instance({id}) failed ({e})")))?;
+    let now = inst.traffic_used_bytes;
+    match held.center_usage_first {
+        Some(first) if now > first => {
+            cross_check(ctx, node, first, now).await;
+            held.usage = true;
+            Ok(())
+        }
+        Some(first) => {
+            if now < first {
+                held.center_usage_first = Some(now);
+            }
+            Err(Round::Pending(format!(
+                "usage: Center's ledger of {node} (trafficUsedBytes of {id}) has not advanced past {first} bytes"
+            )))
+        }
+        None => {
+            held.center_usage_first = Some(now);
+            Err(Round::Pending(format!("usage: Center's ledger of {node} reads {now} bytes; waiting for it to advance")))
+        }
+    }
+}
+
+/// The meter's ledger as a cross-check of Center's (never a condition of verification): the
+/// last `meter.usage.<node>` against Center's two readings `first < now`. "One report" is the
+/// advance between them (the check holds on the first advance it sees, so that is one report
+/// in the usual case); the meter may be behind Center's first reading or ahead of its second
+/// by that much (its news is coalesced, and a report may reach one ledger a moment before the
+/// other). Farther apart: a warning and `pn_verify_usage_mismatch_total`. A meter with no
+/// news of the node counts as 0.
+async fn cross_check(ctx: &Ctx, node: &str, first: u64, now: u64) {
+    let meter = meter_usage(ctx, node).await;
+    let (m, known) = match &meter {
+        Some(u) => (u.used_bytes, true),
+        None => (0, false),
+    };
+    if usage_agrees(first, now, m) {
+        tracing::debug!(node, center = now, meter = m, "usage: the meter's ledger agrees with Center's");
+        return;
+    }
+    tracing::warn!(
+        node,
+        center_first = first,
+        center = now,
+        meter = m,
+        meter_known = known,
+        meter_at_ms = meter.as_ref().map(|u| u.at_ms).unwrap_or(0),
+        "usage mismatch: the meter's ledger and Center's trafficUsedBytes disagree by more than one report (verification goes on: Center's ledger is the record)"
+    );
+    metrics::counter!("pn_verify_usage_mismatch_total").increment(1);
+}
+
+/// Whether the meter's `m` is within one report (`now - first`) of Center's readings.
+pub fn usage_agrees(first: u64, now: u64, m: u64) -> bool {
+    let one = now.saturating_sub(first);
+    m >= first.saturating_sub(one) && m <= now.saturating_add(one)
+}
+
+/// The meter's last `meter.usage.<node>`, when there is one.
+async fn meter_usage(ctx: &Ctx, node: &str) -> Option<proto::UsageRecorded> {
+    let stream = ctx.rt.bus.js.get_stream(subjects::METER_STREAM).await.ok()?;
+    let m = stream.get_last_raw_message_by_subject(&subjects::meter_usage(node)).await.ok()?;
     match Event::from_bytes(&m.payload) {
-        Ok(Body::Usage(u)) => u.used_bytes,
-        _ => 0,
+        Ok(Body::Usage(u)) => Some(u),
+        _ => None,
     }
 }
 
@@ -253,5 +326,19 @@ mod tests {
         }
         assert_eq!(grep_command("sudo", K2S, K2S_READY), "sudo docker logs k2s 2>&1 | grep -F -m 1 -e 'server ready'");
         assert_eq!(grep_command("", SIDECAR, REGISTERED), "docker logs k2-sidecar 2>&1 | grep -F -m 1 -e 'Registration completed'");
+    }
+
+    #[test]
+    fn the_meter_agrees_within_one_report_of_centers_readings() {
+        // Center read 1000 then 1500: one report is 500.
+        for m in [500, 1000, 1200, 1500, 2000] {
+            assert!(usage_agrees(1000, 1500, m), "{m}");
+        }
+        for m in [0, 499, 2001, u64::MAX] {
+            assert!(!usage_agrees(1000, 1500, m), "{m}");
+        }
+        // From the baseline (0): a meter that has nothing yet is one report behind.
+        assert!(usage_agrees(0, 700, 0));
+        assert!(!usage_agrees(0, 700, 1401));
     }
 }

@@ -1,7 +1,9 @@
 //! svc-verifier waits for a deployed node to prove itself (runbook step 7) — k2s ready, the
 //! sidecar registered (carrying the claim), the usage reporter started, the node listed at
 //! Center with its domain, the operation `done` (set by the node, never by us), usage recorded
-//! by the meter.
+//! at Center (`get_cloud_instance`'s `trafficUsedBytes` advancing between two readings), with
+//! the meter's ledger (`meter.usage.<node>`) as a cross-check that warns and counts
+//! (`pn_verify_usage_mismatch_total`), never a condition.
 //!
 //! One way to wait: a message is handled in rounds. Each round runs the checks not yet held
 //! (`checks`), records what it saw and when to look next in sled (`record`), and parks the

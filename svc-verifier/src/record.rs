@@ -52,8 +52,12 @@ pub struct Held {
     pub listed_domain: Option<String>,
     /// Center reported the operation `done`.
     pub done: bool,
-    /// The meter recorded usage.
+    /// Center's ledger (`trafficUsedBytes` in `get_cloud_instance`) advanced past the first
+    /// reading (runbook step 7, "Usage recorded in Center").
     pub usage: bool,
+    /// The first reading of Center's ledger for this deployment; `usage` holds on a later,
+    /// higher one.
+    pub center_usage_first: Option<u64>,
 }
 
 impl Held {
@@ -117,7 +121,7 @@ mod tests {
         let r = VerifyRecord {
             operation_id: "op-1".into(),
             deployed_pb: vec![1, 2, 3],
-            held: Held { k2s_ready: true, registered_log: true, reporter: true, listed_domain: Some("d".into()), done: true, usage: false },
+            held: Held { k2s_ready: true, registered_log: true, reporter: true, listed_domain: Some("d".into()), done: true, usage: false, center_usage_first: Some(7) },
             degraded: Some(Degraded { reason: "usage".into(), since_ms: 5, published: true, ..Default::default() }),
             ..Default::default()
         };
