@@ -47,6 +47,7 @@ impl Runtime {
     /// before the service's state does: a handler that needs it answers 503 until it is set.
     pub async fn start_with(service: &'static str, common: &Common, extra: axum::Router) -> anyhow::Result<Runtime> {
         crate::init_crypto();
+        crate::trace::set_service_name(service);
         let token = common.center_token()?;
         let bus = Bus::connect_as(&common.nats_url, service, Duration::from_secs(30), &common.nats_auth()?).await?;
         bus.ensure_streams_with(common.stream_replicas).await?;
@@ -119,7 +120,7 @@ impl Runtime {
 }
 
 /// The whole process of a `PN_*` service: its own multi-thread runtime (what `#[tokio::main]`
-/// would build), settings from the environment, logging in `log_format(&settings)`, then
+/// would build), settings from the environment, logging in `log_format(&settings)` to stdout, then
 /// `run(settings)` — which builds the service and runs it until shutdown. Each service's
 /// `main_entry` is this call, so its `main.rs` and `pnp <service>` start it the same way.
 pub fn service_main<S, Fut>(log_format: fn(&S) -> crate::config::LogFormat, run: impl FnOnce(S) -> Fut) -> anyhow::Result<()>
@@ -131,7 +132,7 @@ where
         // Before anything can answer: a SIGTERM during start-up is then a clean stop.
         crate::shutdown::arm();
         let settings: S = crate::config::load()?;
-        crate::telemetry::init(log_format(&settings));
+        crate::telemetry::init_stdout(log_format(&settings));
         run(settings).await
     })
 }

@@ -240,7 +240,8 @@ impl Bus {
         }
         h.insert(headers::STAGE, meta.stage.as_str());
         h.insert(headers::CONTENT_TYPE, headers::content_type(body.type_name()).as_str());
-        h.insert(headers::TRACEPARENT, traceparent(&meta.msg_id).as_str());
+        // The operation's trace, the current span (the handler's) as the parent: kit::trace.
+        h.insert(headers::TRACEPARENT, crate::trace::traceparent_for(&meta.operation_id).as_str());
         let payload = Bytes::from(Event::new(body).to_bytes());
         let fut = self
             .js
@@ -318,14 +319,6 @@ fn stream_configs(replicas: usize) -> [stream::Config; 3] {
         cfg.num_replicas = replicas.max(1);
     }
     configs
-}
-
-/// A W3C `traceparent` derived from the message id, so one message's trace id is stable
-/// across republishes of the same outcome.
-fn traceparent(seed: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let h = Sha256::digest(seed.as_bytes());
-    format!("00-{}-{}-01", hex::encode(&h[..16]), hex::encode(&h[16..24]))
 }
 
 /// One durable consumer's shape.
@@ -600,7 +593,41 @@ pub async fn run_loop(
     tracing::info!(consumer = %name, "consumer loop drained");
 }
 
+/// The span `handle` around one handled message: the operation's trace (`kit::trace`), the
+/// incoming `traceparent`'s span as the parent when it is in that trace, a new span id.
+fn handle_span(msg: &jetstream::Message, stage: Stage) -> tracing::Span {
+    use crate::trace::{SpanId, TraceId, parse_traceparent};
+    let subject = msg.subject.as_str();
+    let op = if subject.starts_with("pn.replay.") {
+        std::str::from_utf8(&msg.payload).ok().map(str::trim).filter(|s| subjects::is_token(s))
+    } else {
+        subjects::op_id_of(subject).filter(|s| subjects::is_token(s))
+    };
+    let incoming = msg.headers.as_ref().and_then(|h| h.get(headers::TRACEPARENT)).and_then(|v| parse_traceparent(v.as_str()));
+    let trace_id = match (op, incoming) {
+        (Some(op), _) => TraceId::for_operation(op),
+        (None, Some((t, _))) => t,
+        (None, None) => TraceId::random(),
+    };
+    let parent = incoming.filter(|(t, _)| *t == trace_id).map(|(_, s)| s);
+    tracing::info_span!(
+        "handle",
+        stage = stage.as_str(),
+        op = op.unwrap_or(""),
+        subject,
+        trace_id = %trace_id,
+        span_id = %SpanId::random(),
+        parent_span_id = parent.map(tracing::field::display),
+    )
+}
+
 async fn handle_one(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, handler: Arc<dyn Handler>) {
+    use tracing::Instrument;
+    let span = handle_span(&msg, cfg.stage);
+    handle_one_in_span(bus, msg, cfg, handler).instrument(span).await
+}
+
+async fn handle_one_in_span(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, handler: Arc<dyn Handler>) {
     let (delivered, published) = msg.info().map(|i| (i.delivered, i.published)).unwrap_or((1, time::OffsetDateTime::now_utc()));
     if delivered == 1 {
         // Orchestration overhead: from the event's publication to this stage starting on it.
@@ -639,6 +666,15 @@ async fn handle_one(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, handler:
         _ => crate::ops::held::released(cfg.stage.as_str(), &held_op),
     }
     metrics::histogram!("pn_handler_seconds", "stage" => cfg.stage.as_str()).record(started.elapsed().as_secs_f64());
+    let outcome = match &res {
+        Ok(()) => "ok",
+        Err(HandleError::Retry { .. }) => "retry",
+        Err(HandleError::Fail { .. }) => "fail",
+        Err(HandleError::Drop(_)) => "drop",
+        Err(HandleError::Park { .. }) => "park",
+    };
+    // One line per handled message, in its `handle` span (trace_id, span_id): RUST_LOG=kit::bus=debug.
+    tracing::debug!(delivered, outcome, elapsed_ms = started.elapsed().as_millis() as u64, "handled");
     match res {
         Ok(()) => {
             for _ in 0..3 {

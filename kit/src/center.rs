@@ -501,6 +501,13 @@ impl McpCenter {
     }
 
     async fn call_once(&self, tool: &'static str, args: &Value) -> Result<Value, CenterError> {
+        use tracing::Instrument;
+        // One span per tool call (each try): the tool's name only, never its arguments.
+        let span = crate::trace::with_trace_id(tracing::info_span!("center.call", tool, trace_id = tracing::field::Empty));
+        self.call_once_traced(tool, args).instrument(span).await
+    }
+
+    async fn call_once_traced(&self, tool: &'static str, args: &Value) -> Result<Value, CenterError> {
         let (sid, version) = self.ensure_session().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}});

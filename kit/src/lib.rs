@@ -18,6 +18,7 @@ pub mod shutdown;
 pub mod ssh;
 pub mod state;
 pub mod telemetry;
+pub mod trace;
 pub mod world;
 
 pub use secrecy;

@@ -63,6 +63,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("pn_reap_pending", "VPSes of failed operations kept because their death is not proven; waiting for an operator."),
     ("pn_stage_pickup_seconds", "From an event's publication to the next stage starting on it, by stage."),
     ("pn_time_to_active_seconds", "From the operation queued at Center (else claimed) to its node verified active; observed once per operation."),
+    ("pn_trace_spans_dropped_total", "Finished spans not exported over OTLP: the exporter's queue was full or its post failed (only when OTLP export is configured)."),
     ("pn_verify_watch_ended_total", "Degraded operations the verifier stopped watching."),
     ("pn_verify_usage_mismatch_total", "Verifications where the meter's ledger and Center's trafficUsedBytes disagreed by more than one report (a warning; never fails or degrades the operation)."),
 ];

@@ -146,6 +146,18 @@ impl Output {
 }
 
 pub async fn connect(t: &Target) -> Result<Session, SshError> {
+    use tracing::Instrument;
+    let span = crate::trace::with_trace_id(tracing::info_span!(
+        "ssh.connect",
+        host = %t.host,
+        port = t.port,
+        user = %t.user,
+        trace_id = tracing::field::Empty
+    ));
+    connect_traced(t).instrument(span).await
+}
+
+async fn connect_traced(t: &Target) -> Result<Session, SshError> {
     let addr = format!("{}:{}", t.host, t.port);
     let config = Arc::new(client::Config {
         inactivity_timeout: Some(Duration::from_secs(600)),
@@ -185,7 +197,19 @@ pub async fn connect(t: &Target) -> Result<Session, SshError> {
 impl Session {
     /// Runs `command`, writing `stdin` (if any) and closing it, within `timeout`.
     pub async fn exec(&self, command: &str, stdin: Option<&[u8]>, timeout: Duration) -> Result<Output, SshError> {
+        use tracing::Instrument;
         let what = command.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+        // The command's first words only (as in its errors); stdin (where secrets travel) never.
+        let span = crate::trace::with_trace_id(tracing::info_span!(
+            "ssh.exec",
+            addr = %self.addr,
+            command = %what,
+            trace_id = tracing::field::Empty
+        ));
+        self.exec_traced(command, &what, stdin, timeout).instrument(span).await
+    }
+
+    async fn exec_traced(&self, command: &str, what: &str, stdin: Option<&[u8]>, timeout: Duration) -> Result<Output, SshError> {
         let fut = async {
             let mut ch = self.handle.channel_open_session().await.map_err(|e| SshError::Protocol(e.to_string()))?;
             ch.exec(true, command).await.map_err(|e| SshError::Protocol(e.to_string()))?;

@@ -61,7 +61,9 @@ pub async fn poll_once(ctx: &Arc<Ctx>) -> Result<usize, CenterError> {
                 if slots.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
                     return false;
                 }
-                let leased = claim_one(&ctx, op).await;
+                // The claim starts the operation's trace (kit::trace): its id is the operation's.
+                let span = kit::trace::operation_span("claim", "claim", &op.id);
+                let leased = tracing::Instrument::instrument(claim_one(&ctx, op), span).await;
                 if !leased {
                     slots.fetch_add(1, Ordering::SeqCst);
                 }
@@ -205,7 +207,8 @@ pub async fn lease_keeper(ctx: Arc<Ctx>, token: CancellationToken) {
         };
         ctx.in_flight();
         for id in due {
-            renew(&ctx, &id).await;
+            // A renewal is part of the operation's trace (kit::trace).
+            tracing::Instrument::instrument(renew(&ctx, &id), kit::trace::operation_span("renew", "claim", &id)).await;
         }
     }
 }
