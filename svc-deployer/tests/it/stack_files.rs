@@ -261,3 +261,56 @@ fn dockers_apt_key_is_checked_against_its_fingerprint() {
     std::fs::write(&key, b"not a key").unwrap();
     assert!(!check(&fpr), "garbage passed");
 }
+
+/// provision-node.sh's OS gate, run for real (its `preflight` with an os-release file of each
+/// release): Ubuntu 20.04–24.04 and Debian 12/13 go on, with either Docker source, and name
+/// their codename; older releases, other distributions and an unknown Docker source stop.
+#[test]
+fn the_prep_accepts_ubuntu_and_debian_releases_and_refuses_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let os_release = dir.path().join("os-release");
+    let func = |name: &str| shell_function(name);
+    let lib = ["log", "warn", "die", "step"]
+        .iter()
+        .map(|f| {
+            let text = svc_deployer::stack::PROVISION_NODE_SH;
+            text.lines().find(|l| l.starts_with(&format!("{f}() {{"))).unwrap_or_else(|| panic!("no one-line {f}()")).to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let preflight = func("preflight").replace("/etc/os-release", &os_release.display().to_string());
+    let run = |release: &str, source: &str| {
+        std::fs::write(&os_release, release).unwrap();
+        let script = format!("set -Eeuo pipefail\nSTEP=0\nDOCKER_SOURCE={source}\n{lib}\n{preflight}\npreflight\necho \"codename=$CODENAME os=$OS_ID\"\n");
+        let out = Command::new("bash").arg("-c").arg(script).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let ubuntu = |v: &str, c: &str| format!("ID=ubuntu\nVERSION_ID=\"{v}\"\nVERSION_CODENAME={c}\nUBUNTU_CODENAME={c}\nPRETTY_NAME=\"Ubuntu {v}\"\n");
+    let debian = |v: &str, c: &str| format!("ID=debian\nVERSION_ID=\"{v}\"\nVERSION_CODENAME={c}\nPRETTY_NAME=\"Debian {v}\"\n");
+    for (release, codename) in [
+        (ubuntu("20.04", "focal"), "focal"),
+        (ubuntu("22.04", "jammy"), "jammy"),
+        (ubuntu("24.04", "noble"), "noble"),
+        (debian("12", "bookworm"), "bookworm"),
+        (debian("13", "trixie"), "trixie"),
+    ] {
+        for source in ["docker", "distro"] {
+            let (ok, out) = run(&release, source);
+            assert!(ok && out.contains(&format!("codename={codename}")), "{codename} with {source}: {out}");
+        }
+    }
+    for (release, why) in [
+        (ubuntu("18.04", "bionic"), "too old"),
+        (debian("11", "bullseye"), "too old"),
+        ("ID=centos\nVERSION_ID=\"9\"\nPRETTY_NAME=\"CentOS Stream 9\"\n".to_string(), "Ubuntu (20.04-24.04) or Debian (12, 13) only"),
+        ("ID=debian\nVERSION_ID=\"12\"\n".to_string(), "codename"),
+    ] {
+        let (ok, out) = run(&release, "docker");
+        assert!(!ok && out.contains(why), "{release:?} went on: {out}");
+    }
+    let (ok, out) = run(&debian("12", "bookworm"), "snap");
+    assert!(!ok && out.contains("--docker must be docker"), "{out}");
+    // A release between the tested ones goes on with a warning.
+    let (ok, out) = run(&ubuntu("23.10", "mantic"), "docker");
+    assert!(ok && out.contains("not one of the tested releases"), "{out}");
+}
