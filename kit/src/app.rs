@@ -133,6 +133,9 @@ where
         crate::shutdown::arm();
         let settings: S = crate::config::load()?;
         crate::telemetry::init_stdout(log_format(&settings));
-        run(settings).await
+        let res = run(settings).await;
+        // The last spans (the drain's) reach the OTLP collector before the process ends.
+        crate::trace::flush(std::time::Duration::from_secs(2)).await;
+        res
     })
 }

@@ -20,6 +20,7 @@
 //! Span fields are what the code puts there: ids, tool and method names, hosts, never a secret.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -295,7 +296,9 @@ where
             _ => SPAN_KIND_INTERNAL,
         };
         let finished = Finished { ctx: d.ctx, name: d.name, kind, start: d.start, end: SystemTime::now(), attrs: d.attrs };
+        PENDING.fetch_add(1, Ordering::SeqCst);
         if tx.try_send(finished).is_err() {
+            PENDING.fetch_sub(1, Ordering::SeqCst);
             metrics::counter!("pn_trace_spans_dropped_total").increment(1);
         }
     }
@@ -324,6 +327,18 @@ fn nanos(t: SystemTime) -> String {
 // The exporter: OTLP/HTTP with the JSON encoding, batches of finished spans.
 
 static SERVICE: OnceLock<String> = OnceLock::new();
+
+/// Spans handed to the exporter and not yet posted (or dropped).
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits until every span handed to the exporter was posted (or dropped), for at most
+/// `patience`: what a service does before it exits, so its last spans are not lost.
+pub async fn flush(patience: Duration) {
+    let deadline = tokio::time::Instant::now() + patience;
+    while PENDING.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// The `service.name` resource attribute of exported spans (`OTEL_SERVICE_NAME` wins; else
 /// the service that calls this at start; else the program's file name).
@@ -432,6 +447,7 @@ pub fn spawn_exporter(url: String) -> Option<mpsc::Sender<Finished>> {
                     failing = true;
                 }
             }
+            PENDING.fetch_sub(batch.len(), Ordering::SeqCst);
             batch.clear();
         }
     });
