@@ -214,7 +214,8 @@ make_swap() {
 
 base_packages() {
   step "base packages"
-  local pkgs=(ca-certificates curl ufw cron util-linux iproute2 logrotate)
+  # sudo: the admin user's way to root once root may not log in (step 13; visudo checks it).
+  local pkgs=(ca-certificates curl ufw cron util-linux iproute2 logrotate sudo)
   # gnupg is for Docker's repository key; the distribution's own packages need none.
   [ "$DOCKER_SOURCE" = distro ] || pkgs+=(gnupg)
   apt_install "${pkgs[@]}"
