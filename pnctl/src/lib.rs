@@ -1,6 +1,6 @@
 //! pnctl, the operator's CLI: the dev stack (`up`, `down`, the supervisor and `stack.json`),
 //! the end-to-end `demo`, and the tools that read the pipeline — `status`, `tail`, `decode`,
-//! `replay`, `ledger`, `reap`. One module per command; `cli` parses the arguments (`main.rs` only calls
+//! `replay`, `ledger`, `reap`, `ops` (list, show, abandon operations) — and `completions`. One module per command; `cli` parses the arguments (`main.rs` only calls
 //! it), and `multicall` is the `pnp` binary that runs every Pnp program from one executable.
 //!
 //! Invariant: pnctl never prints a secret. It generates the dev secrets, hands them to the
