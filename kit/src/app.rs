@@ -43,19 +43,21 @@ impl Runtime {
     }
 
     /// Like `start`, with the service's own HTTP routes (`extra`) on its ops listener beside
-    /// `/healthz`, `/readyz` and `/metrics` (svc-cloud's `/v1/reap/…`). The routes exist
+    /// `/healthz`, `/readyz` and `/metrics` (svc-cloud's `/v1/reap/…`); its non-GET routes need
+    /// the operator token (`PN_OPS_TOKEN`, `kit::ops::require_operator`). The routes exist
     /// before the service's state does: a handler that needs it answers 503 until it is set.
     pub async fn start_with(service: &'static str, common: &Common, extra: axum::Router) -> anyhow::Result<Runtime> {
         crate::init_crypto();
         crate::trace::set_service_name(service);
         let token = common.center_token()?;
+        let ops_token = common.ops_token()?;
         let bus = Bus::connect_as(&common.nats_url, service, Duration::from_secs(30), &common.nats_auth()?).await?;
         bus.ensure_streams_with(common.stream_replicas).await?;
         let store = Store::open_with_cache(&common.data_dir.join(service), common.state_cache_mb).context("open state store")?;
         let center: Arc<dyn Center> =
             McpCenter::new(ClientConfig::new(&common.center_url, Duration::from_millis(common.center_timeout_ms)), token)?;
         let shutdown = CancellationToken::new();
-        let ops_addr = crate::ops::spawn_with(common.ops_listen, crate::ops::bus_ready(bus.clone()), extra, shutdown.clone().cancelled_owned())
+        let ops_addr = crate::ops::spawn_with(common.ops_listen, crate::ops::bus_ready(bus.clone()), extra, ops_token, shutdown.clone().cancelled_owned())
             .await
             .context("ops endpoints")?;
         crate::ops::build_info(service);

@@ -72,6 +72,14 @@ pub struct Common {
     pub center_url: String,
     pub center_token: Option<SecretString>,
     pub seal_key: Option<SecretString>,
+    /// `PN_OPS_TOKEN`: the operator token. Every mutating (non-GET) route of the ops listener
+    /// (svc-cloud's `POST /v1/reap/<op>/confirm`, svc-claimer's `POST /v1/ops/<op>/abandon`)
+    /// requires `Authorization: Bearer <PN_OPS_TOKEN>` (else 401); unset or empty, those routes
+    /// answer 403 "operator token not configured" — never open. `/healthz`, `/readyz`,
+    /// `/metrics` and the read-only GETs stay open. At least 16 characters. Only the services
+    /// with such routes get it (k8s Secret `pn-ops-token`: svc-cloud, svc-claimer); `pnctl`
+    /// sends it from `PN_OPS_TOKEN` or the dev stack's `secrets/ops-token`.
+    pub ops_token: Option<SecretString>,
     pub log_format: LogFormat,
     /// Messages handled at once per consumer.
     pub max_in_flight: usize,
@@ -107,6 +115,7 @@ impl Default for Common {
             center_url: "http://127.0.0.1:8080".into(),
             center_token: None,
             seal_key: None,
+            ops_token: None,
             log_format: LogFormat::Auto,
             max_in_flight: 256,
             center_timeout_ms: 10_000,
@@ -138,6 +147,16 @@ impl Common {
             return Err(ConfigError("PN_NATS_USER and PN_NATS_PASSWORD must be set together".into()));
         }
         Ok(crate::bus::NatsAuth { user, password, ca_file: self.nats_ca_file.clone() })
+    }
+
+    /// The operator token (`PN_OPS_TOKEN`), if one is set and not empty; one shorter than 16
+    /// characters is an error naming the variable (never the value).
+    pub fn ops_token(&self) -> Result<Option<SecretString>, ConfigError> {
+        match self.ops_token.as_ref().map(|t| t.expose_secret().trim().to_string()).filter(|t| !t.is_empty()) {
+            None => Ok(None),
+            Some(t) if t.len() < 16 => Err(ConfigError("PN_OPS_TOKEN must have at least 16 characters".into())),
+            Some(t) => Ok(Some(SecretString::from(t))),
+        }
     }
 
     /// The seal key, parsed, or a clear error naming the variable.

@@ -1,6 +1,11 @@
 //! The ops HTTP endpoints every service serves: `/healthz` (the process runs), `/readyz`
 //! (its dependencies answer: NATS connected, streams present) and Prometheus `/metrics`.
 //! A service may add its own routes (`spawn_with`), e.g. svc-cloud's operator reap commands.
+//!
+//! Every mutating (non-GET, non-HEAD) request on this listener needs the operator token
+//! (`PN_OPS_TOKEN`) as `Authorization: Bearer <token>` ([`require_operator`]): wrong or missing
+//! → 401; no token configured → 403 "operator token not configured" (the route stays shut).
+//! The GETs (`/healthz`, `/readyz`, `/metrics`, `/v1/ops/held`, `/v1/reap/pending`) stay open.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,9 +14,11 @@ use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use secrecy::{ExposeSecret, SecretString};
 
 pub type ReadyFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
@@ -199,28 +206,77 @@ pub fn router(ready: ReadyFn) -> Router {
         )
 }
 
+/// The services whose ops listener has mutating routes, so the only ones given the operator
+/// token (`PN_OPS_TOKEN`; the dev stack's `secrets/ops-token`, k8s Secret `pn-ops-token`):
+/// svc-claimer (`POST /v1/ops/<op>/abandon`) and svc-cloud (`POST /v1/reap/<op>/confirm`).
+pub const OPS_TOKEN_USERS: [&str; 2] = ["svc-claimer", "svc-cloud"];
+
+/// `Authorization: Bearer <token>`, compared in constant time; an empty `token` matches
+/// nothing. The one check of a bearer token (the ops listener's operator token, svc-meter's
+/// internal token).
+pub fn bearer_ok(headers: &HeaderMap, token: &SecretString) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    let want = token.expose_secret().as_bytes();
+    !want.is_empty() && bool::from(given.ct_eq(want))
+}
+
+/// Wraps `app` so that every request other than GET and HEAD must carry the operator token
+/// (`token`, `PN_OPS_TOKEN`): missing or wrong → 401 (logged without the header), `token`
+/// `None` → 403 "operator token not configured" — a mutating route is never open.
+pub fn require_operator(app: Router, token: Option<SecretString>) -> Router {
+    let token = Arc::new(token);
+    app.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let token = token.clone();
+        async move {
+            if req.method() == Method::GET || req.method() == Method::HEAD {
+                return next.run(req).await;
+            }
+            let Some(token) = token.as_ref() else {
+                tracing::warn!(method = %req.method(), path = %req.uri().path(), "ops: refused: operator token not configured (PN_OPS_TOKEN)");
+                return refusal(StatusCode::FORBIDDEN, "operator token not configured (PN_OPS_TOKEN): mutating ops routes are off");
+            };
+            if bearer_ok(req.headers(), token) {
+                return next.run(req).await;
+            }
+            tracing::warn!(method = %req.method(), path = %req.uri().path(), "ops: refused: missing or wrong operator token");
+            let mut r = refusal(StatusCode::UNAUTHORIZED, "missing or wrong operator token (Authorization: Bearer <PN_OPS_TOKEN>)");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"pnp-ops\""));
+            r
+        }
+    }))
+}
+
+fn refusal(status: StatusCode, msg: &str) -> Response {
+    (status, axum::Json(serde_json::json!({"error": msg}))).into_response()
+}
+
 /// Binds `listen` and serves the ops endpoints until `shutdown`. Returns the bound address.
 pub async fn spawn(
     listen: SocketAddr,
     ready: ReadyFn,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SocketAddr> {
-    spawn_with(listen, ready, Router::new(), shutdown).await
+    spawn_with(listen, ready, Router::new(), None, shutdown).await
 }
 
 /// Like `spawn`, with the service's own routes (`extra`) served beside the ops endpoints on
-/// the same listener. `extra` must not route `/healthz`, `/readyz` or `/metrics`.
+/// the same listener. `extra` must not route `/healthz`, `/readyz` or `/metrics`. Its
+/// mutating routes need `ops_token` ([`require_operator`]).
 pub async fn spawn_with(
     listen: SocketAddr,
     ready: ReadyFn,
     extra: Router,
+    ops_token: Option<SecretString>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("ops listen {listen}: {e}")))?;
     let addr = listener.local_addr()?;
-    let app = router(ready).merge(extra);
+    let app = require_operator(router(ready).merge(extra), ops_token);
     // The exporter's summaries roll their windows only on upkeep; without it quantiles drift.
     if let Some(prom) = prometheus() {
         tokio::spawn(async move {
@@ -341,6 +397,81 @@ pub mod held {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ops listener with one mutating route that counts its calls, guarded by `token`.
+    async fn guarded(token: Option<&str>) -> (String, Arc<std::sync::atomic::AtomicU32>) {
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let c = calls.clone();
+        let extra = Router::new().route(
+            "/v1/x/{op}/do",
+            axum::routing::post(move || {
+                let c = c.clone();
+                async move {
+                    c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    "done"
+                }
+            }),
+        );
+        let ready: ReadyFn = Arc::new(|| Box::pin(async { true }));
+        let addr = spawn_with(SocketAddr::from(([127, 0, 0, 1], 0)), ready, extra, token.map(|t| SecretString::from(t.to_string())), std::future::pending())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (format!("http://{addr}"), calls)
+    }
+
+    #[tokio::test]
+    async fn mutating_ops_routes_need_the_operator_token_and_gets_stay_open() {
+        crate::init_crypto();
+        let token = "ops-token-0123456789abcdef";
+        let http = reqwest::Client::new();
+        let (url, calls) = guarded(Some(token)).await;
+        let post = |auth: Option<String>| {
+            let mut r = http.post(format!("{url}/v1/x/op-1/do"));
+            if let Some(a) = auth {
+                r = r.header("Authorization", a);
+            }
+            r.send()
+        };
+        for bad in [None, Some(format!("Bearer {token}x")), Some(format!("Bearer {}", &token[..10])), Some(token.to_string()), Some("Bearer ".into())] {
+            let r = post(bad.clone()).await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{bad:?}");
+            let body = r.text().await.unwrap_or_default();
+            assert!(body.contains("operator token") && !body.contains(token), "{body}");
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "a refused request never reaches the handler");
+        let r = post(Some(format!("Bearer {token}"))).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        for path in ["/healthz", "/readyz", "/metrics", "/v1/ops/held"] {
+            let r = http.get(format!("{url}{path}")).send().await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.status(), StatusCode::OK, "{path} stays open");
+        }
+
+        // No token configured: the mutating route is shut (403), whatever the request carries.
+        let (url, calls) = guarded(None).await;
+        for auth in [None, Some("Bearer ".to_string()), Some(format!("Bearer {token}"))] {
+            let mut r = http.post(format!("{url}/v1/x/op-1/do"));
+            if let Some(a) = auth {
+                r = r.header("Authorization", a);
+            }
+            let r = r.send().await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.status(), StatusCode::FORBIDDEN);
+            assert!(r.text().await.unwrap_or_default().contains("operator token not configured"));
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let r = http.get(format!("{url}/readyz")).send().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn a_short_ops_token_is_refused_and_an_empty_one_is_none() {
+        let c = |t: &str| crate::config::Common { ops_token: Some(SecretString::from(t.to_string())), ..Default::default() }.ops_token();
+        assert!(c("").is_ok_and(|t| t.is_none()));
+        assert!(c("  ").is_ok_and(|t| t.is_none()));
+        let err = c("short-secret").err().map(|e| e.0).unwrap_or_default();
+        assert!(err.contains("PN_OPS_TOKEN") && !err.contains("short-secret"), "{err}");
+        assert!(c("0123456789abcdef").is_ok_and(|t| t.is_some()));
+    }
 
     #[test]
     fn histograms_have_buckets_and_every_series_has_help() {

@@ -320,7 +320,7 @@ async fn run(cli: Cli, data_dir_given: bool) -> anyhow::Result<ExitCode> {
                 OpsCmd::Show { operation_id, ops_url, json } => crate::ops::show(&ep(), operation_id, ops_url, *json).await,
                 OpsCmd::Abandon { operation_id, reason, claimer_url, ops_url, json } => {
                     let base = crate::ops::claimer_url(&cli.data_dir, claimer_url.clone(), ops_url)?;
-                    crate::ops::abandon(&base, operation_id, reason, *json).await
+                    crate::ops::abandon(&base, operation_id, reason, crate::endpoints::ops_token(&cli.data_dir), *json).await
                 }
             };
         }

@@ -13,6 +13,29 @@ use serde_json::Value;
 
 use crate::stack::StackFile;
 
+/// The operator token that svc-cloud's and svc-claimer's mutating ops routes require
+/// (`pnctl reap --confirm`, `pnctl ops abandon`): `PN_OPS_TOKEN` (a deployment's, from the
+/// Secret `pn-ops-token`), else the dev stack's `<data-dir>/secrets/ops-token`; none → the
+/// request goes without and the service refuses it (401).
+pub fn ops_token(data_dir: &Path) -> Option<SecretString> {
+    if let Ok(t) = std::env::var("PN_OPS_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(SecretString::from(t.trim().to_string()));
+    }
+    let t = std::fs::read_to_string(crate::stack::ops_token_file(&data_dir.join("secrets"))).ok()?;
+    Some(SecretString::from(t.trim().to_string())).filter(|t| !secrecy::ExposeSecret::expose_secret(t).is_empty())
+}
+
+/// What an ops listener's refusal of the operator token means, for an error line.
+pub fn ops_token_refusal(status: reqwest::StatusCode) -> Option<&'static str> {
+    match status.as_u16() {
+        401 => Some("the operator token was missing or wrong: set PN_OPS_TOKEN (a deployment: the Secret pn-ops-token) or use the dev stack's --data-dir (secrets/ops-token)"),
+        403 => Some("the service has no operator token configured (PN_OPS_TOKEN unset there), so its mutating routes are off"),
+        _ => None,
+    }
+}
+
 /// The URLs a command may need; each is optional until a command asks for it.
 #[derive(Debug, Clone, Default)]
 pub struct Endpoints {
@@ -73,6 +96,11 @@ impl Endpoints {
             .map(|s| s.meter_internal_url)
             .filter(|u| !u.is_empty())
             .ok_or_else(|| self.missing("meter internal URL", "--meter-url"))
+    }
+
+    /// The operator token (see [`ops_token`]).
+    pub fn ops_token(&self) -> Option<SecretString> {
+        ops_token(&self.data_dir)
     }
 
     /// The meter's internal token: `PN_INTERNAL_TOKEN`, else the dev stack's

@@ -16,6 +16,7 @@
 //! - `abandon <op> --reason R` — svc-claimer's `POST /v1/ops/<op>/abandon` (its ops listener):
 //!   Center is asked first; activated → refused (exit 1), in flight → failed at Center and
 //!   `pn.op.failed` published, so svc-cloud's reaper deals with the VPS under its usual rules.
+//!   Sends the operator token: `PN_OPS_TOKEN`, else the dev stack's `secrets/ops-token`.
 //!
 //! The services' ops URLs come from `<data-dir>/stack.json`, or `--ops-url <service>=<url>`
 //! (repeatable) / `PN_OPS_URLS` (`svc-cloud=http://…,svc-claimer=http://…`) for a deployment
@@ -471,7 +472,9 @@ pub fn claimer_url(data_dir: &std::path::Path, flag: Option<String>, ops_urls_fl
     })
 }
 
-pub async fn abandon(base: &str, op: &str, reason: &str, json_out: bool) -> anyhow::Result<ExitCode> {
+/// `token`: the operator token ([`crate::endpoints::ops_token`]); the claimer refuses an
+/// abandon without it (401).
+pub async fn abandon(base: &str, op: &str, reason: &str, token: Option<secrecy::SecretString>, json_out: bool) -> anyhow::Result<ExitCode> {
     if !subjects::is_token(op) {
         bail!("{op:?} is not an operation id");
     }
@@ -481,10 +484,11 @@ pub async fn abandon(base: &str, op: &str, reason: &str, json_out: bool) -> anyh
     let url = format!("{base}/v1/ops/{op}/abandon");
     let http = crate::endpoints::http()?;
     // The claimer asks Center (with its retries) and reports: allow it the time.
-    let resp = http
-        .post(&url)
-        .json(&json!({"reason": reason}))
-        .timeout(Duration::from_secs(120))
+    let mut req = http.post(&url).json(&json!({"reason": reason})).timeout(Duration::from_secs(120));
+    if let Some(t) = &token {
+        req = req.bearer_auth(secrecy::ExposeSecret::expose_secret(t));
+    }
+    let resp = req
         .send()
         .await
         .with_context(|| format!("cannot reach svc-claimer at {base} (is the stack up? `pnctl up --detach`, or pass --claimer-url)"))?;
@@ -506,7 +510,10 @@ pub async fn abandon(base: &str, op: &str, reason: &str, json_out: bool) -> anyh
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let why = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let why = match crate::endpoints::ops_token_refusal(status) {
+        Some(w) => w.to_string(),
+        None => v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string()),
+    };
     eprintln!("pnctl: not abandoned ({status}): {why}");
     Ok(ExitCode::FAILURE)
 }

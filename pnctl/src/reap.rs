@@ -4,6 +4,9 @@
 //! operator's go-ahead for one of them. svc-cloud runs the same checks again on a confirm and
 //! never deletes an activated, in-flight or foreign instance; see svc-cloud's `reaper.rs`.
 //!
+//! The confirm sends the operator token (`PN_OPS_TOKEN`, else the dev stack's
+//! `secrets/ops-token`); svc-cloud refuses a confirm without it (401).
+//!
 //! svc-cloud is found through `<data-dir>/stack.json` (`services["svc-cloud"].opsUrl`) or
 //! `--cloud-url`, which wins.
 
@@ -12,6 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use crate::stack::StackFile;
@@ -46,7 +50,7 @@ pub async fn run(data_dir: &Path, flag: Option<String>, cmd: &ReapCmd, json_out:
     let base = cloud_url(data_dir, flag)?;
     match cmd {
         ReapCmd::Pending => pending(&base, json_out).await,
-        ReapCmd::Confirm(op) => confirm(&base, op, json_out).await,
+        ReapCmd::Confirm(op) => confirm(&base, op, crate::endpoints::ops_token(data_dir), json_out).await,
     }
 }
 
@@ -68,14 +72,18 @@ async fn pending(base: &str, json_out: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn confirm(base: &str, op: &str, json_out: bool) -> anyhow::Result<ExitCode> {
+async fn confirm(base: &str, op: &str, token: Option<SecretString>, json_out: bool) -> anyhow::Result<ExitCode> {
     if !proto::subjects::is_token(op) {
         bail!("{op:?} is not an operation id");
     }
     let url = format!("{base}/v1/reap/{op}/confirm");
     // The checks ask Center and the provider, with their own retries: allow them the time.
     let http = crate::endpoints::http()?;
-    let resp = http.post(&url).timeout(Duration::from_secs(120)).send().await.map_err(|e| unreachable(base, &e))?;
+    let mut req = http.post(&url).timeout(Duration::from_secs(120));
+    if let Some(t) = &token {
+        req = req.bearer_auth(t.expose_secret());
+    }
+    let resp = req.send().await.map_err(|e| unreachable(base, &e))?;
     let status = resp.status();
     let text = resp.text().await.with_context(|| format!("POST {url}: reading the body"))?;
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -89,6 +97,7 @@ async fn confirm(base: &str, op: &str, json_out: bool) -> anyhow::Result<ExitCod
         return Ok(ExitCode::SUCCESS);
     }
     let why = match &v {
+        _ if let Some(w) = crate::endpoints::ops_token_refusal(status) => w.to_string(),
         Value::Object(_) if v["decision"].is_string() => render_outcome(&v),
         Value::Object(_) => v["error"].as_str().unwrap_or("").to_string(),
         other => other.to_string(),

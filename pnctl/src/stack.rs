@@ -262,6 +262,9 @@ pub struct Secrets {
     pub nats: BTreeMap<String, SecretString>,
     /// svc-meter's internal listener token (`PN_INTERNAL_TOKEN`).
     pub meter_internal_token: SecretString,
+    /// The operator token of svc-cloud's and svc-claimer's mutating ops routes
+    /// (`PN_OPS_TOKEN`, `secrets/ops-token`); `pnctl reap --confirm` and `ops abandon` send it.
+    pub ops_token: SecretString,
 }
 
 impl Secrets {
@@ -269,6 +272,11 @@ impl Secrets {
     pub fn nats_password(&self, user: &str) -> anyhow::Result<SecretString> {
         self.nats.get(user).cloned().with_context(|| format!("no NATS password for {user}"))
     }
+}
+
+/// Where the dev stack keeps the operator token (`PN_OPS_TOKEN`): `<secrets>/ops-token`.
+pub fn ops_token_file(secrets_dir: &Path) -> PathBuf {
+    secrets_dir.join("ops-token")
 }
 
 /// Where the dev stack keeps `user`'s NATS password: `<secrets>/nats/<user>` (mode 600).
@@ -347,6 +355,10 @@ pub fn ensure_secrets(dir: &Path) -> anyhow::Result<Secrets> {
     if !internal.exists() {
         write_secret(&internal, &hex::encode(rand::random::<[u8; 24]>()))?;
     }
+    let ops = ops_token_file(dir);
+    if !ops.exists() {
+        write_secret(&ops, &hex::encode(rand::random::<[u8; 24]>()))?;
+    }
     let seal_key = read_secret(&seal)?;
     kit::seal::SealKey::parse(&seal_key).with_context(|| format!("{} holds no valid seal key", seal.display()))?;
     let _ = read_secret(&key)?;
@@ -358,6 +370,7 @@ pub fn ensure_secrets(dir: &Path) -> anyhow::Result<Secrets> {
         admin_pub: public,
         nats,
         meter_internal_token: read_secret(&internal)?,
+        ops_token: read_secret(&ops)?,
     })
 }
 
@@ -866,6 +879,10 @@ fn build_specs(layout: &Layout, secrets: &Secrets, ports: &Ports) -> anyhow::Res
         }
         if name == "svc-meter" {
             secret_env.push(("PN_INTERNAL_TOKEN".into(), secrets.meter_internal_token.clone()));
+        }
+        // The operator token only where a mutating ops route is (reap confirm, abandon).
+        if kit::ops::OPS_TOKEN_USERS.contains(&name) {
+            secret_env.push(("PN_OPS_TOKEN".into(), secrets.ops_token.clone()));
         }
         specs.push(ChildSpec {
             name: name.into(),

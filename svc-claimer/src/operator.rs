@@ -10,6 +10,8 @@
 //!   `pn.op.failed` consumer would report it too; Center takes the first). 200 with
 //!   `{operationId, decision: "abandoned"|"already-failed", center, attempt, reason}`; 404 when
 //!   no claim of the operation is known; 400 for a bad id or an empty reason.
+//!   It needs the operator token (`PN_OPS_TOKEN`, `Authorization: Bearer …`): 401 without it
+//!   (nothing is asked or published), 403 when the claimer has none (`kit::ops::require_operator`).
 //! - Any replica can serve a claim replay or an abandon: an operation another replica claimed is
 //!   read from PN_OPS (the latest `pn.op.claimed.<op>`, `STREAM.MSG.GET`), the audit trail every
 //!   replica reads, not from this replica's sled.

@@ -9,6 +9,10 @@
 //!   operation never failed here; 503 when Center or the provider did not answer; 404 for an
 //!   unknown operation. The body is `{operationId, decision, reason, instanceIds, overridden}`
 //!   or `{error}`.
+//!
+//! The confirm needs the operator token (`PN_OPS_TOKEN`, `Authorization: Bearer …`; 401
+//! without it, 403 when svc-cloud has none): `kit::ops::require_operator` guards every
+//! mutating route of the ops listener. The GET stays open.
 
 use std::sync::{Arc, OnceLock};
 

@@ -31,7 +31,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
 
@@ -138,14 +138,10 @@ pub fn internal_router(meter: Arc<Meter>, token: SecretString) -> Router {
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
 }
 
-/// `Authorization: Bearer <token>`, compared in constant time.
+/// `Authorization: Bearer <token>`, compared in constant time (`kit::ops::bearer_ok`, the one
+/// bearer check of the workspace).
 fn bearer_ok(headers: &HeaderMap, token: &SecretString) -> bool {
-    use subtle::ConstantTimeEq;
-    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
-        return false;
-    };
-    let want = token.expose_secret().as_bytes();
-    !want.is_empty() && bool::from(given.ct_eq(want))
+    kit::ops::bearer_ok(headers, token)
 }
 
 async fn post_usage(

@@ -72,6 +72,9 @@ pub struct Stack {
     /// use [`Stack::meter_internal`].
     pub meter_internal_url: String,
     pub meter_internal_token: String,
+    /// The operator token (`PN_OPS_TOKEN`) of svc-cloud's and svc-claimer's mutating ops
+    /// routes (`kit::ops::OPS_TOKEN_USERS`); also in `<dir>/secrets/ops-token` (mode 600).
+    pub ops_token: String,
     pub token: String,
     pub seal_key: String,
     pub fresh_port: u16,
@@ -105,6 +108,8 @@ impl Stack {
         let meter_url = format!("http://127.0.0.1:{meter_port}");
         let meter_internal_url = format!("http://127.0.0.1:{}", free_port());
         let meter_internal_token = crate::rand_hex(24);
+        let ops_token = crate::rand_hex(24);
+        write_600(&secrets.join("ops-token"), &ops_token)?;
         let fresh_port = free_port();
         let hardened_port = free_port();
         let ingress_port = free_port();
@@ -150,6 +155,7 @@ impl Stack {
             meter_url,
             meter_internal_url,
             meter_internal_token,
+            ops_token,
             token,
             seal_key,
             fresh_port,
@@ -195,6 +201,10 @@ impl Stack {
         // The seal key only where something is sealed or unsealed.
         if SEAL_KEY_USERS.contains(&name) {
             e.insert("PN_SEAL_KEY".into(), self.seal_key.clone());
+        }
+        // The operator token only where a mutating ops route is.
+        if kit::ops::OPS_TOKEN_USERS.contains(&name) {
+            e.insert("PN_OPS_TOKEN".into(), self.ops_token.clone());
         }
         let extra: &[(&str, String)] = match name {
             "svc-claimer" => &[("PN_POLL_INTERVAL_MS", "200".into())],
@@ -442,6 +452,7 @@ impl Stack {
         out.push(self.token.clone());
         out.push(self.seal_key.clone());
         out.push(self.meter_internal_token.clone());
+        out.push(self.ops_token.clone());
         // Every deployment identity's NATS password (the services', the operator's); the
         // harness's own (`TEST_USER`) travels in test URLs on purpose.
         for i in kit::nats_auth::all() {

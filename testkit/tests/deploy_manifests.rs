@@ -51,7 +51,7 @@ const PROGRAMS: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-ve
 const IMAGE_BINARY: &str = "pnp";
 const IMAGE_BINARY_PATH: &str = "/usr/local/bin/pnp";
 /// Every Secret the manifests reference (created out of band, deploy/k8s/README.md).
-const SECRETS: [&str; 16] = [
+const SECRETS: [&str; 17] = [
     "pn-seal-key",
     "pn-center-token-svc-claimer",
     "pn-center-token-svc-cloud",
@@ -66,6 +66,7 @@ const SECRETS: [&str; 16] = [
     "pn-nats-operator",
     "pn-nats-tls",
     "pn-meter-internal-token",
+    "pn-ops-token",
     "pn-ssh-admin-keys",
     "pn-hetzner-token-readonly",
 ];
@@ -1114,6 +1115,14 @@ fn services_run_as_the_contract_says() {
                 assert!(env_value(&r, c, "PN_SSH__ADMIN_KEYS").is_none(), "{at}: only {SSH_USERS:?} hold SSH keys");
             }
 
+            // The operator token of the ops listener's mutating routes: from pn-ops-token, and
+            // only where such a route is.
+            if kit::ops::OPS_TOKEN_USERS.contains(&svc) {
+                assert_eq!(get("PN_OPS_TOKEN"), "secret:pn-ops-token/token", "{at}");
+            } else {
+                assert!(env_value(&r, c, "PN_OPS_TOKEN").is_none(), "{at}: only {:?} hold the operator token", kit::ops::OPS_TOKEN_USERS);
+            }
+
             if svc == "svc-meter" {
                 assert_eq!(get("PN_LISTEN"), "0.0.0.0:8090", "{at}: ingest listener");
                 // The ledger and quota API: on the pod's loopback, with its own token, on no
@@ -1745,6 +1754,10 @@ fn each_workload_holds_only_its_own_secrets() {
             if svc == "svc-meter" {
                 s.insert("pn-meter-internal-token".into());
             }
+            // The operator token only where a mutating ops route is.
+            if kit::ops::OPS_TOKEN_USERS.contains(&svc) {
+                s.insert("pn-ops-token".into());
+            }
             if PROVIDER_READERS.contains(&svc) {
                 s.insert("pn-hetzner-token-readonly".into());
             }
@@ -1766,6 +1779,7 @@ fn each_workload_holds_only_its_own_secrets() {
             assert_eq!(holders(&format!("pn-nats-{svc}")), vec!["nats".to_string(), svc.to_string()], "{}", r.label);
         }
         assert_eq!(holders("pn-nats-operator"), vec!["nats".to_string()], "{}: the operator's password is for people, not pods", r.label);
+        assert_eq!(holders("pn-ops-token"), kit::ops::OPS_TOKEN_USERS.to_vec(), "{}: the operator token where a mutating ops route is", r.label);
     }
 }
 

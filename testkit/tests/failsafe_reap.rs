@@ -20,8 +20,13 @@ fn cloud_url(stack: &Stack) -> String {
 
 /// Runs the real `pnctl` binary: (success, stdout, stderr).
 async fn pnctl(args: Vec<String>) -> (bool, String, String) {
+    pnctl_env(args, vec![]).await
+}
+
+/// Like [`pnctl`], with `env` set (e.g. `PN_OPS_TOKEN`).
+async fn pnctl_env(args: Vec<String>, env: Vec<(&'static str, String)>) -> (bool, String, String) {
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(testkit::bin("pnctl").unwrap()).args(&args).env_remove("RUST_LOG").output().unwrap();
+        let out = Command::new(testkit::bin("pnctl").unwrap()).args(&args).env_remove("RUST_LOG").envs(env).output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
     })
     .await
@@ -96,7 +101,8 @@ async fn a_forged_failure_for_a_verified_operation_deletes_nothing() {
     assert!(cloud_log_lines(&stack, &op, "reap: deleted").is_empty());
 
     // Nor does an operator's confirm move it: activation is final.
-    let (ok, out, err) = pnctl(args(&["reap", "--confirm", &op, "--cloud-url", &cloud_url(&stack)])).await;
+    let (ok, out, err) =
+        pnctl_env(args(&["reap", "--confirm", &op, "--cloud-url", &cloud_url(&stack)]), vec![("PN_OPS_TOKEN", stack.ops_token.clone())]).await;
     assert!(!ok, "confirm must refuse: {out} {err}");
     assert!(err.contains("kept-active"), "{err}");
     let i = instance_of(&stack, &sub).await.unwrap();
@@ -166,6 +172,9 @@ async fn a_reap_center_cannot_confirm_is_kept_listed_and_deleted_on_confirm() {
         "restarts": {}, "supervisorPid": std::process::id(), "state": "ready"
     });
     std::fs::write(data.path().join("stack.json"), stack_json.to_string()).unwrap();
+    // …and the operator token where `pnctl up` keeps it (the confirm sends it).
+    std::fs::create_dir_all(data.path().join("secrets")).unwrap();
+    std::fs::copy(stack.dir.path().join("secrets/ops-token"), data.path().join("secrets/ops-token")).unwrap();
     let dd = data.path().display().to_string();
 
     let listed = testkit::eventually("the reap listed as pending", Duration::from_secs(90), || async {

@@ -24,6 +24,7 @@ async fn pnctl(stack: &Stack, a: &[&str]) -> (bool, String, String) {
         }
     }
     let pw = stack.nats.password(kit::nats_auth::OPERATOR).unwrap();
+    let ops_token = stack.ops_token.clone();
     tokio::task::spawn_blocking(move || {
         let out = Command::new(testkit::bin("pnctl").unwrap())
             .args(&args)
@@ -31,6 +32,7 @@ async fn pnctl(stack: &Stack, a: &[&str]) -> (bool, String, String) {
             .env("PN_NATS_USER", kit::nats_auth::OPERATOR)
             .env("PN_NATS_PASSWORD", pw)
             .env("PN_OPS_URLS", urls.join(","))
+            .env("PN_OPS_TOKEN", ops_token)
             .output()
             .unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())

@@ -64,7 +64,7 @@ fn stack_pids(s: &Value) -> BTreeSet<u32> {
 }
 
 fn assert_secrets_600(data_dir: &Path) {
-    for f in ["center-token", "seal-key", "ssh-admin-key", "ssh-admin-key.pub", "meter-internal-token", "nats/pn-operator", "nats/svc-claimer"] {
+    for f in ["center-token", "seal-key", "ssh-admin-key", "ssh-admin-key.pub", "meter-internal-token", "ops-token", "nats/pn-operator", "nats/svc-claimer"] {
         let p = data_dir.join("secrets").join(f);
         let mode = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
@@ -407,7 +407,7 @@ fn demo_verifies_and_meters_five_intents() {
     }
 
     // pnctl's own secrets never left the secrets directory in plaintext, nor went on a command line.
-    let secrets: Vec<String> = ["center-token", "seal-key"].iter().map(|f| std::fs::read_to_string(data.join("secrets").join(f)).unwrap().trim().to_string()).collect();
+    let secrets: Vec<String> = ["center-token", "seal-key", "ops-token"].iter().map(|f| std::fs::read_to_string(data.join("secrets").join(f)).unwrap().trim().to_string()).collect();
     assert!(testkit::stack::cmdline_findings(&cmdlines, &secrets).is_empty());
     for f in testkit::stack::walk(&data) {
         if f.starts_with(data.join("secrets")) || f.starts_with(data.join("sim")) {
