@@ -33,7 +33,6 @@ pub struct OnRebuild(pub Arc<Ctx>);
 
 #[async_trait::async_trait]
 impl Handler for OnRebuild {
-    #[tracing::instrument(skip_all, fields(op = msg.subject_op_id().unwrap_or(""), stage = "cloud"))]
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let ctx = &self.0;
         let Body::Rebuild(r) = msg.decode()? else {

@@ -30,7 +30,6 @@ pub struct OnReplay(pub Arc<Ctx>);
 
 #[async_trait::async_trait]
 impl Handler for OnClaimed {
-    #[tracing::instrument(skip_all, fields(op = msg.subject_op_id().unwrap_or(""), stage = "cloud"))]
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let Body::Claimed(c) = msg.decode()? else {
             return Err(HandleError::fail("pn.op.claimed carries another message type"));

@@ -162,7 +162,6 @@ struct OnReplay(Arc<Ctx>);
 
 #[async_trait::async_trait]
 impl Handler for OnDeployed {
-    #[tracing::instrument(skip_all, fields(op = msg.subject_op_id().unwrap_or(""), stage = "verify"))]
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let Body::Deployed(d) = msg.decode()? else {
             return Err(HandleError::fail("pn.op.deployed carries another message type"));
@@ -173,7 +172,6 @@ impl Handler for OnDeployed {
 
 #[async_trait::async_trait]
 impl Handler for OnReplay {
-    #[tracing::instrument(skip_all, fields(op = msg.subject_op_id().unwrap_or(""), stage = "verify"))]
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let (id, d): (String, NodeDeployed) = kit::bus::replay_lookup(&self.0.ops, &msg, SERVICE, |r| r.deployed_pb.as_slice())?;
         if msg.delivered == 1 {

@@ -39,7 +39,6 @@ pub fn concise_reason(stage: &str, reason: &str, secrets: &[&str]) -> String {
 
 #[async_trait::async_trait]
 impl Handler for OnFailed {
-    #[tracing::instrument(skip_all, fields(op = msg.subject_op_id().unwrap_or(""), stage = "claim"))]
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let ctx = &self.0;
         let Body::Failed(f) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.failed".into()))? else {

@@ -16,7 +16,6 @@ pub struct OnInstance(pub Arc<Ctx>);
 
 #[async_trait::async_trait]
 impl Handler for OnInstance {
-    #[tracing::instrument(skip_all, fields(op = msg.subject_op_id().unwrap_or(""), stage = "claim"))]
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let ctx = &self.0;
         let Body::Instance(ev) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.instance".into()))? else {

@@ -30,7 +30,6 @@ pub struct DeployedHandler {
 
 #[async_trait::async_trait]
 impl Handler for DeployedHandler {
-    #[tracing::instrument(skip_all, fields(subject = %msg.subject, stage = "meter"))]
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let body = msg.decode().map_err(|e| match e {
             HandleError::Fail { reason, .. } => HandleError::Drop(reason),
