@@ -73,14 +73,25 @@ if [ "$moved" = 0 ]; then
   exit 0
 fi
 
-# Every container of the project running, none restarting, none restarted since the update.
+# `id restarts` of every container of the project.
+restarts() {
+  local id
+  for id in $("${COMPOSE[@]}" ps -a -q); do
+    printf '%s %s\n' "$id" "$(docker inspect -f '{{.RestartCount}}' "$id")"
+  done
+}
+
+# Every container of the project running, none restarting, none restarted since $1 (restarts'
+# output taken right after `up -d`): a container that crashes and is restarted by its policy
+# is not up.
 stack_up() {
   local ids id state
   ids=$("${COMPOSE[@]}" ps -a -q) || return 1
   [ -n "$ids" ] || return 1
   for id in $ids; do
-    state=$(docker inspect -f '{{.State.Status}} {{.State.Restarting}} {{.RestartCount}}' "$id") || return 1
-    [ "$state" = "running false 0" ] || return 1
+    state=$(docker inspect -f '{{.State.Status}} {{.State.Restarting}}' "$id") || return 1
+    [ "$state" = "running false" ] || return 1
+    [ "$(restarts | grep "^${id} ")" = "$(printf '%s\n' "$1" | grep "^${id} ")" ] || return 1
   done
 }
 
@@ -89,9 +100,10 @@ cat "$new" >docker-compose.yml
 log "pull"
 if "${COMPOSE[@]}" pull --quiet && "${COMPOSE[@]}" up -d; then
   ok=1
+  before=$(restarts)
   for _ in $(seq 1 "$((SETTLE / 5 + 1))"); do
     sleep 5
-    stack_up || { ok=0; break; }
+    stack_up "$before" || { ok=0; break; }
   done
 else
   ok=0

@@ -5,8 +5,12 @@
       Builds the stand-in images kaitu/k2s:TAG and kaitu/k2-sidecar:TAG (one layer: a static
       busybox and scripts/vm/standin/*.sh) and serves them read-only over the registry HTTP
       API (v2: manifests and blobs). The VM's dockerd uses it as its registry mirror, so the
-      node's docker-compose.yml pulls its real image names unchanged. Prints
-      "listening on PORT" first, then one line per request.
+      node's docker-compose.yml pulls its real image names (pinned by the digests it prints)
+      unchanged. Prints "listening on PORT" first, then "pin VARIANT NAME@DIGEST" for every
+      image of every variant, then one line per request. Variants, for auto-update.sh's test:
+      `base` (what TAG serves at first), `good` (the same scripts, another image config: a
+      new digest that runs) and `bad` (the sidecar exits at once; k2s as in base).
+      `POST /admin/tag/VARIANT` makes TAG serve that variant (every digest stays served).
   standin-registry.py base-tar OUT
       A root file system for `docker import`: what distroless/static:nonroot holds that a
       static binary needs (/etc/passwd and /etc/group with nonroot 65532, CA certificates,
@@ -92,11 +96,24 @@ def serve(args):
     layer_gz = gzip.compress(layer_tar, mtime=0)
     blobs = {sha(layer_gz): layer_gz}
     manifests = {}
-    for name, script in (("kaitu/k2s", "/k2s.sh"), ("kaitu/k2-sidecar", "/k2-sidecar.sh")):
-        config, manifest = image(layer_tar, layer_gz, ["/bin/sh", script], args.env)
-        blobs[sha(config)] = config
-        manifests[(name, args.tag)] = manifest
-        manifests[(name, sha(manifest))] = manifest
+    variants = {}
+    pins = []
+    for variant in ("base", "good", "bad"):
+        for name, script in (("kaitu/k2s", "/k2s.sh"), ("kaitu/k2-sidecar", "/k2-sidecar.sh")):
+            cmd, env = ["/bin/sh", script], list(args.env)
+            if variant == "good":
+                env.append("STANDIN_VARIANT=good")
+            if variant == "bad" and name == "kaitu/k2-sidecar":
+                cmd = ["/bin/sh", "-c", "echo stand-in bad image; exit 3"]
+            config, manifest = image(layer_tar, layer_gz, cmd, env)
+            blobs[sha(config)] = config
+            manifests[(name, sha(manifest))] = manifest
+            variants[(variant, name)] = manifest
+            pins.append(f"pin {variant} {name}@{sha(manifest)}")
+    current = {"variant": "base"}
+
+    def by_tag(name):
+        return variants.get((current["variant"], name))
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -123,7 +140,7 @@ def serve(args):
                 return self.answer(200, b"{}")
             if p.startswith("/v2/") and "/manifests/" in p:
                 name, ref = p[4:].split("/manifests/", 1)
-                m = manifests.get((name, ref))
+                m = by_tag(name) if ref == args.tag else manifests.get((name, ref))
                 if m is not None:
                     return self.answer(200, m, MANIFEST_V2, sha(m))
                 return self.answer(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}')
@@ -141,9 +158,18 @@ def serve(args):
         def do_HEAD(self):
             self.route()
 
+        def do_POST(self):
+            v = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
+            if self.path.startswith("/admin/tag/") and v in ("base", "good", "bad"):
+                current["variant"] = v
+                return self.answer(200, b"{}")
+            return self.answer(404, b"{}")
+
     host, port = args.listen.rsplit(":", 1)
     server = ThreadingHTTPServer((host, int(port)), Handler)
     sys.stdout.write(f"listening on {server.server_address[1]}\n")
+    for line in pins:
+        sys.stdout.write(line + "\n")
     sys.stdout.flush()
     server.serve_forever()
 

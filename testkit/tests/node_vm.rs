@@ -21,7 +21,13 @@
 //!  7. the image: deploy/Dockerfile built in the VM's Docker on a local base with a prebuilt
 //!     static pnp, `pnp svc-meter` run read-only as 65532 until /readyz answers;
 //!  8. reboot: counters reset, the new boot's reports count from zero, nothing before is lost
-//!     or counted twice.
+//!     or counted twice;
+//!  9. auto-update.sh: pins already current change nothing; a new digest whose sidecar crashes
+//!     is rolled back (old pins, old containers); a good new digest is pinned and running.
+//!
+//! Root gets in before the prep (the admin key is put in root's authorized_keys, as images
+//! that let root in have it) and is refused after it (`PermitRootLogin no`). The images are
+//! pinned by digest: the deployer gets the stand-ins' digests (`PN_K2_IMAGES`).
 //!
 //! On failure it panics with the phase, the error, the VM's console tail, the prep log and the
 //! deployer's log tail. Needs root, qemu-system-x86_64, debootstrap (scripts/bootstrap) and
@@ -128,10 +134,14 @@ impl Vm {
     }
 
     async fn ssh(&self, port: u16, pinned: Option<&str>) -> Result<kit::ssh::Session> {
+        self.ssh_as(&self.user, port, pinned).await
+    }
+
+    async fn ssh_as(&self, user: &str, port: u16, pinned: Option<&str>) -> Result<kit::ssh::Session> {
         let t = kit::ssh::Target {
             host: "127.0.0.1".into(),
             port,
-            user: self.user.clone(),
+            user: user.to_string(),
             key: Arc::new(kit::ssh::parse_private_key(&self.key_text)?),
             pinned: pinned.map(str::to_string),
             connect_timeout: Duration::from_secs(30),
@@ -196,6 +206,8 @@ struct Registry {
     _proc: Proc,
     port: u16,
     log: Arc<std::sync::Mutex<Vec<String>>>,
+    /// `(variant, repository) → digest` of the stand-in images it serves.
+    pins: BTreeMap<(String, String), String>,
 }
 
 impl Registry {
@@ -217,6 +229,14 @@ impl Registry {
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().context("registry printed nothing")??;
         let port: u16 = first.strip_prefix("listening on ").context("registry's first line")?.trim().parse()?;
+        let mut pins = BTreeMap::new();
+        for _ in 0..6 {
+            let line = lines.next().context("registry's pins")??;
+            let mut w = line.split_whitespace();
+            let (Some("pin"), Some(variant), Some(image)) = (w.next(), w.next(), w.next()) else { bail!("registry: {line}") };
+            let (repo, digest) = image.split_once('@').context("pin")?;
+            pins.insert((variant.to_string(), repo.to_string()), digest.to_string());
+        }
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let l = log.clone();
         std::thread::spawn(move || {
@@ -224,13 +244,49 @@ impl Registry {
                 l.lock().unwrap().push(line);
             }
         });
-        Ok(Registry { _proc: proc, port, log })
+        Ok(Registry { _proc: proc, port, log, pins })
+    }
+
+    fn pin(&self, variant: &str, repo: &str) -> String {
+        self.pins.get(&(variant.to_string(), repo.to_string())).cloned().unwrap_or_default()
+    }
+
+    /// `PN_K2_IMAGES` for the deployer: the base stand-ins' digests.
+    fn k2_images(&self) -> String {
+        ["kaitu/k2s", "kaitu/k2-sidecar"].iter().map(|r| format!("{r}@{}", self.pin("base", r))).collect::<Vec<_>>().join(",")
     }
 
     fn requests(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
     }
+
+    /// Makes the tag serve `variant` (`base`, `good`, `bad`).
+    async fn serve(&self, variant: &str) -> Result<()> {
+        let r = reqwest::Client::new().post(format!("http://127.0.0.1:{}/admin/tag/{variant}", self.port)).send().await?;
+        ensure!(r.status().is_success(), "registry: {}", r.status());
+        Ok(())
+    }
 }
+
+/// `compose` with each `image:` line's digest replaced by `variant`'s stand-in digest.
+fn repinned(compose: &str, registry: &Registry, variant: &str) -> String {
+    compose
+        .split_inclusive('\n')
+        .map(|l| match (l.trim_start().strip_prefix("image: "), l.rsplit_once("@sha256:")) {
+            (Some(img), Some((head, _))) => {
+                let repo = img.split(':').next().unwrap_or("");
+                format!("{head}@{}\n", registry.pin(variant, repo))
+            }
+            _ => l.to_string(),
+        })
+        .collect()
+}
+
+/// The manifest digests the running container `c` was made from (its image's RepoDigests).
+async fn running_digests(s: &kit::ssh::Session, c: &str) -> Result<String> {
+    sh(s, &format!("sudo docker image inspect -f '{{{{range .RepoDigests}}}}{{{{.}}}} {{{{end}}}}' \"$(sudo docker inspect -f '{{{{.Image}}}}' {c})\"")).await
+}
+
 
 /// center-sim on a loopback port, announcing itself to nodes as http://10.0.2.2:<port> (the
 /// VM's view of this machine's loopback).
@@ -341,13 +397,14 @@ fn static_pnp() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// `rx tx boot` of the sidecar's `usage-reporter-cycle-ok` lines, oldest first.
-fn usage_cycles(logs: &str) -> Vec<(u64, u64, String)> {
+/// `rx tx boot used` of the sidecar's `usage-reporter-cycle-ok` lines, oldest first (`used`:
+/// Center's ledger in its answer).
+fn usage_cycles(logs: &str) -> Vec<(u64, u64, String, Option<u64>)> {
     logs.lines()
         .filter(|l| l.contains("usage-reporter-cycle-ok"))
         .filter_map(|l| {
             let field = |k: &str| l.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
-            Some((field("rx=")?.parse().ok()?, field("tx=")?.parse().ok()?, field("boot=")?))
+            Some((field("rx=")?.parse().ok()?, field("tx=")?.parse().ok()?, field("boot=")?, field("used=").and_then(|u| u.parse().ok())))
         })
         .collect()
 }
@@ -433,6 +490,14 @@ async fn body(w: &mut World) -> Result<()> {
             registry.port
         );
         sh(&s, "sudo mkdir -p /etc/systemd/system/docker.service.d").await?;
+        // The admin key for root too, as images that let root in have it (Hetzner's with the
+        // key registered): root gets in now, and must not once the prep set PermitRootLogin no.
+        let admin_pub_text = std::fs::read_to_string(&admin_pub)?;
+        sh(&s, "sudo install -d -m 700 /root/.ssh").await?;
+        put(&s, "/root/.ssh/authorized_keys", "600", admin_pub_text.as_bytes()).await?;
+        let r = vm.ssh_as("root", fresh_port, None).await.context("root with the admin key before the prep")?;
+        ensure!(sh(&r, "id -u").await?.trim() == "0", "root's session is not root's");
+        r.close().await;
         put(&s, "/etc/systemd/system/docker.service.d/pn-test-mirror.conf", "644", dropin.as_bytes()).await?;
         // Every process's command line, sampled until the end of phase 6.
         sh(
@@ -510,11 +575,13 @@ async fn body(w: &mut World) -> Result<()> {
         .env("PN_SSH__CONNECT_TIMEOUT_MS", "20000")
         .env("PN_SSH__COMMAND_TIMEOUT_MS", "300000")
         .env("PN_SSH__PREP_TIMEOUT_MS", "2700000")
-        .env("PN_SSH__PREP_EXPECTED_MS", "60000")
+        .env("PN_SSH__PREP_EXPECTED_MS", "15000")
         .env("PN_SSH__PREP_POLL_MS", "3000")
         .env("PN_SSH__RETRY_DELAY_MS", "2000")
         .env("PN_PREP_SCRIPT", &prep_path)
         .env("PN_K2_VERSION", K2_VERSION)
+        // The stand-ins' digests in place of the shipped pins (another release's digests).
+        .env("PN_K2_IMAGES", registry.k2_images())
         .stdin(Stdio::null())
         .stdout(dlog_file.try_clone()?)
         .stderr(dlog_file)
@@ -619,6 +686,21 @@ async fn body(w: &mut World) -> Result<()> {
         "prep: {}",
         prep_log.lines().filter(|l| l.starts_with("[provision-node] done") || l.contains("change(s) made")).collect::<Vec<_>>().join(" | ")
     ));
+    let times = sh(&s, &format!("sudo cat {PREP_STATE}/start {PREP_STATE}/end")).await?;
+    let t: Vec<u64> = times.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    if t.len() == 2 {
+        log(&format!("the prep itself ran {:.1}s on the node", t[1].saturating_sub(t[0]) as f64 / 1000.0));
+    }
+    // Root may not log in any more (the key that let it in before the prep is still there).
+    let sshd_t = sh(&s, "sudo sshd -T 2>/dev/null | grep -i '^permitrootlogin'").await?;
+    ensure!(sshd_t.trim() == "permitrootlogin no", "sshd -T: {sshd_t}");
+    match vm.ssh_as("root", hardened_port, Some(&nd.host_key)).await {
+        Err(e) => log(&format!("root refused after the prep: {e:#}")),
+        Ok(r) => {
+            let who = sh(&r, "id -u").await.unwrap_or_default();
+            bail!("root logged in after the prep (PermitRootLogin no): id -u = {}", who.trim());
+        }
+    }
     let stat = sh(&s, &format!("sudo stat -c '%a %U %G' {DEPLOY_DIR}/.env")).await?;
     ensure!(stat.trim() == "600 root root", ".env is {stat}");
     let env = parse_env(&sh(&s, &format!("sudo cat {DEPLOY_DIR}/.env")).await?);
@@ -643,13 +725,20 @@ async fn body(w: &mut World) -> Result<()> {
     ensure!(env.len() == 9, ".env holds {:?}", env.keys().collect::<Vec<_>>());
     for f in ["docker-compose.yml", "auto-update.sh", "k2s-crash-monitor.sh"] {
         let on_node = sh(&s, &format!("sudo cat {DEPLOY_DIR}/{f}")).await?;
-        let shipped = std::fs::read_to_string(workspace_root().join("deploy/node").join(f))?;
+        let mut shipped = std::fs::read_to_string(workspace_root().join("deploy/node").join(f))?;
+        if f == "docker-compose.yml" {
+            // Pinned by digest: the deployer put the stand-ins' digests in (PN_K2_IMAGES).
+            ensure!(shipped.lines().filter(|l| l.contains("image: ")).all(|l| l.contains("@sha256:")), "the shipped compose is not pinned by digest");
+            shipped = repinned(&shipped, &registry, "base");
+        }
         ensure!(on_node == shipped, "{DEPLOY_DIR}/{f} differs from deploy/node/{f}");
     }
     ensure!(sh(&s, &format!("sudo stat -c %s {DEPLOY_DIR}/users")).await?.trim() == "0", "users is not empty");
     let ps = sh(&s, &format!("cd {DEPLOY_DIR} && sudo docker compose -f docker-compose.yml ps --format '{{{{.Name}}}} {{{{.Image}}}} {{{{.State}}}}'")).await?;
     for c in ["k2s", "k2-sidecar"] {
-        ensure!(ps.lines().any(|l| l.starts_with(&format!("{c} kaitu/{c}:{K2_VERSION} running"))), "{c} is not running its pinned image:\n{ps}");
+        ensure!(ps.lines().any(|l| l.starts_with(&format!("{c} kaitu/{c}:{K2_VERSION}")) && l.ends_with(" running")), "{c} is not running:\n{ps}");
+        let digests = running_digests(&s, c).await?;
+        ensure!(digests.contains(&format!("kaitu/{c}@{}", registry.pin("base", &format!("kaitu/{c}")))), "{c} does not run its pinned digest: {digests}");
     }
     let pulled = registry.requests();
     for name in ["kaitu/k2s", "kaitu/k2-sidecar"] {
@@ -668,7 +757,7 @@ async fn body(w: &mut World) -> Result<()> {
     let node = sim.node(&format!("pn-{sub}")).await?.context("the node is not registered at center-sim")?;
     ensure!(node["class"] == "private", "node class {}", node["class"]);
     // The counters are the host NIC's: the prep's downloads (100+ MB) went through it.
-    let (rx, _, _) = usage_cycles(&sidecar_logs).last().cloned().unwrap();
+    let (rx, _, _, _) = usage_cycles(&sidecar_logs).last().cloned().unwrap();
     ensure!(rx > 50 << 20, "the sidecar's rx counter ({rx}) is not the host NIC's");
 
     w.phases.start("idempotence (prep again: nothing changes; deploy replay: no second prep)");
@@ -776,31 +865,102 @@ async fn body(w: &mut World) -> Result<()> {
     let s = w.vm.as_ref().unwrap().ssh(hardened_port, Some(&nd.host_key)).await.context("ssh after the reboot, same pinned key")?;
     let boot2 = sh(&s, "cat /proc/sys/kernel/random/boot_id").await?.trim().to_string();
     ensure!(boot2 != boot1, "the boot id did not change");
-    // The stack comes back by itself (restart: unless-stopped) and reports the new boot. What
-    // Center must hold follows from the node's own reports (the sidecar logs each accepted
-    // one): the first report ever is the baseline, the old boot counts its last minus its
-    // first, the new boot counts from zero: used = (last₁ − first₁) + latest₂.
-    let (used, old_epoch, first2, latest2) = eventually("Center's ledger = old boot's counted bytes + the new boot's counters", Duration::from_secs(300), || async {
+    // The stack comes back by itself (restart: unless-stopped) and reports the new boot. Each
+    // accepted report is logged with the node's counters and Center's ledger after it (used=).
+    // The ledger must follow the counters: within a boot it grows by exactly the counters'
+    // growth between any two logged reports (deltas telescope, so reports that were counted
+    // but never logged change nothing); across the reboot it grows by the new boot's counters
+    // from zero plus the old boot's traffic after its last logged report — the reports sent at
+    // shutdown, after dockerd (live-restore) stopped collecting container logs, which are
+    // counted but unlogged. That tail is ≥ 0 (nothing lost) and small (a double count of a
+    // boot would be tens of MB).
+    let back = Instant::now();
+    log("ssh answers after the reboot");
+    let cycles = eventually("the sidecar back and reporting the new boot twice", Duration::from_secs(300), || async {
         let l = sh(&s, "sudo docker logs k2-sidecar 2>&1").await.ok()?;
         let cycles = usage_cycles(&l);
-        let old: Vec<_> = cycles.iter().filter(|c| c.2 == boot1).collect();
-        let new: Vec<_> = cycles.iter().filter(|c| c.2 == boot2).collect();
-        let (first1, last1) = (old.first()?, old.last()?);
-        let (first2, latest2) = (new.first()?, new.last()?);
-        let old_epoch = (last1.0 + last1.1).checked_sub(first1.0 + first1.1)?;
+        (cycles.iter().filter(|c| c.2 == boot2 && c.3.is_some()).count() >= 2).then_some(cycles)
+    })
+    .await;
+    let cycles = match cycles {
+        Ok(v) => v,
+        Err(e) => {
+            // What the node and Center say now: is Docker up, did the containers come back,
+            // what did the sidecar log this boot, what does Center hold.
+            let diag = sh(
+                &s,
+                "systemctl is-enabled docker containerd 2>&1 | tr '\\n' ' '; echo; systemctl is-active docker containerd 2>&1 | tr '\\n' ' '; echo; \
+                 sudo docker ps -a --format '{{.Names}} {{.Status}}' 2>&1; echo '--- k2-sidecar (tail)'; sudo docker logs --tail 25 k2-sidecar 2>&1; \
+                 echo '--- docker (this boot)'; sudo journalctl -b -u docker -u containerd -n 30 --no-pager 2>&1",
+            )
+            .await
+            .unwrap_or_else(|e| format!("({e})"));
+            let node = sim.node(&node_name).await.ok().flatten().map(|n| n.to_string()).unwrap_or_default();
+            bail!("{e:#} ({:.0}s after ssh came back)\n--- node\n{diag}\n--- center-sim's node record\n{node}", back.elapsed().as_secs_f64());
+        }
+    };
+    log(&format!("the sidecar reported the new boot {:.1}s after ssh came back", back.elapsed().as_secs_f64()));
+    let total = |c: &(u64, u64, String, Option<u64>)| c.0 + c.1;
+    for boot in [&boot1, &boot2] {
+        let mine: Vec<_> = cycles.iter().filter(|c| &c.2 == boot && c.3.is_some()).collect();
+        for pair in mine.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            ensure!(
+                b.3.unwrap() - a.3.unwrap() == total(b) - total(a),
+                "boot {boot}: Center's ledger grew by {} between two reports whose counters grew by {}",
+                b.3.unwrap() as i128 - a.3.unwrap() as i128,
+                total(b) as i128 - total(a) as i128
+            );
+        }
+        ensure!(mine.len() >= 2, "boot {boot}: fewer than two logged reports");
+    }
+    let last1 = cycles.iter().rfind(|c| c.2 == boot1 && c.3.is_some()).context("old boot's reports")?.clone();
+    let first2 = cycles.iter().find(|c| c.2 == boot2 && c.3.is_some()).context("new boot's reports")?.clone();
+    let latest2 = cycles.iter().rfind(|c| c.2 == boot2 && c.3.is_some()).context("new boot's reports")?.clone();
+    ensure!(total(&first2) < total(&last1), "the counters did not reset ({first2:?} after, {last1:?} before)");
+    let tail = first2.3.unwrap() as i128 - last1.3.unwrap() as i128 - total(&first2) as i128;
+    ensure!((0..4 << 20).contains(&tail), "across the reboot Center's ledger moved by {tail} B besides the new boot's counters (lost if < 0, counted twice if large)");
+    // And Center's ledger is what its answers said.
+    let latest_used = latest2.3.unwrap();
+    let used = eventually("Center's ledger at or past the last answer", Duration::from_secs(60), || async {
         let used = sim.node(&node_name).await.ok()??["trafficUsedBytes"].as_u64()?;
-        (used == old_epoch + latest2.0 + latest2.1).then(|| (used, old_epoch, (*first2).clone(), (*latest2).clone()))
+        (used >= latest_used).then_some(used)
     })
     .await?;
-    let logs = sh(&s, "sudo docker logs k2-sidecar 2>&1").await?;
-    let last1 = usage_cycles(&logs).into_iter().rfind(|c| c.2 == boot1).context("old boot's reports")?;
-    ensure!(first2.0 + first2.1 < last1.0 + last1.1, "the counters did not reset ({first2:?} after, {last1:?} before)");
     log(&format!(
-        "Center holds {used} B = {old_epoch} (old boot, last − first) + {} (new boot, from zero); first new-boot counters {} < last old-boot {}",
-        latest2.0 + latest2.1,
-        first2.0 + first2.1,
-        last1.0 + last1.1
+        "Center's ledger {used} B; across the reboot: +{} (new boot from zero) +{tail} (old boot's reports after its last logged one); counters {} -> {}",
+        total(&first2),
+        total(&last1),
+        total(&first2)
     ));
+
+    w.phases.start("auto-update (digest resolved at the registry; a bad image rolled back; a good one kept)");
+    let update = format!("cd {DEPLOY_DIR} && sudo PN_UPDATE_SETTLE_SECONDS=15 bash ./auto-update.sh 2>&1");
+    let cat_compose = format!("sudo cat {DEPLOY_DIR}/docker-compose.yml");
+    let compose_now = || sh(&s, &cat_compose);
+    let base = compose_now().await?;
+    let out = s.exec(&update, None, Duration::from_secs(600)).await?;
+    ensure!(out.status == 0 && out.stdout_str().contains("up to date"), "auto-update on current pins ({}): {}", out.status, out.stdout_str());
+    ensure!(compose_now().await? == base, "auto-update changed current pins");
+    registry.serve("bad").await?;
+    let t = Instant::now();
+    let out = s.exec(&update, None, Duration::from_secs(900)).await?;
+    ensure!(out.status == 1 && out.stdout_str().contains("rolled back"), "auto-update with a crashing image ({}): {}", out.status, out.stdout_str());
+    ensure!(compose_now().await? == base, "the pins were not rolled back");
+    let digests = running_digests(&s, "k2-sidecar").await?;
+    ensure!(digests.contains(&registry.pin("base", "kaitu/k2-sidecar")), "after the rollback the sidecar runs {digests}");
+    let state = sh(&s, "sudo docker inspect -f '{{.State.Status}}' k2-sidecar").await?;
+    log(&format!("bad image rolled back in {:.1}s; sidecar {}", t.elapsed().as_secs_f64(), state.trim()));
+    registry.serve("good").await?;
+    let t = Instant::now();
+    let out = s.exec(&update, None, Duration::from_secs(900)).await?;
+    ensure!(out.status == 0 && out.stdout_str().contains("done:"), "auto-update to a good image ({}): {}", out.status, out.stdout_str());
+    ensure!(compose_now().await? == repinned(&base, &registry, "good"), "the pins are not the new digests");
+    for c in ["k2s", "k2-sidecar"] {
+        let digests = running_digests(&s, c).await?;
+        ensure!(digests.contains(&registry.pin("good", &format!("kaitu/{c}"))), "{c} runs {digests} after the update");
+    }
+    log(&format!("updated to the new digests in {:.1}s (pull + up -d, containers up)", t.elapsed().as_secs_f64()));
     s.close().await;
 
     let findings = files_with(&dir.join("deployer"), &[claim.expose_secret(), &secret]);

@@ -7,12 +7,15 @@
 #   - with K2_PRIVATE_CLAIM set: "DIAG: usage-reporter-start", then every
 #     STANDIN_USAGE_INTERVAL seconds POST /slave/usage with the cumulative byte counters of the
 #     host's NICs read from /host/proc/net/dev (the compose mount) and the kernel's boot id;
-#     logs "usage-reporter-cycle-ok" per accepted report.
+#     logs "usage-reporter-cycle-ok" per accepted report, with the ledger total Center
+#     answered (used=): the test checks Center's ledger against the node's own counters.
+# A TERM (docker stop, a shutdown) ends it after the report in flight is logged, not in between.
 # Secrets move only through shell builtins (printf) and pipes, never a command line: the test
 # samples every process's command line in the VM. The public IPv4 a real sidecar would detect
 # is STANDIN_PUBLIC_IPV4 (baked into the stand-in image by the test).
 set -u
-trap 'exit 0' TERM INT
+stop=0
+trap 'stop=1' TERM INT
 
 log() { printf '%s %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
 
@@ -37,6 +40,7 @@ post() {
     "$1" "$hostport" "$auth" "${#2}" "$2" | nc -w 10 "$host" "$port" 2>/dev/null)
   status=$(printf '%s\n' "$resp" | head -n 1 | cut -d ' ' -f 2)
   [ -n "$status" ] || status=000
+  used=$(printf '%s\n' "$resp" | sed -n 's/.*"trafficUsedBytes":\([0-9][0-9]*\).*/\1/p' | head -n 1)
 }
 
 claim=${K2_PRIVATE_CLAIM:-}
@@ -48,13 +52,17 @@ while :; do
     2*) log "Registration completed tunnels=1 domain=${domain}"; break ;;
     *) log "Registration failed (HTTP ${status}); retrying" ;;
   esac
-  sleep 3
+  [ "$stop" = 1 ] && exit 0
+  sleep 3 &
+  wait $!
+  [ "$stop" = 1 ] && exit 0
 done
 body=
 
 if [ -z "$claim" ]; then
   log "Usage reporter disabled (not a private node)"
-  while :; do sleep 3600 & wait $!; done
+  while [ "$stop" = 0 ]; do sleep 3600 & wait $!; done
+  exit 0
 fi
 claim=
 
@@ -68,9 +76,11 @@ while :; do
   boot=$(cat /proc/sys/kernel/random/boot_id)
   post /slave/usage "$(printf '{"rxBytes":%s,"txBytes":%s,"bootId":"%s"}' "$rx" "$tx" "$boot")"
   case "$status" in
-    2*) log "usage-reporter-cycle-ok rx=${rx} tx=${tx} boot=${boot}" ;;
+    2*) log "usage-reporter-cycle-ok rx=${rx} tx=${tx} boot=${boot} used=${used:-?}" ;;
     *) log "usage-reporter-cycle-failed HTTP ${status}" ;;
   esac
+  [ "$stop" = 1 ] && exit 0
   sleep "$interval" &
   wait $!
+  [ "$stop" = 1 ] && exit 0
 done
