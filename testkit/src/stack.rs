@@ -438,6 +438,30 @@ fn write_600(path: &Path, content: &str) -> Result<()> {
 }
 
 impl Stack {
+    /// Every event PN_OPS holds for `op`, decoded, oldest first (undecodable ones skipped).
+    pub async fn events_of(&self, op: &str) -> Result<Vec<proto::Body>> {
+        let bus = kit::bus::Bus::connect(&self.nats.url(), "test", Duration::from_secs(5)).await?;
+        let mut s = bus.js.get_stream(proto::subjects::OPS_STREAM).await.context("PN_OPS")?;
+        let last = s.info().await.context("PN_OPS info")?.state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            if let Ok(m) = s.get_raw_message(seq).await
+                && proto::subjects::op_id_of(&m.subject) == Some(op)
+                && let Ok(b) = proto::Event::from_bytes(&m.payload)
+            {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The event names of `evs` (`claimed`, `instance`, …), in order.
+    pub fn kinds(evs: &[proto::Body]) -> Vec<&'static str> {
+        evs.iter().map(proto::Body::event_name).collect()
+    }
+}
+
+impl Stack {
     /// The claim tokens and node secrets the simulator handed out or received.
     pub async fn known_secrets(&self) -> Result<Vec<String>> {
         let v = self.admin_get("/admin/secrets").await?;

@@ -7,33 +7,11 @@
 use std::process::Command;
 use std::time::Duration;
 
-use kit::bus::Bus;
-use proto::{Body, Event, subjects};
+use proto::Body;
 use serde_json::{Value, json};
 use testkit::stack::Stack;
 
 const GIB: u64 = 1 << 30;
-
-/// Every event PN_OPS holds for `op`, decoded, oldest first.
-async fn events_of(stack: &Stack, op: &str) -> Vec<Body> {
-    let bus = Bus::connect(&stack.nats.url(), "test", Duration::from_secs(5)).await.unwrap();
-    let mut s = bus.js.get_stream(subjects::OPS_STREAM).await.unwrap();
-    let last = s.info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        if let Ok(m) = s.get_raw_message(seq).await
-            && subjects::op_id_of(&m.subject) == Some(op)
-            && let Ok(b) = Event::from_bytes(&m.payload)
-        {
-            out.push(b);
-        }
-    }
-    out
-}
-
-fn kinds(evs: &[Body]) -> Vec<&'static str> {
-    evs.iter().map(Body::event_name).collect()
-}
 
 /// Runs the real `pnctl` against this stack; returns stdout (asserting success).
 fn pnctl(stack: &Stack, args: &[&str]) -> String {
@@ -86,7 +64,7 @@ async fn an_activated_node_without_usage_is_degraded_never_failed_nor_reaped() {
 
     // Past the deadline: degraded, not failed.
     let degraded = testkit::eventually("pn.op.degraded", Duration::from_secs(60), || async {
-        events_of(&stack, &op).await.into_iter().find_map(|b| if let Body::Degraded(g) = b { Some(g) } else { None })
+        stack.events_of(&op).await.unwrap().into_iter().find_map(|b| if let Body::Degraded(g) = b { Some(g) } else { None })
     })
     .await
     .unwrap();
@@ -97,8 +75,8 @@ async fn an_activated_node_without_usage_is_degraded_never_failed_nor_reaped() {
 
     // The deadline and the reap grace pass (and a few slow rounds with them): nothing is undone.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let evs = events_of(&stack, &op).await;
-    let k = kinds(&evs);
+    let evs = stack.events_of(&op).await.unwrap();
+    let k = Stack::kinds(&evs);
     assert!(!k.contains(&"failed"), "no pn.op.failed for an activated operation: {k:?}");
     assert!(!k.contains(&"verified"), "{k:?}");
     assert_eq!(k.iter().filter(|e| **e == "degraded").count(), 1, "published once: {k:?}");
@@ -137,7 +115,7 @@ async fn an_activated_node_without_usage_is_degraded_never_failed_nor_reaped() {
     // Usage arrives after all: the slow watch sees it and verifies as usual.
     stack.admin_send(reqwest::Method::POST, &format!("/admin/nodes/{node}/traffic"), json!({"bytes": 10_000_000})).await.unwrap();
     testkit::eventually("pn.op.verified after the degradation", Duration::from_secs(60), || async {
-        events_of(&stack, &op).await.iter().any(|b| matches!(b, Body::Verified(_))).then_some(())
+        stack.events_of(&op).await.unwrap().iter().any(|b| matches!(b, Body::Verified(_))).then_some(())
     })
     .await
     .unwrap();
@@ -152,7 +130,7 @@ async fn an_activated_node_without_usage_is_degraded_never_failed_nor_reaped() {
     .await
     .unwrap();
     assert_eq!(metric(&m, "pn_ops_degraded_total"), Some(1.0), "{m}");
-    assert!(!kinds(&events_of(&stack, &op).await).contains(&"failed"));
+    assert!(!Stack::kinds(&stack.events_of(&op).await.unwrap()).contains(&"failed"));
 
     assert_eq!(stack.items("/admin/violations").await.unwrap(), Vec::<Value>::new());
     assert_eq!(stack.secret_findings().await.unwrap(), Vec::<String>::new());
@@ -171,7 +149,7 @@ async fn a_restarted_verifier_verifies_after_server_ready_scrolled_away() {
     let v = stack.wait_status(&op, &["done", "failed"], Duration::from_secs(120)).await.unwrap();
     assert_eq!(v["status"], "done", "{v}");
     testkit::eventually("pn.op.deployed", Duration::from_secs(30), || async {
-        events_of(&stack, &op).await.iter().any(|b| matches!(b, Body::Deployed(_))).then_some(())
+        stack.events_of(&op).await.unwrap().iter().any(|b| matches!(b, Body::Deployed(_))).then_some(())
     })
     .await
     .unwrap();
@@ -207,13 +185,13 @@ async fn a_restarted_verifier_verifies_after_server_ready_scrolled_away() {
     stack.spawn("svc-verifier").unwrap();
     stack.wait_ready("svc-verifier").await.unwrap();
     let v = testkit::eventually("pn.op.verified", Duration::from_secs(90), || async {
-        events_of(&stack, &op).await.into_iter().find_map(|b| if let Body::Verified(v) = b { Some(v) } else { None })
+        stack.events_of(&op).await.unwrap().into_iter().find_map(|b| if let Body::Verified(v) = b { Some(v) } else { None })
     })
     .await
     .unwrap();
     assert_eq!(v.node_name, node);
     assert!(v.domain.ends_with(".sslip.io"), "{}", v.domain);
-    let k = kinds(&events_of(&stack, &op).await);
+    let k = Stack::kinds(&stack.events_of(&op).await.unwrap());
     assert!(!k.contains(&"failed") && !k.contains(&"degraded"), "{k:?}");
     assert_eq!(stack.items("/admin/violations").await.unwrap(), Vec::<Value>::new());
     assert_eq!(stack.secret_findings().await.unwrap(), Vec::<String>::new());

@@ -12,10 +12,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kit::bus::Bus;
 use kit::center::{Center, ClientConfig, CreateInstance, McpCenter};
 use kit::ssh::{SshError, Target};
-use proto::{Body, Event, subjects};
+use proto::{Body, subjects};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use testkit::eventually;
@@ -87,27 +86,10 @@ async fn running(center: &McpCenter, account: &str, image: &str, name: &str) -> 
     (inst.id, ip)
 }
 
-/// Every event of `op` on PN_OPS, in order.
-async fn events_of(stack: &Stack, op: &str) -> Vec<Body> {
-    let bus = Bus::connect(&stack.nats.url(), "test", Duration::from_secs(5)).await.unwrap();
-    let mut s = bus.js.get_stream(subjects::OPS_STREAM).await.unwrap();
-    let last = s.info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        if let Ok(m) = s.get_raw_message(seq).await
-            && subjects::op_id_of(&m.subject) == Some(op)
-            && let Ok(b) = Event::from_bytes(&m.payload)
-        {
-            out.push(b);
-        }
-    }
-    out
-}
-
 /// Waits for `pn.op.<event>.<op>` and returns every event of `op` then.
 async fn wait_event(stack: &Stack, op: &str, event: &str, patience: Duration) -> Vec<Body> {
     eventually(&format!("pn.op.{event}.{op}"), patience, || async {
-        let evs = events_of(stack, op).await;
+        let evs = stack.events_of(op).await.unwrap();
         evs.iter().any(|b| b.event_name() == event).then_some(evs)
     })
     .await

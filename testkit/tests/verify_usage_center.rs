@@ -29,27 +29,6 @@ async fn bus(stack: &Stack) -> Bus {
     Bus::connect(&stack.nats.url(), "test", Duration::from_secs(5)).await.unwrap()
 }
 
-/// Every event PN_OPS holds for `op`, decoded, oldest first.
-async fn events_of(stack: &Stack, op: &str) -> Vec<Body> {
-    let bus = bus(stack).await;
-    let mut s = bus.js.get_stream(subjects::OPS_STREAM).await.unwrap();
-    let last = s.info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        if let Ok(m) = s.get_raw_message(seq).await
-            && subjects::op_id_of(&m.subject) == Some(op)
-            && let Ok(b) = Event::from_bytes(&m.payload)
-        {
-            out.push(b);
-        }
-    }
-    out
-}
-
-fn kinds(evs: &[Body]) -> Vec<&'static str> {
-    evs.iter().map(Body::event_name).collect()
-}
-
 /// The meter's last `meter.usage.<node>` (what the verifier reads as the cross-check).
 async fn meter_news(stack: &Stack, node: &str) -> Option<proto::UsageRecorded> {
     let bus = bus(stack).await;
@@ -77,10 +56,10 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 async fn verified(stack: &Stack, op: &str) {
-    eventually("pn.op.verified", PATIENCE, || async { events_of(stack, op).await.iter().any(|b| matches!(b, Body::Verified(_))).then_some(()) })
+    eventually("pn.op.verified", PATIENCE, || async { stack.events_of(op).await.unwrap().iter().any(|b| matches!(b, Body::Verified(_))).then_some(()) })
         .await
         .unwrap_or_else(|e| panic!("{e}; the verifier's log:\n{}", stack.log_tail("svc-verifier", 30)));
-    let k = kinds(&events_of(stack, op).await);
+    let k = Stack::kinds(&stack.events_of(op).await.unwrap());
     assert!(!k.contains(&"failed") && !k.contains(&"degraded"), "{k:?}");
 }
 
