@@ -259,7 +259,7 @@ impl Bus {
             operation_id: failed.operation_id.clone(),
             sub_id: failed.sub_id.clone(),
             stage,
-            msg_id: format!("{}.failed.{}", failed.operation_id, failed.attempt.max(1)),
+            msg_id: failed.msg_id(),
         };
         let subject = subjects::op_event(subjects::FAILED, &failed.operation_id);
         let res = self.publish(subject, Body::Failed(failed), &meta).await;
@@ -749,14 +749,7 @@ async fn fail_and_term(
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
             }
-            OpFailed {
-                operation_id: op,
-                stage: cfg.stage.as_str().to_string(),
-                reason,
-                attempt: 1,
-                failed_at_ms: crate::now_ms(),
-                ..Default::default()
-            }
+            OpFailed::new(&op, cfg.stage.as_str(), reason, crate::now_ms())
         }
     };
     match bus.publish_failed(failed).await {

@@ -119,6 +119,48 @@ impl Event {
     }
 }
 
+/// `pn-<subId>`: the name of a subscription's VPS and node (the idempotency root at the
+/// cloud and at Center). The one place it is built.
+pub fn node_name(sub_id: &str) -> String {
+    format!("pn-{sub_id}")
+}
+
+impl OpFailed {
+    /// THE constructor of a `pn.op.failed`: `operation_id` failed at `stage` (a stage name, or
+    /// svc-claimer's `abandon`) for `reason`, at `failed_at_ms`; attempt 1 until
+    /// [`OpFailed::of_op`] gives the operation's own.
+    pub fn new(operation_id: &str, stage: &str, reason: impl Into<String>, failed_at_ms: i64) -> OpFailed {
+        OpFailed {
+            operation_id: operation_id.to_string(),
+            stage: stage.to_string(),
+            reason: reason.into(),
+            attempt: 1,
+            failed_at_ms,
+            ..Default::default()
+        }
+    }
+
+    /// What the claimer and the reaper need from the operation: its subscription, holder and
+    /// claim attempt (at least 1).
+    pub fn of_op(mut self, op: &Operation) -> OpFailed {
+        self.sub_id = op.sub_id.clone();
+        self.holder = op.holder.clone();
+        self.attempt = op.claim_attempt.max(1);
+        self
+    }
+
+    /// The instance the operation holds, for svc-cloud's reaper.
+    pub fn on_instance(mut self, instance_id: impl Into<String>) -> OpFailed {
+        self.instance_id = instance_id.into();
+        self
+    }
+
+    /// Its deduplication id, `<operationId>.failed.<attempt>`.
+    pub fn msg_id(&self) -> String {
+        subjects::failed_msg_id(&self.operation_id, self.attempt)
+    }
+}
+
 impl QuotaState {
     pub fn label(self) -> &'static str {
         match self {
@@ -213,6 +255,35 @@ mod tests {
         assert_eq!(subjects::replay(Stage::Deploy), "pn.replay.deploy");
         assert_eq!(subjects::meter_usage("pn-x"), "meter.usage.pn-x");
         assert_eq!(subjects::msg_id("op-9", Stage::Cloud, 2), "op-9.cloud.2");
+        assert_eq!(subjects::failed_msg_id("op-9", 0), "op-9.failed.1");
+        assert_eq!(subjects::degraded_msg_id("op-9", 2), "op-9.degraded.2");
+        assert_eq!(subjects::rebuild_msg_id("op-9", "i-1"), "op-9.rebuild.i-1");
+        assert_eq!(subjects::rebuilt_msg_id("op-9.cloud.1", 2), "op-9.cloud.1.rebuilt2");
+        assert_eq!(subjects::replay_msg_id("op-9.cloud.1", 5), "op-9.cloud.1.replay.5");
+        assert_eq!(subjects::usage_msg_id("pn-x", 3), "pn-x.usage.3");
+        assert_eq!(subjects::quota_msg_id("pn-x", 4), "pn-x.quota.4");
+        assert_eq!(node_name("s-1"), "pn-s-1");
+    }
+
+    #[test]
+    fn op_failed_is_built_from_the_operation() {
+        let f = OpFailed::new("op-1", "deploy", "boom", 9).of_op(&op()).on_instance("i-1");
+        assert_eq!(
+            f,
+            OpFailed {
+                operation_id: "op-1".into(),
+                sub_id: "sub-1".into(),
+                stage: "deploy".into(),
+                reason: "boom".into(),
+                attempt: 1,
+                failed_at_ms: 9,
+                instance_id: "i-1".into(),
+                holder: "h".into(),
+            }
+        );
+        assert_eq!(f.msg_id(), "op-1.failed.1");
+        let bare = OpFailed::new("op-2", "cloud", "x", 1);
+        assert_eq!((bare.attempt, bare.sub_id.as_str(), bare.instance_id.as_str()), (1, "", ""));
     }
 
     #[test]

@@ -54,6 +54,42 @@ pub fn msg_id(operation_id: &str, stage: Stage, attempt: u32) -> String {
     format!("{operation_id}.{stage}.{attempt}")
 }
 
+/// `<operationId>.failed.<attempt>` (attempt at least 1): a `pn.op.failed`'s deduplication id.
+pub fn failed_msg_id(operation_id: &str, attempt: u32) -> String {
+    format!("{operation_id}.{FAILED}.{}", attempt.max(1))
+}
+
+/// `<operationId>.degraded.<attempt>`: a `pn.op.degraded`'s deduplication id.
+pub fn degraded_msg_id(operation_id: &str, attempt: u32) -> String {
+    format!("{operation_id}.{DEGRADED}.{attempt}")
+}
+
+/// `<operationId>.rebuild.<instanceId>`: one rebuild request per broken instance.
+pub fn rebuild_msg_id(operation_id: &str, instance_id: &str) -> String {
+    format!("{operation_id}.{REBUILD}.{instance_id}")
+}
+
+/// `<msgId>.rebuilt<n>`: svc-cloud's outcome for the same attempt after `n` replaced instances.
+pub fn rebuilt_msg_id(msg_id: &str, n: usize) -> String {
+    format!("{msg_id}.rebuilt{n}")
+}
+
+/// `<msgId>.replay.<nonce>`: a replayed outcome, a message of its own (not deduplicated
+/// against the original).
+pub fn replay_msg_id(msg_id: &str, nonce: i64) -> String {
+    format!("{msg_id}.replay.{nonce}")
+}
+
+/// `<node>.usage.<reports>`: svc-meter's usage event of a node's `reports`-th report.
+pub fn usage_msg_id(node: &str, reports: u64) -> String {
+    format!("{node}.usage.{reports}")
+}
+
+/// `<node>.quota.<seq>`: svc-meter's `seq`-th quota change of a node.
+pub fn quota_msg_id(node: &str, seq: u64) -> String {
+    format!("{node}.quota.{seq}")
+}
+
 /// The last token of a subject: the operation id or the node name.
 pub fn op_id_of(subject: &str) -> Option<&str> {
     subject.rsplit('.').next().filter(|s| !s.is_empty())

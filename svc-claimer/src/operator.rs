@@ -110,7 +110,7 @@ pub async fn replay_claim(ctx: &Arc<Ctx>, id: &str) -> Result<(), HandleError> {
     }
     let op = claim.op;
     let mut meta = Meta::outcome(id, &op.sub_id, Stage::Claim, op.claim_attempt);
-    meta.msg_id = format!("{}.replay.{}", meta.msg_id, kit::now_ms());
+    meta.msg_id = subjects::replay_msg_id(&meta.msg_id, kit::now_ms());
     let attempt = op.claim_attempt;
     let from = if claim.local.is_some() { "this claimer's record" } else { "PN_OPS" };
     ctx.rt
@@ -154,7 +154,7 @@ pub async fn run_abandon(ctx: &Arc<Ctx>, id: &str, reason: &str) -> (StatusCode,
     let attempt = op.claim_attempt.max(1);
     let reason = crate::handlers::concise_reason("abandoned by the operator", reason, &[]);
     tracing::warn!(op = %id, attempt, %reason, "the operator asks to abandon the operation");
-    let node = format!("pn-{}", op.sub_id);
+    let node = proto::node_name(&op.sub_id);
     let failed_at_center = match kit::world::activation(ctx.rt.center.as_ref(), id, &node).await {
         Activation::Active { why } => {
             tracing::warn!(op = %id, %why, "abandon refused: the operation is activated");
@@ -175,16 +175,9 @@ pub async fn run_abandon(ctx: &Arc<Ctx>, id: &str, reason: &str) -> (StatusCode,
     };
     // The failure event first: it is what svc-cloud's reaper and this service's own report
     // consumer act on, retried until delivered; the direct report below only makes it prompt.
-    let failed = OpFailed {
-        operation_id: id.to_string(),
-        sub_id: op.sub_id.clone(),
-        stage: ABANDON.into(),
-        reason: reason.clone(),
-        attempt,
-        failed_at_ms: kit::now_ms(),
-        instance_id: claim.local.as_ref().and_then(|r| r.instance_id.clone()).unwrap_or_default(),
-        holder: op.holder.clone(),
-    };
+    let failed = OpFailed::new(id, ABANDON, reason.clone(), kit::now_ms())
+        .of_op(op)
+        .on_instance(claim.local.as_ref().and_then(|r| r.instance_id.clone()).unwrap_or_default());
     if let Err(e) = ctx.rt.bus.publish_failed(failed).await {
         return (StatusCode::SERVICE_UNAVAILABLE, json!({"operationId": id, "error": format!("could not publish pn.op.failed: {e}; nothing was done")}));
     }

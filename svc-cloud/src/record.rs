@@ -165,7 +165,7 @@ impl CloudRecord {
 
     /// The node name this operation's VPS and node carry.
     pub fn node_name(&self) -> String {
-        format!("pn-{}", self.sub_id)
+        proto::node_name(&self.sub_id)
     }
 }
 

@@ -51,16 +51,7 @@ impl Handler for OnReplay {
 pub(crate) fn failed(op: &Operation, instance_id: &str, reason: String) -> HandleError {
     HandleError::Fail {
         reason: reason.clone(),
-        failed: Some(OpFailed {
-            operation_id: op.operation_id.clone(),
-            sub_id: op.sub_id.clone(),
-            stage: Stage::Cloud.as_str().into(),
-            reason,
-            attempt: op.claim_attempt.max(1),
-            failed_at_ms: kit::now_ms(),
-            instance_id: instance_id.to_string(),
-            holder: op.holder.clone(),
-        }),
+        failed: Some(OpFailed::new(&op.operation_id, Stage::Cloud.as_str(), reason, kit::now_ms()).of_op(op).on_instance(instance_id)),
     }
 }
 
@@ -162,7 +153,7 @@ pub(crate) async fn drive(ctx: &Arc<Ctx>, op: &Operation, rec: &mut CloudRecord,
     if changed {
         ctx.ops.put(&id, rec).await.map_err(transient)?;
     }
-    let name = format!("pn-{}", op.sub_id);
+    let name = proto::node_name(&op.sub_id);
     // Bounded: each pass either returns or moves the record on (an instance to wait on, a
     // create tried); the create cursor only advances.
     for _ in 0..64 {
@@ -475,10 +466,10 @@ async fn publish(ctx: &Ctx, op: &Operation, rec: &CloudRecord, info: &InstanceIn
     let mut meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Cloud, op.claim_attempt.max(1));
     if !rec.rebuilt.is_empty() {
         // Another instance for the same attempt (a broken one was replaced): a new message.
-        meta.msg_id = format!("{}.rebuilt{}", meta.msg_id, rec.rebuilt.len());
+        meta.msg_id = subjects::rebuilt_msg_id(&meta.msg_id, rec.rebuilt.len());
     }
     if replay {
-        meta.msg_id = format!("{}.replay.{}", meta.msg_id, kit::now_ms());
+        meta.msg_id = subjects::replay_msg_id(&meta.msg_id, kit::now_ms());
     }
     let ev = InstanceReady {
         op: Some(op.clone()),

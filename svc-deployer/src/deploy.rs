@@ -330,14 +330,7 @@ impl Deployer {
         let Some(input) = rec.input() else {
             return Err(HandleError::Fail {
                 reason: "the recorded input does not decode".into(),
-                failed: Some(OpFailed {
-                    operation_id: op_id.to_string(),
-                    stage: Stage::Deploy.as_str().into(),
-                    reason: "the recorded input does not decode".into(),
-                    attempt: 1,
-                    failed_at_ms: kit::now_ms(),
-                    ..Default::default()
-                }),
+                failed: Some(OpFailed::new(op_id, Stage::Deploy.as_str(), "the recorded input does not decode", kit::now_ms())),
             });
         };
         let span = tracing::info_span!("deploy", op = op_id, stage = "deploy");
@@ -396,7 +389,7 @@ impl Deployer {
         let op = nd.op.clone().unwrap_or_default();
         let mut meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Deploy, d.claim_attempt);
         if replay {
-            meta.msg_id = format!("{}.replay.{}", meta.msg_id, kit::now_ms());
+            meta.msg_id = subjects::replay_msg_id(&meta.msg_id, kit::now_ms());
         }
         let subject = subjects::op_event(subjects::DEPLOYED, &op.operation_id);
         self.bus.publish(subject, Body::Deployed(nd), &meta).await.map_err(|e| DeployError::Publish(e.to_string()))?;
@@ -575,7 +568,7 @@ impl Deployer {
         op.sealed_claim_token.clear();
         let instance = input.instance.clone().unwrap_or_default();
         let mut meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Deploy, op.claim_attempt.max(1));
-        meta.msg_id = format!("{}.{}.{}", op.operation_id, subjects::REBUILD, instance.instance_id);
+        meta.msg_id = subjects::rebuild_msg_id(&op.operation_id, &instance.instance_id);
         let body = InstanceRebuild { op: Some(op.clone()), instance: Some(instance.clone()), reason: reason.to_string(), requested_at_ms: kit::now_ms() };
         let subject = subjects::op_event(subjects::REBUILD, &op.operation_id);
         self.bus.publish(subject, Body::Rebuild(body), &meta).await.map_err(|e| DeployError::Publish(e.to_string()))?;
@@ -726,16 +719,9 @@ fn clip(s: &str) -> String {
 /// `pn.op.failed` for this operation, with what the claimer and the reaper need.
 fn failed_for(input: &InstanceReady, op_id: &str, reason: String) -> OpFailed {
     let op = input.op.clone().unwrap_or_default();
-    OpFailed {
-        operation_id: op_id.to_string(),
-        sub_id: op.sub_id,
-        stage: Stage::Deploy.as_str().into(),
-        reason,
-        attempt: op.claim_attempt.max(1),
-        failed_at_ms: kit::now_ms(),
-        instance_id: input.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default(),
-        holder: op.holder,
-    }
+    OpFailed::new(op_id, Stage::Deploy.as_str(), reason, kit::now_ms())
+        .of_op(&op)
+        .on_instance(input.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default())
 }
 
 /// The `NodeDeployed` of a recorded outcome (the same bytes every time it is published).

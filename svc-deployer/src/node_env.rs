@@ -183,7 +183,7 @@ impl NodeEnv {
 
 /// `pn-<subId>`: the instance and node name (the idempotency root).
 pub fn node_name(sub_id: &str) -> String {
-    format!("pn-{sub_id}")
+    proto::node_name(sub_id)
 }
 
 #[cfg(test)]

@@ -155,7 +155,7 @@ async fn publish_usage(bus: &Bus, m: &UsageMsg) -> Result<(), kit::bus::BusError
         stage: Stage::Meter,
         // Unique per distinct message: `reports` only grows, and a retry of the same message
         // keeps its id (deduplicated by JetStream if the first attempt did land).
-        msg_id: format!("{}.usage.{}", m.node, m.reports),
+        msg_id: proto::subjects::usage_msg_id(&m.node, m.reports),
     };
     let body = Body::Usage(UsageRecorded {
         node: m.node.clone(),
@@ -289,7 +289,7 @@ fn put(meter: &Meter, name: &str, l: &crate::ledger::NodeLedger) -> bool {
 }
 
 async fn publish_quota(bus: &Bus, node: &str, c: &QuotaChange, op: &str, sub: &str) -> Result<(), kit::bus::BusError> {
-    let meta = Meta { operation_id: op.to_string(), sub_id: sub.to_string(), stage: Stage::Meter, msg_id: format!("{node}.quota.{}", c.seq) };
+    let meta = Meta { operation_id: op.to_string(), sub_id: sub.to_string(), stage: Stage::Meter, msg_id: proto::subjects::quota_msg_id(node, c.seq) };
     let body = Body::Quota(QuotaChanged {
         node: node.to_string(),
         from: c.from.to_proto() as i32,

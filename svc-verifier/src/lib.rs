@@ -203,16 +203,11 @@ fn fail(d: &NodeDeployed, reason: String) -> HandleError {
     let op = d.op.clone().unwrap_or_default();
     HandleError::Fail {
         reason: reason.clone(),
-        failed: Some(OpFailed {
-            operation_id: op.operation_id.clone(),
-            sub_id: op.sub_id.clone(),
-            stage: Stage::Verify.as_str().into(),
-            reason,
-            attempt: op.claim_attempt.max(1),
-            failed_at_ms: kit::now_ms(),
-            instance_id: d.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default(),
-            holder: op.holder,
-        }),
+        failed: Some(
+            OpFailed::new(&op.operation_id, Stage::Verify.as_str(), reason, kit::now_ms())
+                .of_op(&op)
+                .on_instance(d.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default()),
+        ),
     }
 }
 
@@ -394,9 +389,9 @@ async fn publish_degraded(ctx: &Ctx, d: &NodeDeployed, rec: &mut VerifyRecord, s
     let op = d.op.clone().unwrap_or_default();
     let attempt = op.claim_attempt.max(1);
     let mut meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Verify, attempt);
-    meta.msg_id = format!("{}.{}.{attempt}", op.operation_id, subjects::DEGRADED);
+    meta.msg_id = subjects::degraded_msg_id(&op.operation_id, attempt);
     if src.replay() || rec.replay_driven {
-        meta.msg_id = format!("{}.replay.{}", meta.msg_id, g.since_ms);
+        meta.msg_id = subjects::replay_msg_id(&meta.msg_id, g.since_ms);
     }
     let body = OpDegraded {
         op: Some(op.clone()),
@@ -422,7 +417,7 @@ async fn publish_verified(ctx: &Ctx, d: &NodeDeployed, v: NodeVerified, replay: 
     let op = d.op.clone().unwrap_or_default();
     let mut meta = Meta::outcome(&op.operation_id, &op.sub_id, Stage::Verify, op.claim_attempt.max(1));
     if replay {
-        meta.msg_id = format!("{}.replay.{}", meta.msg_id, kit::now_ms());
+        meta.msg_id = subjects::replay_msg_id(&meta.msg_id, kit::now_ms());
     }
     ctx.rt
         .bus

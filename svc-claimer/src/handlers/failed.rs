@@ -68,7 +68,7 @@ impl Handler for OnFailed {
             return Ok(());
         }
         let sub_id = if f.sub_id.is_empty() { rec.as_ref().map(|r| r.sub_id.clone()).unwrap_or_default() } else { f.sub_id.clone() };
-        match kit::world::activation(ctx.rt.center.as_ref(), &id, &format!("pn-{sub_id}")).await {
+        match kit::world::activation(ctx.rt.center.as_ref(), &id, &proto::node_name(&sub_id)).await {
             Activation::Active { why } => {
                 metrics::counter!("pn_failed_for_activated_total").increment(1);
                 tracing::warn!(%why, failed_stage = %f.stage, %reason, "a failure event arrived for an activated operation; not reported to Center");
