@@ -3,8 +3,8 @@
 //! Opening yields a `SecretString`; nothing here ever formats a plaintext.
 
 use base64::Engine;
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::{Aead, Generate, KeyInit};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use secrecy::{ExposeSecret, SecretString};
 
 const VERSION: u8 = 1;
@@ -40,21 +40,18 @@ impl SealKey {
         } else {
             base64::engine::general_purpose::STANDARD.decode(s).map_err(|_| SealError::BadKey)?
         };
-        if bytes.len() != 32 {
-            return Err(SealError::BadKey);
-        }
-        let key = chacha20poly1305::Key::from_slice(&bytes);
-        Ok(SealKey(XChaCha20Poly1305::new(key)))
+        let key = Key::try_from(bytes.as_slice()).map_err(|_| SealError::BadKey)?;
+        Ok(SealKey(XChaCha20Poly1305::new(&key)))
     }
 
     /// A fresh random key as 64 hex digits (for `pnctl up`'s dev secrets).
     pub fn generate_hex() -> SecretString {
-        let key = XChaCha20Poly1305::generate_key(&mut OsRng);
+        let key = Key::generate();
         SecretString::from(hex::encode(key))
     }
 
     pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let nonce = XNonce::generate();
         // Encryption with a valid key and a 24-byte nonce cannot fail for in-memory buffers.
         let ct = self.0.encrypt(&nonce, plain).unwrap_or_default();
         let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
@@ -72,8 +69,8 @@ impl SealKey {
         if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != VERSION {
             return Err(SealError::Malformed);
         }
-        let nonce = XNonce::from_slice(&sealed[1..1 + NONCE_LEN]);
-        self.0.decrypt(nonce, &sealed[1 + NONCE_LEN..]).map_err(|_| SealError::Open)
+        let nonce = XNonce::try_from(&sealed[1..1 + NONCE_LEN]).map_err(|_| SealError::Malformed)?;
+        self.0.decrypt(&nonce, &sealed[1 + NONCE_LEN..]).map_err(|_| SealError::Open)
     }
 
     pub fn open_str(&self, sealed: &[u8]) -> Result<SecretString, SealError> {
@@ -99,6 +96,23 @@ mod tests {
         let other = SealKey::parse(&SealKey::generate_hex()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(other.open(&sealed), Err(SealError::Open));
         assert_eq!(key.open(b"xx"), Err(SealError::Malformed));
+    }
+
+    /// The format does not move with the cipher crate: a blob sealed before (version byte, nonce,
+    /// XChaCha20-Poly1305 ciphertext + tag; computed outside Rust from draft-irtf-cfrg-xchacha,
+    /// checked there against the draft's test vector A.3.1) still opens.
+    #[test]
+    fn blob_sealed_before_still_opens() {
+        let key = SealKey::parse(&SecretString::from("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sealed = hex::decode(
+            "016465666768696a6b6c6d6e6f707172737475767778797a7b1f1f98d99203fdedec55f312c01dd2a476d937178b5eaf8b0f778bf715b90b448c1a00104ba294",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(key.open_str(&sealed).map(|s| s.expose_secret().to_string()), Ok("claim-token-from-before".into()));
+        let fresh = key.seal(b"claim-token-from-before");
+        assert_eq!((fresh.len(), fresh[0]), (sealed.len(), 1), "same layout: 1 + 24 + plaintext + 16");
+        assert_ne!(fresh[1..25], sealed[1..25], "a fresh random nonce per seal");
     }
 
     #[test]
