@@ -538,7 +538,7 @@ impl Sim {
         inst.ipv4 = Some(ip);
         tracing::info!(instance = %id, %ip, "instance running");
         match tokio::net::TcpListener::from_std(listener) {
-            Ok(l) => crate::node::ssh::serve(self.clone(), inst, l, fresh),
+            Ok(l) => crate::node::ssh::serve(self.clone(), inst, l, fresh, crate::node::host::exec),
             Err(e) => tracing::error!(instance = %id, error = %e, "sshd could not start"),
         }
     }

@@ -101,6 +101,43 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Starts `cmd` as `name` with stdin closed and stdout and stderr appended to `log` (created,
+    /// with its folder, if missing): how a test runs a server whose output it reads afterwards.
+    pub fn spawn_logged(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
+        let out = append_to(log)?;
+        let child = cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("spawn {name}"))?;
+        Ok(Proc { child, name: name.to_string() })
+    }
+
+    /// Starts `cmd` as `name` with stdin closed and stderr appended to `log`, and waits up to
+    /// `patience` for the first line it prints on stdout (a server announcing its address);
+    /// the rest of stdout is drained so the child never blocks on a full pipe.
+    pub fn spawn_announced(name: &str, cmd: &mut Command, log: &Path, patience: Duration) -> Result<(Proc, String)> {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(append_to(log)?).spawn().with_context(|| format!("spawn {name}"))?;
+        let stdout = child.stdout.take().with_context(|| format!("{name} stdout"))?;
+        let proc = Proc { child, name: name.to_string() };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            for _ in lines {}
+        });
+        let first = rx.recv_timeout(patience).with_context(|| format!("{name} printed no first line"))?;
+        Ok((proc, first))
+    }
+}
+
+/// `path` opened for appending (created, with its folder, if missing).
+fn append_to(path: &Path) -> Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("open {}", path.display()))
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();

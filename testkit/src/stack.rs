@@ -4,9 +4,8 @@
 //! in the stack's directory so tests can scan them for secrets.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -83,9 +82,9 @@ pub struct Stack {
     http: reqwest::Client,
 }
 
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
-    std::fs::create_dir_all(dir.join("logs"))?;
-    Ok(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("logs").join(format!("{name}.log")))?)
+/// Where a stack process's log goes: `<dir>/logs/<name>.log`.
+fn log_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join("logs").join(format!("{name}.log"))
 }
 
 impl Stack {
@@ -124,21 +123,8 @@ impl Stack {
             .args(["--ip-start", &ip_start, "--seed", "7"])
             .args(&b.sim_args)
             .env("PN_CENTER_TOKEN", &token)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdout(Stdio::piped())
-            .stderr(log_file(dir.path(), "center-sim")?);
-        let mut child = cmd.spawn().context("spawn center-sim")?;
-        let stdout = child.stdout.take().context("center-sim stdout")?;
-        let sim = Proc { child, name: "center-sim".into() };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            for _ in lines {}
-        });
-        let first = rx.recv_timeout(Duration::from_secs(20)).context("center-sim printed no address")?;
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        let (sim, first) = Proc::spawn_announced("center-sim", &mut cmd, &log_in(dir.path(), "center-sim"), Duration::from_secs(20))?;
         let center_url = first.rsplit(' ').next().unwrap_or_default().trim().to_string();
         if !center_url.starts_with("http://") {
             bail!("center-sim's first line is not its address: {first}");
@@ -257,15 +243,10 @@ impl Stack {
             env.insert("PN_DATA_DIR".into(), self.dir.path().join(format!("data-{replica}")).display().to_string());
         }
         let mut cmd = Command::new(bin(binary)?);
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&env)
-            .stdin(Stdio::null())
-            .stdout(log_file(self.dir.path(), name)?)
-            .stderr(log_file(self.dir.path(), name)?);
-        let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
-        let ops = env.get("PN_OPS_LISTEN").cloned().unwrap_or_default();
-        self.procs.insert(name.to_string(), Proc { child, name: ops });
+        cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).envs(&env);
+        let mut proc = Proc::spawn_logged(name, &mut cmd, &log_in(self.dir.path(), name))?;
+        proc.name = env.get("PN_OPS_LISTEN").cloned().unwrap_or_default();
+        self.procs.insert(name.to_string(), proc);
         Ok(())
     }
 
@@ -290,7 +271,7 @@ impl Stack {
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {
-        self.dir.path().join("logs").join(format!("{name}.log"))
+        log_in(self.dir.path(), name)
     }
 
     pub fn log_tail(&self, name: &str, n: usize) -> String {
@@ -404,26 +385,11 @@ impl Stack {
 /// Starts `pn-ingress` on `port` in front of `upstream`, mirroring `/slave/usage` to `mirror`,
 /// and waits for its address line.
 fn spawn_ingress(dir: &Path, port: u16, upstream: &str, mirror: &str) -> Result<Proc> {
-    let mut child = Command::new(bin("pn-ingress")?)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", upstream, "--mirror", mirror])
+    let mut cmd = Command::new(bin("pn-ingress")?);
+    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", upstream, "--mirror", mirror])
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .env("PN_LOG_FORMAT", "json")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log_file(dir, "pn-ingress")?)
-        .spawn()
-        .context("spawn pn-ingress")?;
-    let stdout = child.stdout.take().context("pn-ingress stdout")?;
-    let proc = Proc { child, name: "pn-ingress".into() };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(first)) = lines.next() {
-            let _ = tx.send(first);
-        }
-        for _ in lines {}
-    });
-    let first = rx.recv_timeout(Duration::from_secs(20)).context("pn-ingress printed no address")?;
+        .env("PN_LOG_FORMAT", "json");
+    let (proc, first) = Proc::spawn_announced("pn-ingress", &mut cmd, &log_in(dir, "pn-ingress"), Duration::from_secs(20))?;
     if !first.starts_with("pn-ingress listening on http://") {
         bail!("pn-ingress's first line is not its address: {first}");
     }

@@ -6,6 +6,8 @@
 //! content (the `.env` holds the node's secrets).
 
 pub mod compose;
+pub mod host;
+pub mod shell;
 pub mod sidecar;
 pub mod ssh;
 

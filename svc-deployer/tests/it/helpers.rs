@@ -3,9 +3,8 @@
 //! to them.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,7 +99,6 @@ impl Deployer {
     pub fn start(cfg: &DeployerConfig) -> Result<Deployer> {
         std::fs::create_dir_all(&cfg.data_dir)?;
         let log = cfg.data_dir.join(format!("deployer-{}.log", rand_hex(3)));
-        let out = std::fs::File::create(&log)?;
         let ops_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_svc-deployer"));
         cmd.env_clear()
@@ -119,8 +117,8 @@ impl Deployer {
         for (k, v) in &cfg.env {
             cmd.env(k, v);
         }
-        let child = cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().context("spawn svc-deployer")?;
-        Ok(Deployer { proc: Proc { child, name: "svc-deployer".into() }, log, data_dir: cfg.data_dir.clone(), ops_port })
+        let proc = Proc::spawn_logged("svc-deployer", &mut cmd, &log)?;
+        Ok(Deployer { proc, log, data_dir: cfg.data_dir.clone(), ops_port })
     }
 
     pub fn log_text(&self) -> String {
@@ -256,9 +254,8 @@ impl Sim {
         let (fresh_port, hardened_port) = (free_port(), free_port());
         // A /24 of its own per test, so parallel tests do not race for addresses.
         let ip_start = format!("127.{}.{}.1", 100 + rand::random::<u8>() % 100, rand::random::<u8>() % 250 + 1);
-        let log = std::fs::File::create(dir.join("center-sim.log"))?;
-        let mut child = Command::new(bin)
-            .env("PN_CENTER_TOKEN", CENTER_TOKEN)
+        let mut cmd = Command::new(bin);
+        cmd.env("PN_CENTER_TOKEN", CENTER_TOKEN)
             .env("RUST_LOG", "info")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -271,24 +268,8 @@ impl Sim {
             .arg("--ssh-port-hardened")
             .arg(hardened_port.to_string())
             .arg("--ip-start")
-            .arg(&ip_start)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .context("spawn center-sim")?;
-        let stdout = child.stdout.take().context("center-sim stdout")?;
-        let proc = Proc { child, name: "center-sim".into() };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            // Keep draining so the sim never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let first = rx.recv_timeout(Duration::from_secs(30)).context("center-sim printed no first line")?;
+            .arg(&ip_start);
+        let (proc, first) = Proc::spawn_announced("center-sim", &mut cmd, &dir.join("center-sim.log"), Duration::from_secs(30))?;
         let url = first
             .strip_prefix("center-sim listening on ")
             .map(|s| s.trim().trim_end_matches('/').to_string())

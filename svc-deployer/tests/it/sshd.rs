@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -92,16 +92,7 @@ fn start_sshd(dir: &Path, authorized_public: &str, bin_dir: &Path) -> Sshd {
     let t = Command::new(sshd).arg("-t").arg("-f").arg(&config).output().unwrap();
     assert!(t.status.success(), "sshd rejects the test config: {}", String::from_utf8_lossy(&t.stderr));
     let log = dir.join("sshd.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(sshd)
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("start sshd");
-    let proc = Proc { child, name: "sshd".into() };
+    let proc = Proc::spawn_logged("sshd", Command::new(sshd).args(["-D", "-e", "-f"]).arg(&config), &log).expect("start sshd");
     wait_tcp(([127, 0, 0, 1], port).into(), Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("sshd did not start: {e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
     Sshd { _proc: proc, port, host_public, log }
