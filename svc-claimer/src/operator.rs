@@ -152,7 +152,7 @@ pub async fn run_abandon(ctx: &Arc<Ctx>, id: &str, reason: &str) -> (StatusCode,
     };
     let op = &claim.op;
     let attempt = op.claim_attempt.max(1);
-    let reason = crate::handlers::concise_reason("abandoned by the operator", reason, &[]);
+    let reason = crate::record::concise_reason("abandoned by the operator", reason, &[]);
     tracing::warn!(op = %id, attempt, %reason, "the operator asks to abandon the operation");
     let node = proto::node_name(&op.sub_id);
     let failed_at_center = match kit::world::activation(ctx.rt.center.as_ref(), id, &node).await {

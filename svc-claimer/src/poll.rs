@@ -225,7 +225,7 @@ async fn renew(ctx: &Arc<Ctx>, id: &str) {
     let lease_ms = i64::from(ctx.settings.lease_seconds.max(1)) * 1000;
     let before = ctx.active.lock().ok().and_then(|a| a.get(id).and_then(|h| h.lease_expires_ms));
     if ctx.progress_extends.load(std::sync::atomic::Ordering::Relaxed) {
-        let result = crate::handlers::progress_result(&rec);
+        let result = rec.progress_result();
         let asked_at = kit::now_ms();
         match ctx.rt.center.update_node_operation(id, &rec.holder, "in_progress", result, None).await {
             Ok(op) => {

@@ -27,6 +27,26 @@ pub struct OpRecord {
 /// `OpRecord::terminal` of an operation whose lease went to another holder.
 pub const LOST: &str = "lost";
 
+/// A concise, secret-free reason: `<stage>: <reason>`, at most 240 characters.
+pub fn concise_reason(stage: &str, reason: &str, secrets: &[&str]) -> String {
+    let mut r = reason.replace(['\n', '\r'], " ");
+    for s in secrets.iter().filter(|s| s.len() >= 8) {
+        r = r.replace(s, "[redacted]");
+    }
+    let r: String = r.chars().take(220).collect();
+    format!("{stage}: {r}")
+}
+
+impl OpRecord {
+    /// The `result` of an in_progress report: `{instanceId, ipv4}` once known.
+    pub fn progress_result(&self) -> Option<serde_json::Value> {
+        match (&self.instance_id, &self.ipv4) {
+            (Some(i), Some(ip)) => Some(serde_json::json!({"instanceId": i, "ipv4": ip})),
+            _ => None,
+        }
+    }
+}
+
 impl Record for OpRecord {
     const VERSION: u32 = 1;
 }

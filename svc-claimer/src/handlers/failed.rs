@@ -21,21 +21,12 @@ use proto::{Body, Operation};
 use secrecy::ExposeSecret;
 
 use crate::Ctx;
+use crate::record::concise_reason;
 
 pub struct OnFailed(pub Arc<Ctx>);
 
 /// `OpRecord::terminal` of an operation Center reported activated when a failure event came.
 pub const ACTIVATED: &str = "activated";
-
-/// A concise, secret-free reason: `<stage>: <reason>`, at most 240 characters.
-pub fn concise_reason(stage: &str, reason: &str, secrets: &[&str]) -> String {
-    let mut r = reason.replace(['\n', '\r'], " ");
-    for s in secrets.iter().filter(|s| s.len() >= 8) {
-        r = r.replace(s, "[redacted]");
-    }
-    let r: String = r.chars().take(220).collect();
-    format!("{stage}: {r}")
-}
 
 #[async_trait::async_trait]
 impl Handler for OnFailed {

@@ -44,7 +44,7 @@ impl Handler for OnInstance {
         rec.instance_id = Some(inst.instance_id.clone());
         rec.ipv4 = Some(inst.ipv4.clone());
         ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
-        let result = super::progress_result(&rec);
+        let result = rec.progress_result();
         let holder = if op.holder.is_empty() { rec.holder.clone() } else { op.holder.clone() };
         let asked_at = kit::now_ms();
         match ctx.rt.center.update_node_operation(&id, &holder, "in_progress", result, None).await {

@@ -5,24 +5,14 @@ mod failed;
 mod instance;
 
 pub use failed::OnFailed;
-pub(crate) use failed::concise_reason;
 pub use instance::OnInstance;
 
 use std::sync::Arc;
 
 use kit::bus::{HandleError, Handler, Incoming};
 use proto::Body;
-use serde_json::{Value, json};
 
 use crate::{Ctx, OpRecord};
-
-/// The `result` of an in_progress report: `{instanceId, ipv4}` once known.
-pub fn progress_result(rec: &OpRecord) -> Option<Value> {
-    match (&rec.instance_id, &rec.ipv4) {
-        (Some(i), Some(ip)) => Some(json!({"instanceId": i, "ipv4": ip})),
-        _ => None,
-    }
-}
 
 fn forget(ctx: &Ctx, id: &str) {
     ctx.forget(id);
