@@ -135,10 +135,13 @@ enum Cmd {
     Completions {
         shell: clap_complete::Shell,
     },
-    /// Benchmarks on a dev stack of their own: pipeline, footprint, meter.
+    /// Benchmarks on a dev stack of their own: pipeline, footprint, meter (`pnctl bench --help`;
+    /// runs the `pn-bench` binary next to pnctl with these arguments).
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        what: crate::bench::BenchCmd,
+        /// `pipeline|footprint|meter [options]`, as `pnctl bench --help` lists them.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
     },
 }
 
@@ -328,7 +331,19 @@ async fn run(cli: Cli, data_dir_given: bool) -> anyhow::Result<ExitCode> {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "pnctl", &mut std::io::stdout());
         }
-        Cmd::Bench { what } => crate::bench::run(what, data_dir_given.then(|| cli.data_dir.clone())).await?,
+        Cmd::Bench { args } => {
+            // The benchmarks live in their own crate (pn-bench), which starts services in
+            // process; pnctl hands the whole command over to its binary and becomes it.
+            use std::os::unix::process::CommandExt;
+            let bin = stack::find_bin("pn-bench")?;
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.arg0("pnctl bench");
+            if data_dir_given {
+                cmd.arg("--data-dir").arg(&cli.data_dir);
+            }
+            let err = cmd.args(args).exec();
+            anyhow::bail!("run {}: {err}", bin.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

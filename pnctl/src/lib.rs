@@ -1,20 +1,18 @@
 //! pnctl, the operator's CLI: the dev stack (`up`, `down`, the supervisor and `stack.json`),
 //! the end-to-end `demo`, and the tools that read the pipeline — `status`, `tail`, `decode`,
 //! `replay`, `ledger`, `reap`, `ops` (list, show, abandon operations) — and `completions`. One module per command; `cli` parses the arguments (`main.rs` only calls
-//! it), and `multicall` is the `pnp` binary that runs every Pnp program from one executable.
+//! it). The image's multi-call binary `pnp` is its own crate (pnp/), which calls `cli`.
 //!
 //! Invariant: pnctl never prints a secret. It generates the dev secrets, hands them to the
 //! children it starts through their environment, and otherwise only reads sealed or hashed
 //! forms from NATS.
 
-pub mod bench;
 pub mod cli;
 pub mod decode;
 pub mod demo;
 pub mod endpoints;
 pub mod events;
 pub mod ledger;
-pub mod multicall;
 pub mod ops;
 pub mod reap;
 pub mod replay;

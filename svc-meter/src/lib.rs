@@ -9,7 +9,6 @@
 
 pub mod app;
 pub mod auth;
-pub mod bench;
 pub mod delta;
 pub mod gauges;
 pub mod handlers;

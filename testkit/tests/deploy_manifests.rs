@@ -47,7 +47,7 @@ const K8S_VERSION: &str = "1.31";
 const SERVICES: [&str; 5] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter"];
 /// The programs of the workspace; the image runs each through its one binary, `pnp <program>`.
 const PROGRAMS: [&str; 7] = ["svc-claimer", "svc-cloud", "svc-deployer", "svc-verifier", "svc-meter", "center-sim", "pnctl"];
-/// The image's one binary (pnctl/src/bin/pnp.rs, dispatch in pnctl/src/multicall.rs) and where it goes.
+/// The image's one binary (the bin-only crate pnp/, dispatch in pnp/src/main.rs) and where it goes.
 const IMAGE_BINARY: &str = "pnp";
 const IMAGE_BINARY_PATH: &str = "/usr/local/bin/pnp";
 /// Every Secret the manifests reference (created out of band, deploy/k8s/README.md).
@@ -748,7 +748,8 @@ fn dockerfile() -> Vec<Instr> {
 /// The workspace's binary crates: every member but the libraries.
 fn workspace_binaries() -> BTreeSet<String> {
     let manifest: toml_like::Members = toml_like::members(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap());
-    manifest.0.into_iter().filter(|m| !["proto", "kit", "testkit"].contains(&m.as_str())).collect()
+    // pnp is the image's binary itself; pn-bench (the benchmarks) is a dev tool, not in the image.
+    manifest.0.into_iter().filter(|m| !["proto", "kit", "testkit", "pnp", "pn-bench"].contains(&m.as_str())).collect()
 }
 
 /// Just enough TOML to read `[workspace] members` (no TOML crate for one list).
@@ -777,9 +778,9 @@ fn dockerfile_builds_one_static_nonroot_image_with_the_multi_call_binary() {
     let programs: BTreeSet<String> = PROGRAMS.iter().map(|s| s.to_string()).collect();
     assert_eq!(workspace_binaries(), programs, "the image's programs must be the workspace's binary crates");
     // …and the multi-call binary must know each of them by its name.
-    let multicall = std::fs::read_to_string(root().join("pnctl/src/multicall.rs")).expect("pnctl/src/multicall.rs");
+    let multicall = std::fs::read_to_string(root().join("pnp/src/main.rs")).expect("pnp/src/main.rs");
     for p in PROGRAMS {
-        assert!(multicall.contains(&format!("\"{p}\"")), "pnp (pnctl/src/multicall.rs) does not dispatch {p}");
+        assert!(multicall.contains(&format!("\"{p}\"")), "pnp (pnp/src/main.rs) does not dispatch {p}");
     }
 
     // Global ARG defaults, for resolving ${…} in FROM lines.
@@ -848,11 +849,11 @@ fn dockerfile_builds_one_static_nonroot_image_with_the_multi_call_binary() {
     // The build stage compiles only pnp, statically for musl, locked, with the size profile.
     let build_stage = &ins[..last];
     let build = build_stage.iter().find(|i| i.op == "RUN" && i.args.contains("cargo build")).expect("a cargo build");
-    for want in ["--profile image", "--locked", "--target", "-p pnctl --bin pnp"] {
+    for want in ["--profile image", "--locked", "--target", "-p pnp --bin pnp"] {
         assert!(build.args.contains(want), "cargo build without {want}");
     }
     let cargo_build = build.args.split("cargo build").nth(1).and_then(|c| c.split("&&").next()).unwrap_or("");
-    assert_eq!(cargo_build.matches(" -p ").count(), 1, "cargo build builds one package (pnctl, for pnp): {cargo_build}");
+    assert_eq!(cargo_build.matches(" -p ").count(), 1, "cargo build builds one package (pnp): {cargo_build}");
     let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
     let profile = manifest.split("[profile.image]").nth(1).expect("[profile.image] in the root Cargo.toml");
     let profile = profile.split("\n[").next().unwrap_or("");

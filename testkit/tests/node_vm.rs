@@ -390,7 +390,7 @@ fn static_pnp() -> Result<PathBuf> {
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(&root)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args(["build", "--profile", "image", "--locked", "--target", target, "--features", "kit/mimalloc", "-p", "pnctl", "--bin", "pnp"]),
+            .args(["build", "--profile", "image", "--locked", "--target", target, "--features", "kit/mimalloc", "-p", "pnp", "--bin", "pnp"]),
         "cargo build (static pnp)",
     )?;
     ensure!(path.exists(), "{} was not built", path.display());

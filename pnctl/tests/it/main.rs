@@ -3,8 +3,6 @@
 //! (`cargo build --workspace --bins` first; scripts/test does).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod pnp;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;

@@ -1,4 +1,5 @@
-//! `pnp`, the multi-call binary of the image: every Pnp program (the five services, center-sim,
+//! `pnp`, the multi-call binary of the image (its own bin-only crate, so that pnctl depends on
+//! no service): every Pnp program (the five services, center-sim,
 //! pnctl) in one executable, so tokio, async-nats, sled, russh, reqwest/rustls and axum are
 //! linked once instead of seven times (issue #11, image ≤ 30 MiB).
 //!
@@ -111,7 +112,7 @@ pub fn run(program: Program, args: Vec<OsString>) -> ExitCode {
         Program::SvcVerifier => svc_verifier::main_entry(),
         Program::SvcMeter => svc_meter::main_entry(),
         Program::CenterSim => center_sim::main_entry(args),
-        Program::Pnctl => return crate::cli::main_entry(args),
+        Program::Pnctl => return pnctl::cli::main_entry(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,9 +124,10 @@ pub fn run(program: Program, args: Vec<OsString>) -> ExitCode {
 }
 
 /// `pnp`'s `main`: resolve, then run, or explain.
-pub fn main_entry<I: IntoIterator<Item = OsString>>(argv: I) -> ExitCode {
+fn main() -> ExitCode {
+    let argv = std::env::args_os();
     let names = || PROGRAMS.iter().map(|(_, n, _)| *n).collect::<Vec<_>>().join(", ");
-    match resolve(argv.into_iter().collect()) {
+    match resolve(argv.collect()) {
         Invocation::Run { program, args } => run(program, args),
         Invocation::Help => {
             print!("{}", usage());
@@ -176,6 +178,19 @@ mod tests {
         );
         // `pnctl --help` through a link is pnctl's help, not pnp's.
         assert_eq!(resolve(argv(&["pnctl", "--help"])), Invocation::Run { program: Program::Pnctl, args: argv(&["pnctl", "--help"]) });
+    }
+
+    /// pnctl (which depends on no service) knows each stage's default deadline by value; these
+    /// are the services' own defaults.
+    #[test]
+    fn pnctls_stage_deadlines_are_the_services_defaults() {
+        let d = pnctl::ops::default_deadlines();
+        assert_eq!(d["claim"], u64::from(svc_claimer::Settings::default().lease_seconds) * 1000);
+        assert_eq!(d["cloud"], svc_cloud::Settings::default().boot_timeout_ms);
+        let ssh = svc_deployer::Settings::default().ssh;
+        assert_eq!(d["deploy"], ssh.reach_patience_ms + ssh.prep_timeout_ms + ssh.outside_check_patience_ms);
+        assert_eq!(d["verify"], svc_verifier::Settings::default().deadline_ms);
+        assert_eq!(d.len(), pnctl::ops::STAGES.len());
     }
 
     #[test]

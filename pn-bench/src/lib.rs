@@ -1,10 +1,11 @@
-//! `pnctl bench`: measured figures, not promises. `pipeline` drives intents through a dev stack
+//! `pnctl bench` (the `pn-bench` binary, which `pnctl bench …` runs with the same arguments, so
+//! that pnctl depends on no service): measured figures, not promises. `pipeline` drives intents through a dev stack
 //! it starts itself (`pnctl up --detach` on a fresh data dir, `down` at the end) with the
 //! simulator's delays at zero, or — `--realistic` — at a real cloud's delays scaled down, and
 //! then measures how many operations can wait in flight at once; `footprint` measures each
 //! service's idle memory, start-to-ready time and the image size; `meter` measures the meter's
 //! ingest through the dev stack's ingress (`pn-ingress` → center-sim, copies to svc-meter) on a
-//! scratch NATS, or — `--direct` — svc-meter's own benchmark of the meter alone.
+//! scratch NATS, or — `--direct` — the meter alone (`meter_load`, an in-process svc-meter).
 //!
 //! Never: run against a stack it did not start (other work would mix into the figures), print
 //! a secret (the dev secrets reach the children through their environment only), or claim a
@@ -13,9 +14,11 @@
 pub mod capacity;
 pub mod footprint;
 pub mod meter;
+pub mod meter_load;
 pub mod pipeline;
 pub mod procfs;
 pub mod prom;
+pub mod tracker;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +27,7 @@ use std::process::Stdio;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::stack::{self, SERVICES, StackFile};
+use pnctl::stack::{self, SERVICES, StackFile};
 
 /// `pnctl bench <what>`.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -68,10 +71,9 @@ impl BenchStack {
             Some(d) => (d, false),
             None => (fresh_dir()?, true),
         };
-        let exe = std::env::current_exe().context("locate the pnctl executable")?;
-        // argv[0] "pnctl" so that the multi-call `pnp` (whose current_exe this may be) runs pnctl.
+        // The pnctl next to this binary (target/debug), as the operator would run it.
+        let exe = stack::find_bin("pnctl")?;
         let out = tokio::process::Command::new(exe)
-            .arg0("pnctl")
             .args(["up", "--detach", "--json", "--data-dir"])
             .arg(&dir)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -6,7 +6,7 @@
 //! copies it acknowledged (2xx = in its flushed ledger, counted by the router) per second of the
 //! measured window; the no-op's the same count for the no-op. `--direct` runs the earlier
 //! measurement instead: an in-process meter on its own, the load straight at it
-//! (`svc_meter::bench::run`).
+//! (`crate::meter_load::run`).
 //!
 //! It publishes synthetic deployments, so it runs on a scratch nats-server (JetStream with
 //! `sync_interval: always`, as the dev stack runs it) and its own center-sim, meter and routers,
@@ -23,12 +23,12 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
-use crate::parse_duration;
-use crate::stack;
+use pnctl::parse_duration;
+use pnctl::stack;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct MeterArgs {
-    /// Print one JSON object (svc_meter::bench::BenchReport).
+    /// Print one JSON object (crate::meter_load::BenchReport).
     #[arg(long)]
     pub json: bool,
     /// Synthetic nodes.
@@ -104,7 +104,7 @@ pub async fn main(args: &MeterArgs) -> anyhow::Result<()> {
 
 async fn direct(args: &MeterArgs) -> anyhow::Result<()> {
     let nats = ScratchNats::start().await?;
-    let opts = svc_meter::bench::BenchOpts {
+    let opts = crate::meter_load::BenchOpts {
         nats_url: nats.url.clone(),
         meter_url: None,
         meter_pid: None,
@@ -118,7 +118,7 @@ async fn direct(args: &MeterArgs) -> anyhow::Result<()> {
     // The in-process meter announces its address on stdout (its start-up contract); with
     // --json, stdout must hold the report alone, so that line goes to stderr meanwhile.
     let saved = if args.json { redirect_stdout_to_stderr() } else { None };
-    let res = svc_meter::bench::run(opts).await;
+    let res = crate::meter_load::run(opts).await;
     if let Some(fd) = saved {
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -236,7 +236,7 @@ fn count(v: &Value, k: &str) -> u64 {
 /// What one phase through a router measured.
 struct Routed {
     /// The generator's view (Center's answers).
-    client: svc_meter::bench::PhaseResult,
+    client: crate::meter_load::PhaseResult,
     /// Copies the mirror acknowledged inside the window.
     mirror_ok: u64,
     /// The router's drop/fail/reject counts over the whole phase.
@@ -252,10 +252,10 @@ fn cpu_of(procs: &[(String, u32)]) -> Vec<Option<f64>> {
 /// One phase through `router`: the generator's view, the router's `mirrorOk` over the
 /// measured window, and the CPU the watched processes spent in it.
 async fn routed_phase(
-    opts: &svc_meter::bench::BenchOpts,
+    opts: &crate::meter_load::BenchOpts,
     http: &reqwest::Client,
     router: &str,
-    nodes: Vec<svc_meter::bench::BenchNode>,
+    nodes: Vec<crate::meter_load::BenchNode>,
     procs: &[(String, u32)],
 ) -> anyhow::Result<Routed> {
     let start = Instant::now() + opts.warmup;
@@ -276,7 +276,7 @@ async fn routed_phase(
             (a, b, cpu)
         })
     };
-    let res = svc_meter::bench::phase_at(opts, http, &format!("{router}/slave/usage"), nodes, start).await;
+    let res = crate::meter_load::phase_at(opts, http, &format!("{router}/slave/usage"), nodes, start).await;
     let (a, b, cpu) = sampler.await.context("sampler")?;
     let (Some(a), Some(b)) = (a, b) else { bail!("the router {router} did not answer its stats") };
     // Let the queued copies land before anything else is measured.
@@ -315,7 +315,7 @@ async fn through_router(args: &MeterArgs) -> anyhow::Result<()> {
 
 async fn routed(args: &MeterArgs, dir: &Path, nats_url: &str) -> anyhow::Result<RouterReport> {
     let token = hex::encode(rand::random::<[u8; 16]>());
-    let http = svc_meter::bench::http_client(args.connections)?;
+    let http = crate::meter_load::http_client(args.connections)?;
 
     // Center.
     let mut cmd = tokio::process::Command::new(stack::find_bin(stack::CENTER_SIM)?);
@@ -350,7 +350,7 @@ async fn routed(args: &MeterArgs, dir: &Path, nats_url: &str) -> anyhow::Result<
     wait_http(&http, &format!("{meter_url}/healthz"), "svc-meter").await?;
 
     // The no-op mirror, and one router per mirror, both in front of Center.
-    let noop = svc_meter::bench::NoopServer::start()?;
+    let noop = crate::meter_load::NoopServer::start()?;
     let router = |mirror: String, name: &str| -> anyhow::Result<tokio::process::Command> {
         let mut c = tokio::process::Command::new(stack::find_bin(stack::INGRESS)?);
         c.args(["--listen", "127.0.0.1:0", "--upstream", &center, "--mirror", &mirror])
@@ -362,7 +362,7 @@ async fn routed(args: &MeterArgs, dir: &Path, nats_url: &str) -> anyhow::Result<
     let (_router_noop, via_noop) = spawn_announced(router(format!("http://{}", noop.addr), "pn-ingress-noop")?, "pn-ingress").await?;
 
     // The nodes: known to the meter (pn.op.deployed) and registered at Center (as sidecars do).
-    let opts = svc_meter::bench::BenchOpts {
+    let opts = crate::meter_load::BenchOpts {
         nats_url: nats_url.to_string(),
         meter_url: Some(meter_url.clone()),
         meter_pid: Some(meter.pid()),
@@ -375,7 +375,7 @@ async fn routed(args: &MeterArgs, dir: &Path, nats_url: &str) -> anyhow::Result<
     let bus = kit::bus::Bus::connect(nats_url, "pnctl-bench-meter", Duration::from_secs(10)).await?;
     bus.ensure_streams().await?;
     let run_id = hex::encode(rand::random::<[u8; 4]>());
-    let nodes = svc_meter::bench::register(&opts, &bus, &http, &meter_url, &run_id).await?;
+    let nodes = crate::meter_load::register(&opts, &bus, &http, &meter_url, &run_id).await?;
     let refused = futures::stream::iter(nodes.iter())
         .map(|(name, ip, secret)| {
             let (http, url) = (http.clone(), format!("{center}/slave/register"));
@@ -423,8 +423,8 @@ async fn routed(args: &MeterArgs, dir: &Path, nats_url: &str) -> anyhow::Result<
         ratio: if noop_per_sec > 0.0 { reports_per_sec / noop_per_sec } else { 0.0 },
         center_answered_per_sec,
         mirrored_share: if center_answered_per_sec > 0.0 { reports_per_sec / center_answered_per_sec } else { 0.0 },
-        p50_ms: svc_meter::bench::percentile_ms(&lat, 0.50),
-        p99_ms: svc_meter::bench::percentile_ms(&lat, 0.99),
+        p50_ms: crate::meter_load::percentile_ms(&lat, 0.50),
+        p99_ms: crate::meter_load::percentile_ms(&lat, 0.99),
         errors: m.errors,
         mirror_dropped: count(&meter_whole, "mirrorDropped"),
         mirror_failed: count(&meter_whole, "mirrorFailed"),

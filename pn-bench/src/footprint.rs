@@ -2,7 +2,7 @@
 //! time (spawn → `/readyz` 200, a second instance started against that stack with its own empty
 //! state dir and ops port), and the image size. There is no Docker engine and no musl target
 //! here, so the image size is an estimate: the one binary the image copies — the multi-call
-//! `pnp`, as `cargo build --profile image -p pnctl --bin pnp` makes it (target/image/pnp; the
+//! `pnp`, as `cargo build --profile image -p pnp --bin pnp` makes it (target/image/pnp; the
 //! release-profile `pnp` when that is missing, said so) — plus the distroless static base
 //! (≈ 2 MiB), and the report says so.
 
@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use super::{BenchStack, bin_dir, mib, percentile, procfs, r3, table};
-use crate::stack::{self, SERVICES};
+use pnctl::stack::{self, SERVICES};
 
 /// The one binary deploy/Dockerfile copies into the image.
 /// gcr.io/distroless/static-debian12 (no libc, no shell): about 2 MiB.
@@ -109,7 +109,7 @@ pub async fn run(args: &FootprintArgs, data_dir: Option<PathBuf>) -> anyhow::Res
     let mut binary_bytes = BTreeMap::new();
     let p = dir.join("pnp");
     let len = std::fs::metadata(&p)
-        .with_context(|| format!("{} (build it with `cargo build --profile image -p pnctl --bin pnp`)", p.display()))?
+        .with_context(|| format!("{} (build it with `cargo build --profile image -p pnp --bin pnp`)", p.display()))?
         .len();
     binary_bytes.insert(label.to_string(), len);
     let stripped = !has_symtab(&p).unwrap_or(true);
@@ -150,7 +150,7 @@ async fn measure(args: &FootprintArgs, stack: &BenchStack) -> anyhow::Result<Mea
         .collect();
 
     let secrets = stack::ensure_secrets(&stack.dir.join("secrets"))?;
-    let http = crate::endpoints::http()?;
+    let http = pnctl::endpoints::http()?;
     let mut p50 = BTreeMap::new();
     let mut max = BTreeMap::new();
     for name in SERVICES {

@@ -15,9 +15,9 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 
-use super::pipeline::{Tracker, ops_events};
+use super::tracker::{Tracker, ops_events};
 use super::{BenchStack, Proc, StageWatch, linear_fit, mib, procfs, put_faults, r3, table};
-use crate::endpoints::get_json;
+use pnctl::endpoints::get_json;
 
 /// How long a parked operation's prep lasts: far beyond the measurement.
 const PARK_PREP_MS: u64 = 3 * 3600 * 1000;

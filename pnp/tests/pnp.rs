@@ -2,6 +2,7 @@
 //! ready on a real nats-server whether it is picked by the first argument or by the name of a
 //! link, fails exactly as its own binary does, center-sim gets its flags, and an unknown name
 //! is refused with status 2.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 
-use crate::settings::Settings;
+use svc_meter::settings::Settings;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -256,7 +256,7 @@ pub async fn phase_at(opts: &BenchOpts, http: &reqwest::Client, url: &str, nodes
     let now = Instant::now();
     for (i, (_, ip, secret)) in nodes.into_iter().enumerate() {
         per_worker[i % workers].push(Node {
-            header: crate::auth::basic_header(ip, &secret),
+            header: svc_meter::auth::basic_header(ip, &secret),
             rx: 1_000_000,
             tx: 1_000_000,
             boot: format!("bench-boot-{i}"),
@@ -402,7 +402,7 @@ impl InProcess {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new().name("bench-meter".into()).spawn(move || {
             rt.block_on(async move {
-                match crate::App::build(s).await {
+                match svc_meter::App::build(s).await {
                     Ok(app) => {
                         let token = app.shutdown_token();
                         let _ = ready_tx.send(Ok((app.http_addr(), token.clone())));
