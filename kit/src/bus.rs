@@ -16,7 +16,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use proto::{Body, Event, OpFailed, Stage, headers, subjects};
+use proto::{Body, Event, EventBody, OpFailed, OpId, Stage, headers, subjects};
 use tokio::sync::Semaphore;
 use tokio_util_shim::CancelOnDrop;
 
@@ -450,19 +450,34 @@ impl Incoming {
         subjects::op_id_of(&self.subject)
     }
 
+    /// The operation id the subject names (`pn.op.<event>.<operationId>`), checked.
+    pub fn op_id(&self) -> Option<OpId> {
+        OpId::of_subject(&self.subject)
+    }
+
     /// Decodes the body as a `pn.v1.Event`; garbage is a `Fail` (poison), not a panic.
     pub fn decode(&self) -> Result<Body, HandleError> {
         Event::from_bytes(&self.payload).map_err(|e| HandleError::Fail { reason: format!("undecodable message: {e}"), failed: None })
     }
 
+    /// A stage's input, decoded once into its type: garbage or another message type is a
+    /// `Fail` (poison: the operation fails with the reason).
+    pub fn decode_as<T: EventBody>(&self) -> Result<T, HandleError> {
+        T::from_body(self.decode()?)
+            .map_err(|other| HandleError::fail(format!("expected {}, got {}", T::TYPE_NAME, other.type_name())))
+    }
+
+    /// An observed event (a consumer that reports or cleans up after others), decoded once into
+    /// its type: garbage or another message type is dropped (logged), never a failure.
+    pub fn observe_as<T: EventBody>(&self) -> Result<T, HandleError> {
+        let body = Event::from_bytes(&self.payload).map_err(|e| HandleError::Drop(format!("undecodable {}: {e}", T::TYPE_NAME)))?;
+        T::from_body(body).map_err(|other| HandleError::Drop(format!("expected {}, got {}", T::TYPE_NAME, other.type_name())))
+    }
+
     /// The plain-text operation id of a `pn.replay.<stage>` payload.
     pub fn replay_op_id(&self) -> Result<String, HandleError> {
         let s = std::str::from_utf8(&self.payload).map(str::trim).unwrap_or("");
-        if subjects::is_token(s) {
-            Ok(s.to_string())
-        } else {
-            Err(HandleError::Drop("replay payload is not an operation id".into()))
-        }
+        OpId::parse(s).map(OpId::into_string).map_err(|_| HandleError::Drop("replay payload is not an operation id".into()))
     }
 }
 
@@ -599,10 +614,11 @@ fn handle_span(msg: &jetstream::Message, stage: Stage) -> tracing::Span {
     use crate::trace::{SpanId, TraceId, parse_traceparent};
     let subject = msg.subject.as_str();
     let op = if subject.starts_with("pn.replay.") {
-        std::str::from_utf8(&msg.payload).ok().map(str::trim).filter(|s| subjects::is_token(s))
+        std::str::from_utf8(&msg.payload).ok().and_then(|s| OpId::parse(s.trim()).ok())
     } else {
-        subjects::op_id_of(subject).filter(|s| subjects::is_token(s))
+        OpId::of_subject(subject)
     };
+    let op = op.as_ref().map(OpId::as_str);
     let incoming = msg.headers.as_ref().and_then(|h| h.get(headers::TRACEPARENT)).and_then(|v| parse_traceparent(v.as_str()));
     let trace_id = match (op, incoming) {
         (Some(op), _) => TraceId::for_operation(op),
@@ -743,7 +759,7 @@ async fn fail_and_term(
             f
         }
         None => {
-            let op = subjects::op_id_of(subject).filter(|s| subjects::is_token(s)).unwrap_or("").to_string();
+            let op = OpId::of_subject(subject).map(OpId::into_string).unwrap_or_default();
             if op.is_empty() || subject.starts_with("pn.replay.") {
                 tracing::error!(%subject, %reason, "poison message without an operation; terminated");
                 let _ = msg.ack_with(AckKind::Term).await;
@@ -828,6 +844,20 @@ mod tests {
         for bad in [&b""[..], b"a b", b"pn.op.>", b"\xff\xfe", b"op*"] {
             assert!(incoming("pn.replay.deploy", bad.to_vec()).replay_op_id().is_err());
         }
+    }
+
+    #[test]
+    fn inputs_decode_once_into_their_type() {
+        let failed = Event::new(Body::Failed(OpFailed::new("op-1", "cloud", "r", 1))).to_bytes();
+        let m = incoming("pn.op.failed.op-1", failed);
+        assert_eq!(m.decode_as::<OpFailed>().map(|f| f.operation_id).ok(), Some("op-1".to_string()));
+        assert_eq!(m.op_id().map(|o| o.to_string()), Some("op-1".to_string()));
+        assert!(matches!(m.decode_as::<proto::NodeDeployed>(), Err(HandleError::Fail { reason, .. }) if reason == "expected pn.v1.NodeDeployed, got pn.v1.OpFailed"));
+        assert!(matches!(m.observe_as::<proto::NodeDeployed>(), Err(HandleError::Drop(_))));
+        let junk = incoming("pn.op.failed.a b", vec![0xff, 0xff]);
+        assert!(matches!(junk.decode_as::<OpFailed>(), Err(HandleError::Fail { .. })));
+        assert!(matches!(junk.observe_as::<OpFailed>(), Err(HandleError::Drop(_))));
+        assert_eq!(junk.op_id(), None);
     }
 
     proptest! {

@@ -6,7 +6,10 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/pn.v1.rs"));
 }
 
+pub mod ids;
 pub mod subjects;
+
+pub use ids::{BadId, OpId, SubId};
 
 pub use pb::event::Body;
 pub use pb::{
@@ -101,6 +104,40 @@ impl Body {
             Body::Rebuild(_) => subjects::REBUILD,
         }
     }
+}
+
+/// A message type an event body can hold: [`EventBody::from_body`] takes it out of a
+/// [`Body`], or gives the body back when it holds another type.
+pub trait EventBody: Sized {
+    /// The protobuf name, as in [`Body::type_name`].
+    const TYPE_NAME: &'static str;
+    fn from_body(body: Body) -> Result<Self, Body>;
+}
+
+macro_rules! event_body {
+    ($($ty:ident => $variant:ident, $name:literal;)*) => {$(
+        impl EventBody for $ty {
+            const TYPE_NAME: &'static str = $name;
+            fn from_body(body: Body) -> Result<$ty, Body> {
+                match body {
+                    Body::$variant(m) => Ok(m),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+event_body! {
+    OpClaimed => Claimed, "pn.v1.OpClaimed";
+    InstanceReady => Instance, "pn.v1.InstanceReady";
+    NodeDeployed => Deployed, "pn.v1.NodeDeployed";
+    NodeVerified => Verified, "pn.v1.NodeVerified";
+    OpFailed => Failed, "pn.v1.OpFailed";
+    UsageRecorded => Usage, "pn.v1.UsageRecorded";
+    QuotaChanged => Quota, "pn.v1.QuotaChanged";
+    OpDegraded => Degraded, "pn.v1.OpDegraded";
+    InstanceRebuild => Rebuild, "pn.v1.InstanceRebuild";
 }
 
 impl Event {
@@ -240,6 +277,10 @@ mod tests {
             let bytes = Event::new(b.clone()).to_bytes();
             assert_eq!(Event::from_bytes(&bytes), Ok(b));
         }
+        let failed = Body::Failed(OpFailed::new("op-1", "cloud", "r", 1));
+        assert_eq!(<OpFailed as EventBody>::TYPE_NAME, failed.type_name());
+        assert!(OpFailed::from_body(failed.clone()).is_ok());
+        assert_eq!(NodeVerified::from_body(failed.clone()), Err(failed));
     }
 
     #[test]

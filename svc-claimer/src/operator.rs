@@ -27,7 +27,7 @@ use axum::routing::post;
 use kit::bus::{HandleError, Meta};
 use kit::center::CenterError;
 use kit::world::Activation;
-use proto::{Body, Event, OpClaimed, OpFailed, Operation, Stage, subjects};
+use proto::{Body, Event, OpClaimed, OpFailed, OpId, Operation, Stage, subjects};
 use serde_json::{Value, json};
 
 use crate::Ctx;
@@ -132,7 +132,7 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 async fn abandon(State(cell): State<Cell>, Path(op): Path<String>, body: Option<axum::Json<Value>>) -> Response {
     let Some(ctx) = cell.get() else { return error(StatusCode::SERVICE_UNAVAILABLE, "svc-claimer is starting") };
-    if !subjects::is_token(&op) {
+    if OpId::parse(&op).is_err() {
         return error(StatusCode::BAD_REQUEST, "not an operation id");
     }
     let reason = body.as_ref().and_then(|b| b.0.get("reason")).and_then(Value::as_str).unwrap_or("").trim().to_string();

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kit::bus::Meta;
 use kit::center::{CenterError, Claimed, NodeOperation, OpFilter};
-use proto::{Body, OpClaimed, Operation, Stage, subjects};
+use proto::{Body, OpClaimed, OpId, Operation, Stage, SubId, subjects};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Ctx, OpRecord, jitter};
@@ -78,7 +78,7 @@ pub async fn poll_once(ctx: &Arc<Ctx>) -> Result<usize, CenterError> {
 
 /// Claims one queued operation. True when Center leased it to this replica.
 async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
-    if !subjects::is_token(&op.id) || !subjects::is_token(&op.sub_id) {
+    if OpId::parse(&op.id).is_err() || SubId::parse(&op.sub_id).is_err() {
         tracing::error!(operation = %op.id.chars().take(64).collect::<String>(), "queued operation has an id or subId unfit for a subject; skipped");
         return false;
     }

@@ -51,7 +51,7 @@ async fn pending(State(cell): State<Cell>) -> Response {
 
 async fn confirm(State(cell): State<Cell>, Path(op): Path<String>) -> Response {
     let Some(ctx) = cell.get() else { return starting() };
-    if !proto::subjects::is_token(&op) {
+    if proto::OpId::parse(&op).is_err() {
         return error(StatusCode::BAD_REQUEST, "not an operation id");
     }
     tracing::info!(op = %op, "operator confirms the reap");

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use kit::bus::{HandleError, Handler, Incoming};
 use kit::world::Activation;
-use proto::{Body, subjects};
+use proto::{OpFailed, OpId};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -42,10 +42,8 @@ pub struct OnFailed(pub Arc<Ctx>);
 impl Handler for OnFailed {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let ctx = &self.0;
-        let Body::Failed(f) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.failed".into()))? else {
-            return Err(HandleError::Drop("not an OpFailed".into()));
-        };
-        if !subjects::is_token(&f.operation_id) {
+        let f: OpFailed = msg.observe_as()?;
+        if OpId::parse(&f.operation_id).is_err() {
             return Err(HandleError::Drop("pn.op.failed without a plain operation id".into()));
         }
         let retry = |e: String| HandleError::retry(e, Duration::from_secs(2));

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kit::bus::{HandleError, Handler, Incoming, Meta};
-use proto::{Body, InstanceReady, OpFailed, Operation, Stage, subjects};
+use proto::{Body, InstanceReady, OpClaimed, OpFailed, OpId, Operation, Stage, SubId, subjects};
 
 use kit::cloud::{PortsOpened, ProviderError, Vps};
 use crate::record::{BootWait, InstanceInfo};
@@ -31,9 +31,7 @@ pub struct OnReplay(pub Arc<Ctx>);
 #[async_trait::async_trait]
 impl Handler for OnClaimed {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let Body::Claimed(c) = msg.decode()? else {
-            return Err(HandleError::fail("pn.op.claimed carries another message type"));
-        };
+        let c: OpClaimed = msg.decode_as()?;
         let op = c.op.ok_or_else(|| HandleError::fail("OpClaimed without an operation"))?;
         run(&self.0, op, false).await
     }
@@ -65,7 +63,7 @@ pub(crate) fn park(after: Duration, reason: String) -> HandleError {
 
 async fn run(ctx: &Arc<Ctx>, op: Operation, replay: bool) -> Result<(), HandleError> {
     let id = op.operation_id.clone();
-    if !subjects::is_token(&id) || !subjects::is_token(&op.sub_id) {
+    if OpId::parse(&id).is_err() || SubId::parse(&op.sub_id).is_err() {
         return Err(HandleError::fail("operation id or subId is not a plain token"));
     }
     // One writer per operation: a second delivery (another claim attempt's message, a replay,

@@ -30,7 +30,7 @@ use kit::config::Common;
 use kit::ssh::AdminKeys;
 use kit::state::Table;
 use kit::world::Activation;
-use proto::{Body, NodeDeployed, NodeVerified, OpDegraded, OpFailed, Stage, subjects};
+use proto::{Body, NodeDeployed, NodeVerified, OpDegraded, OpFailed, OpId, Stage, subjects};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
@@ -163,9 +163,7 @@ struct OnReplay(Arc<Ctx>);
 #[async_trait::async_trait]
 impl Handler for OnDeployed {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let Body::Deployed(d) = msg.decode()? else {
-            return Err(HandleError::fail("pn.op.deployed carries another message type"));
-        };
+        let d: NodeDeployed = msg.decode_as()?;
         verify(&self.0, d, Source::Deployed).await
     }
 }
@@ -233,7 +231,7 @@ fn fresh(id: &str, d: &NodeDeployed, ctx: &Ctx, replay_driven: bool) -> VerifyRe
 async fn verify(ctx: &Arc<Ctx>, d: NodeDeployed, src: Source) -> Result<(), HandleError> {
     let op = d.op.clone().ok_or_else(|| HandleError::fail("NodeDeployed without an operation"))?;
     let id = op.operation_id.clone();
-    if !subjects::is_token(&id) || !d.node_name.starts_with("pn-") || !subjects::is_token(&d.node_name) {
+    if OpId::parse(&id).is_err() || !d.node_name.starts_with("pn-") || !subjects::is_token(&d.node_name) {
         return Err(HandleError::fail("deployed event with an unusable operation id or node name"));
     }
     let _guard = ctx.locks.lock(&id).await;

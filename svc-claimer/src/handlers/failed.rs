@@ -17,7 +17,7 @@ use std::time::Duration;
 use kit::bus::{HandleError, Handler, Incoming};
 use kit::center::CenterError;
 use kit::world::Activation;
-use proto::{Body, Operation};
+use proto::{OpFailed, Operation};
 use secrecy::ExposeSecret;
 
 use crate::Ctx;
@@ -32,9 +32,7 @@ pub const ACTIVATED: &str = "activated";
 impl Handler for OnFailed {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let ctx = &self.0;
-        let Body::Failed(f) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.failed".into()))? else {
-            return Err(HandleError::Drop("not an OpFailed".into()));
-        };
+        let f: OpFailed = msg.observe_as()?;
         let id = f.operation_id.clone();
         let retry = |e: String| HandleError::retry(e, Duration::from_secs(2));
         let rec = ctx.ops.get(&id).map_err(|e| retry(e.to_string()))?;

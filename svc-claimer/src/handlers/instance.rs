@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kit::bus::{HandleError, Handler, Incoming};
 use kit::center::CenterError;
-use proto::Body;
+use proto::InstanceReady;
 
 use crate::{Ctx, OpRecord};
 
@@ -18,9 +18,7 @@ pub struct OnInstance(pub Arc<Ctx>);
 impl Handler for OnInstance {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let ctx = &self.0;
-        let Body::Instance(ev) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.instance".into()))? else {
-            return Err(HandleError::Drop("not an InstanceReady".into()));
-        };
+        let ev: InstanceReady = msg.observe_as()?;
         let (Some(op), Some(inst)) = (ev.op, ev.instance) else {
             return Err(HandleError::Drop("InstanceReady without op or instance".into()));
         };

@@ -10,7 +10,7 @@ pub use instance::OnInstance;
 use std::sync::Arc;
 
 use kit::bus::{HandleError, Handler, Incoming};
-use proto::Body;
+use proto::NodeVerified;
 
 use crate::{Ctx, OpRecord};
 
@@ -31,9 +31,7 @@ pub struct OnVerified(pub Arc<Ctx>);
 #[async_trait::async_trait]
 impl Handler for OnVerified {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let Body::Verified(v) = msg.decode().map_err(|_| HandleError::Drop("undecodable pn.op.verified".into()))? else {
-            return Err(HandleError::Drop("not a NodeVerified".into()));
-        };
+        let v: NodeVerified = msg.observe_as()?;
         let id = v.op.as_ref().map(|o| o.operation_id.clone()).unwrap_or_default();
         if let Ok(Some(mut rec)) = self.0.ops.get(&id)
             && rec.terminal.is_none() {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kit::bus::{HandleError, Handler, Incoming};
-use proto::Body;
+use proto::NodeDeployed;
 
 use kit::cloud::Confirmation;
 
@@ -31,13 +31,7 @@ pub struct DeployedHandler {
 #[async_trait::async_trait]
 impl Handler for DeployedHandler {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let body = msg.decode().map_err(|e| match e {
-            HandleError::Fail { reason, .. } => HandleError::Drop(reason),
-            other => other,
-        })?;
-        let Body::Deployed(d) = body else {
-            return Err(HandleError::Drop(format!("expected NodeDeployed, got {}", body.type_name())));
-        };
+        let d: NodeDeployed = msg.observe_as()?;
         if !d.private_node {
             tracing::debug!(node = %d.node_name, "shared-pool node: not metered");
             return Ok(());
