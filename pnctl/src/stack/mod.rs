@@ -233,7 +233,7 @@ impl Supervisor {
     }
 
     async fn wait_healthy(&self, specs: &[Arc<ChildSpec>], deadline: Instant) -> anyhow::Result<()> {
-        let http = crate::endpoints::http()?;
+        let http = crate::http::http()?;
         loop {
             let mut pending = Vec::new();
             for s in specs {

@@ -77,7 +77,7 @@ impl ChildSpec {
             }
             Health::Http(urls) => {
                 for u in urls {
-                    if !crate::endpoints::answers(http, u).await {
+                    if !crate::http::answers(http, u).await {
                         return false;
                     }
                 }
