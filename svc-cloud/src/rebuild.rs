@@ -42,7 +42,7 @@ impl Handler for OnRebuild {
             return Err(HandleError::Drop("InstanceRebuild without an operation or an instance".into()));
         };
         let id = op_in.operation_id.clone();
-        if !proto::subjects::is_token(&id) {
+        if proto::OpId::parse(&id).is_err() {
             return Err(HandleError::Drop("operation id is not a plain token".into()));
         }
         let Some(_busy) = ctx.try_busy(&id) else {
