@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
 use proto::{Body, Event, subjects};
 use serde_json::json;
@@ -160,11 +160,7 @@ impl Tracker {
 /// `data_dir` is the stack's (its operator identity connects).
 pub async fn ops_events(nats_url: &str, data_dir: &std::path::Path) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::consumer::pull::Ordered)> {
     let (client, js) = endpoints::connect_nats(nats_url, &endpoints::operator_auth(data_dir)).await?;
-    let stream = js.get_stream(subjects::OPS_STREAM).await.context("PN_OPS stream (are the services up?)")?;
-    let consumer = stream
-        .create_consumer(OrderedConfig { filter_subject: subjects::OPS_ALL.into(), deliver_policy: DeliverPolicy::New, ..Default::default() })
-        .await
-        .context("create an ordered consumer on PN_OPS")?;
+    let consumer = endpoints::ordered_consumer(&js, subjects::OPS_STREAM, subjects::OPS_ALL, DeliverPolicy::New).await?;
     let messages = consumer.messages().await.context("read PN_OPS")?;
     Ok((client, messages))
 }

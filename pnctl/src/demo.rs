@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use proto::{Body, Event, subjects};
@@ -173,16 +173,8 @@ async fn drive(stack: &StackFile, opts: &DemoOptions) -> anyhow::Result<Report> 
     let http = endpoints::http()?;
     let (_client, js) = endpoints::connect_nats(&stack.nats_url, &endpoints::operator_auth(&opts.up.data_dir)).await?;
     let meter_token = endpoints::Endpoints::resolve(&opts.up.data_dir, None, None, None).meter_token()?;
-    let stream = js.get_stream(subjects::OPS_STREAM).await.context("PN_OPS stream (are the services up?)")?;
     // Subscribed before the first intent is enqueued, so no event is missed.
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: subjects::OPS_ALL.into(),
-            deliver_policy: DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .context("create an ordered consumer on PN_OPS")?;
+    let consumer = endpoints::ordered_consumer(&js, subjects::OPS_STREAM, subjects::OPS_ALL, DeliverPolicy::New).await?;
     let mut events = consumer.messages().await.context("read PN_OPS")?;
 
     let tty = std::io::stderr().is_terminal();

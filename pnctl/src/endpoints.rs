@@ -166,3 +166,22 @@ pub async fn connect_nats(url: &str, auth: &kit::bus::NatsAuth) -> anyhow::Resul
     let js = async_nats::jetstream::new(client.clone());
     Ok((client, js))
 }
+
+/// The one way pnctl follows a stream (PN_OPS, PN_METER): an ordered consumer on `stream`
+/// filtered to `filter`, from the first message (`DeliverPolicy::All`) or from now on (`New`).
+/// `status`, `ops`, `tail`, `demo` and the benches read through it.
+pub async fn ordered_consumer(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    filter: &str,
+    deliver_policy: async_nats::jetstream::consumer::DeliverPolicy,
+) -> anyhow::Result<async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::OrderedConfig>> {
+    let s = js.get_stream(stream).await.with_context(|| format!("stream {stream} (have the services started?)"))?;
+    s.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+        filter_subject: filter.to_string(),
+        deliver_policy,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("ordered consumer on {filter}"))
+}

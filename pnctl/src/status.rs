@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
 use proto::{Body, Event, subjects};
 use serde_json::{Value, json};
@@ -48,15 +48,7 @@ impl Record {
 
 /// Every message of `stream` matching `filter`, oldest first, read until caught up.
 pub async fn read_all(js: &async_nats::jetstream::Context, stream: &str, filter: &str) -> anyhow::Result<Vec<Record>> {
-    let stream = js.get_stream(stream).await.with_context(|| format!("stream {stream} (have the services started?)"))?;
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: filter.to_string(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("ordered consumer on {filter}"))?;
+    let consumer = crate::endpoints::ordered_consumer(js, stream, filter, DeliverPolicy::All).await?;
     let mut out = Vec::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(out);

@@ -5,7 +5,7 @@
 use std::pin::Pin;
 
 use anyhow::Context;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::{Stream, StreamExt};
 use proto::{Event, subjects};
 use serde_json::json;
@@ -33,15 +33,7 @@ struct Item {
 type Feed = Pin<Box<dyn Stream<Item = Item> + Send>>;
 
 async fn stream_feed(js: &async_nats::jetstream::Context, stream: &str, filter: &str, all: bool) -> anyhow::Result<Feed> {
-    let s = js.get_stream(stream).await.with_context(|| format!("stream {stream} (have the services started?)"))?;
-    let consumer = s
-        .create_consumer(OrderedConfig {
-            filter_subject: filter.to_string(),
-            deliver_policy: if all { DeliverPolicy::All } else { DeliverPolicy::New },
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("ordered consumer on {filter}"))?;
+    let consumer = crate::endpoints::ordered_consumer(js, stream, filter, if all { DeliverPolicy::All } else { DeliverPolicy::New }).await?;
     let msgs = consumer.messages().await.with_context(|| format!("read {stream}"))?;
     Ok(Box::pin(msgs.filter_map(|m| async move {
         let m = m.ok()?;
