@@ -672,14 +672,14 @@ async fn handle_one_in_span(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, 
     };
     // What this process holds, per operation (`kit::ops::held`, `GET /v1/ops/held`).
     let held_op = if subject.starts_with("pn.op.") { subjects::op_id_of(&subject).unwrap_or("").to_string() } else { String::new() };
-    crate::ops::held::running(cfg.stage.as_str(), &held_op, delivered);
+    crate::held::running(cfg.stage.as_str(), &held_op, delivered);
     let started = std::time::Instant::now();
     let res = handler.handle(incoming).await;
     drop(progress);
     match &res {
-        Err(HandleError::Park { reason, after }) => crate::ops::held::parked(cfg.stage.as_str(), &held_op, *after, reason, delivered),
-        Err(HandleError::Retry { reason, after, .. }) if !(cfg.fails_operations && cfg.parking == 0 && delivered >= cfg.max_deliver) => crate::ops::held::retrying(cfg.stage.as_str(), &held_op, *after, reason, delivered),
-        _ => crate::ops::held::released(cfg.stage.as_str(), &held_op),
+        Err(HandleError::Park { reason, after }) => crate::held::parked(cfg.stage.as_str(), &held_op, *after, reason, delivered),
+        Err(HandleError::Retry { reason, after, .. }) if !(cfg.fails_operations && cfg.parking == 0 && delivered >= cfg.max_deliver) => crate::held::retrying(cfg.stage.as_str(), &held_op, *after, reason, delivered),
+        _ => crate::held::released(cfg.stage.as_str(), &held_op),
     }
     metrics::histogram!("pn_handler_seconds", "stage" => cfg.stage.as_str()).record(started.elapsed().as_secs_f64());
     let outcome = match &res {

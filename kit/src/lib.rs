@@ -9,6 +9,7 @@ pub mod app;
 pub mod bus;
 pub mod center;
 pub mod cloud;
+pub mod held;
 pub mod locks;
 pub mod config;
 pub mod nats_auth;
