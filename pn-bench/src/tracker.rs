@@ -84,7 +84,7 @@ impl Tracker {
             let (id, sub, at) = r?;
             self.ops.insert(
                 id,
-                Tracked { node: format!("pn-{sub}"), enqueued: at, seen: [None; 4], instance: false, deployed: false, verified_ms: None, verified_at: None, failed: None },
+                Tracked { node: proto::node_name(&sub), enqueued: at, seen: [None; 4], instance: false, deployed: false, verified_ms: None, verified_at: None, failed: None },
             );
         }
         Ok(())

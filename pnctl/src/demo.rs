@@ -211,7 +211,7 @@ async fn drive(stack: &StackFile, opts: &DemoOptions) -> anyhow::Result<Report> 
             operation_id.clone(),
             Op {
                 operation_id,
-                node: format!("pn-{sub_id}"),
+                node: proto::node_name(&sub_id),
                 sub_id,
                 stage: Stage::Queued,
                 enqueued: Instant::now(),
