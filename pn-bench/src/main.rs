@@ -20,24 +20,5 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pnctl: start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async {
-        if std::env::var_os("RUST_LOG").is_some() {
-            kit::telemetry::init(kit::config::LogFormat::Human);
-        }
-        kit::init_crypto();
-        match pn_bench::run(&cli.what, cli.data_dir.clone()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pnctl: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    pnctl::cli::run_tool(async move { pn_bench::run(&cli.what, cli.data_dir.clone()).await.map(|()| ExitCode::SUCCESS) })
 }

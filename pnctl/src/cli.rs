@@ -215,6 +215,13 @@ where
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    run_tool(run(cli, data_dir_given))
+}
+
+/// Runs a command-line tool's future on a multi-thread runtime of its own, with human logs
+/// when `RUST_LOG` is set: an error is printed as `pnctl: …` and exits 1. pnctl and `pn-bench`
+/// (which pnctl's `bench` runs) share it.
+pub fn run_tool(fut: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -227,7 +234,7 @@ where
             kit::telemetry::init(kit::config::LogFormat::Human);
         }
         kit::init_crypto();
-        match run(cli, data_dir_given).await {
+        match fut.await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("pnctl: {e:#}");
