@@ -404,21 +404,27 @@ fn write_600(path: &Path, content: &str) -> Result<()> {
 }
 
 impl Stack {
-    /// Every event PN_OPS holds for `op`, decoded, oldest first (undecodable ones skipped).
-    pub async fn events_of(&self, op: &str) -> Result<Vec<proto::Body>> {
+    /// Every event PN_OPS holds, decoded, by operation id, oldest first (undecodable ones
+    /// skipped).
+    pub async fn events_by_op(&self) -> Result<std::collections::HashMap<String, Vec<proto::Body>>> {
         let bus = kit::bus::Bus::connect(&self.nats.url(), "test", Duration::from_secs(5)).await?;
         let mut s = bus.js.get_stream(proto::subjects::OPS_STREAM).await.context("PN_OPS")?;
         let last = s.info().await.context("PN_OPS info")?.state.last_sequence;
-        let mut out = Vec::new();
+        let mut out: std::collections::HashMap<String, Vec<proto::Body>> = Default::default();
         for seq in 1..=last {
             if let Ok(m) = s.get_raw_message(seq).await
-                && proto::subjects::op_id_of(&m.subject) == Some(op)
                 && let Ok(b) = proto::Event::from_bytes(&m.payload)
             {
-                out.push(b);
+                let op = proto::subjects::op_id_of(&m.subject).unwrap_or("").to_string();
+                out.entry(op).or_default().push(b);
             }
         }
         Ok(out)
+    }
+
+    /// Every event PN_OPS holds for `op`, decoded, oldest first.
+    pub async fn events_of(&self, op: &str) -> Result<Vec<proto::Body>> {
+        Ok(self.events_by_op().await?.remove(op).unwrap_or_default())
     }
 
     /// The event names of `evs` (`claimed`, `instance`, …), in order.

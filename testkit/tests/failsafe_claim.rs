@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kit::bus::{Bus, Meta};
-use proto::{Body, Event, OpFailed, Stage, subjects};
+use proto::{Body, OpFailed, Stage, subjects};
 use serde_json::{Value, json};
 use testkit::eventually;
 use testkit::stack::Stack;
@@ -18,22 +18,6 @@ const GIB: u64 = 1 << 30;
 /// Sim timings that keep a provision short.
 fn fast() -> Value {
     json!({"bootDelayMs": 20, "prepDelayMs": 20, "registrationDelayMs": 20, "usageIntervalMs": 200})
-}
-
-/// Every event on PN_OPS, decoded, by operation id.
-async fn events(bus: &Bus) -> HashMap<String, Vec<Body>> {
-    let mut out: HashMap<String, Vec<Body>> = HashMap::new();
-    let mut s = bus.js.get_stream(subjects::OPS_STREAM).await.unwrap();
-    let last = s.info().await.unwrap().state.last_sequence;
-    for seq in 1..=last {
-        if let Ok(m) = s.get_raw_message(seq).await {
-            let op = subjects::op_id_of(&m.subject).unwrap_or("").to_string();
-            if let Ok(b) = Event::from_bytes(&m.payload) {
-                out.entry(op).or_default().push(b);
-            }
-        }
-    }
-    out
 }
 
 fn failures(evs: &HashMap<String, Vec<Body>>) -> Vec<(String, String)> {
@@ -63,13 +47,13 @@ async fn consumer_idle(bus: &Bus, durable: &str) -> Option<()> {
 /// times while Center refused it (each attempt logged "will retry") — or until the loop gives
 /// the operation up (what the old loop did at its delivery limit: log "deliveries exhausted",
 /// publish `pn.op.failed`), which the assertions after it then show.
-async fn retried(stack: &Stack, bus: &Bus, op: &str, n: i64) {
+async fn retried(stack: &Stack, op: &str, n: i64) {
     let subject = subjects::op_event(subjects::INSTANCE, op);
     eventually(&format!("the claimer retried {op}'s in_progress {n} times"), Duration::from_secs(120), || async {
         let retried = claimer_lines(stack, "will retry (this consumer never fails an operation)")
             .iter()
             .any(|l| l["subject"] == subject.as_str() && l["delivered"].as_i64().unwrap_or(0) >= n);
-        let gave_up = !claimer_lines(stack, GAVE_UP).is_empty() || !failures(&events(bus).await).is_empty();
+        let gave_up = !claimer_lines(stack, GAVE_UP).is_empty() || !failures(&stack.events_by_op().await.unwrap_or_default()).is_empty();
         (retried || gave_up).then_some(())
     })
     .await
@@ -106,11 +90,11 @@ async fn center_refusing_reports_fails_nothing_and_deletes_nothing() {
         ops.push(stack.intent(region, 100 * GIB, "residential").await.unwrap());
     }
     for (op, _) in &ops {
-        retried(&stack, &bus, op, 3).await;
+        retried(&stack, op, 3).await;
     }
     // svc-cloud reaps 1 s after a failure in this stack: the old claimer's failure would show now.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(failures(&events(&bus).await), Vec::<(String, String)>::new(), "no pn.op.failed while Center refused reports");
+    assert_eq!(failures(&stack.events_by_op().await.unwrap()), Vec::<(String, String)>::new(), "no pn.op.failed while Center refused reports");
     let deleted: Vec<Value> = stack.items("/admin/instances").await.unwrap().into_iter().filter(|i| i["status"] == "deleted").collect();
     assert_eq!(deleted, Vec::<Value>::new(), "no VPS deleted while Center refused reports");
     for (op, _) in &ops {
@@ -122,8 +106,8 @@ async fn center_refusing_reports_fails_nothing_and_deletes_nothing() {
 
     // 2. Refused, then Center takes reports again while the operation is still in flight.
     let (late, late_sub) = stack.intent("us", 100 * GIB, "residential").await.unwrap();
-    retried(&stack, &bus, &late, 3).await;
-    assert_eq!(failures(&events(&bus).await), Vec::<(String, String)>::new());
+    retried(&stack, &late, 3).await;
+    assert_eq!(failures(&stack.events_by_op().await.unwrap()), Vec::<(String, String)>::new());
     stack.faults(json!({"updateOperationErrorRate": 0.0})).await.unwrap();
     let v = eventually("the claimer reported in_progress once Center took it", Duration::from_secs(60), || async {
         let v = stack.operation(&late).await.ok()?;
@@ -140,7 +124,7 @@ async fn center_refusing_reports_fails_nothing_and_deletes_nothing() {
     eventually("the claimer caught up on pn.op.instance", Duration::from_secs(60), || consumer_idle(&bus, "svc-claimer-instance")).await.unwrap();
 
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(failures(&events(&bus).await), Vec::<(String, String)>::new());
+    assert_eq!(failures(&stack.events_by_op().await.unwrap()), Vec::<(String, String)>::new());
     let instances = stack.items("/admin/instances").await.unwrap();
     assert_eq!(instances.len(), ops.len(), "{instances:?}");
     assert!(instances.iter().all(|i| i["status"] != "deleted"), "no VPS deleted: {instances:?}");

@@ -75,14 +75,8 @@ async fn a_forged_failure_for_a_verified_operation_deletes_nothing() {
     let instance_id = v["result"]["instanceId"].as_str().unwrap().to_string();
 
     bus.publish_failed(proto::OpFailed {
-        operation_id: op.clone(),
         sub_id: sub.clone(),
-        stage: "verify".into(),
-        reason: "verify: forged by the test".into(),
-        attempt: 1,
-        failed_at_ms: kit::now_ms(),
-        instance_id: instance_id.clone(),
-        holder: String::new(),
+        ..proto::OpFailed::new(&op, "verify", "verify: forged by the test", kit::now_ms()).on_instance(instance_id.clone())
     })
     .await
     .unwrap();

@@ -6,7 +6,6 @@
 //! nats-server, center-sim, pn-ingress, the five service binaries, pnctl.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,7 @@ use std::time::Duration;
 use kit::bus::Bus;
 use kit::center::{Center, CenterError, ClientConfig, CreateInstance, McpCenter, OpFilter};
 use kit::world::Activation;
-use proto::{Body, Event, subjects};
+use proto::Body;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use testkit::eventually;
@@ -63,27 +62,10 @@ fn log_lines(stack: &Stack, service: &str, needles: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// Every event on PN_OPS, decoded, by operation id.
-async fn events(stack: &Stack) -> HashMap<String, Vec<Body>> {
-    let bus = Bus::connect(&stack.nats.url(), "test", Duration::from_secs(5)).await.unwrap();
-    let mut out: HashMap<String, Vec<Body>> = HashMap::new();
-    let mut s = bus.js.get_stream(subjects::OPS_STREAM).await.unwrap();
-    let last = s.info().await.unwrap().state.last_sequence;
-    for seq in 1..=last {
-        if let Ok(m) = s.get_raw_message(seq).await {
-            let op = subjects::op_id_of(&m.subject).unwrap_or("").to_string();
-            if let Ok(b) = Event::from_bytes(&m.payload) {
-                out.entry(op).or_default().push(b);
-            }
-        }
-    }
-    out
-}
-
 /// Waits until every operation of `ops` has a `pn.op.verified`.
 async fn all_verified(stack: &Stack, ops: &[(String, String)]) {
     eventually(&format!("{} operations verified", ops.len()), PATIENCE, || async {
-        let e = events(stack).await;
+        let e = stack.events_by_op().await.unwrap();
         ops.iter().all(|(op, _)| e.get(op).is_some_and(|v| v.iter().any(|b| matches!(b, Body::Verified(_))))).then_some(())
     })
     .await
@@ -313,14 +295,8 @@ async fn without_the_id_filter_the_verifier_verifies_and_a_forged_failure_delete
     let instance_id = stack.operation(op).await.unwrap()["result"]["instanceId"].as_str().unwrap().to_string();
     let bus = Bus::connect(&stack.nats.url(), "test", Duration::from_secs(5)).await.unwrap();
     bus.publish_failed(proto::OpFailed {
-        operation_id: op.clone(),
         sub_id: sub.clone(),
-        stage: "verify".into(),
-        reason: "verify: forged by the test".into(),
-        attempt: 1,
-        failed_at_ms: kit::now_ms(),
-        instance_id: instance_id.clone(),
-        holder: String::new(),
+        ..proto::OpFailed::new(op, "verify", "verify: forged by the test", kit::now_ms()).on_instance(instance_id.clone())
     })
     .await
     .unwrap();
@@ -476,7 +452,7 @@ async fn a_revoked_claim_is_refused_and_the_pipeline_fails_the_operation_saying_
     assert_eq!(r["operation"]["holder"], "other-agent", "{r}");
 
     let failed = eventually("pn.op.failed", PATIENCE, || async {
-        let e = events(&stack).await;
+        let e = stack.events_by_op().await.unwrap();
         e.get(&op)?.iter().find_map(|b| if let Body::Failed(f) = b { Some(f.clone()) } else { None })
     })
     .await
@@ -514,7 +490,7 @@ async fn thirty_intents_with_every_knob_strict_at_once() {
     let stats = stack.admin_get("/admin/stats").await.unwrap();
     assert_eq!((stats["leaseExpiries"].as_u64(), stats["claimRefusals"].as_u64()), (Some(0), Some(0)), "{stats}");
     assert!(stats["leaseRenewals"].as_u64().unwrap() >= 1, "{stats}");
-    let evs = events(&stack).await;
+    let evs = stack.events_by_op().await.unwrap();
     for (op, _) in &ops {
         assert!(!evs[op].iter().any(|b| matches!(b, Body::Failed(_))), "{op}: {:?}", evs[op].iter().map(|b| b.event_name()).collect::<Vec<_>>());
         assert_eq!(stack.operation(op).await.unwrap()["claims"], 1);
