@@ -474,10 +474,10 @@ impl Incoming {
         T::from_body(body).map_err(|other| HandleError::Drop(format!("expected {}, got {}", T::TYPE_NAME, other.type_name())))
     }
 
-    /// The plain-text operation id of a `pn.replay.<stage>` payload.
-    pub fn replay_op_id(&self) -> Result<String, HandleError> {
+    /// The plain-text operation id of a `pn.replay.<stage>` payload, parsed.
+    pub fn replay_op_id(&self) -> Result<OpId, HandleError> {
         let s = std::str::from_utf8(&self.payload).map(str::trim).unwrap_or("");
-        OpId::parse(s).map(OpId::into_string).map_err(|_| HandleError::Drop("replay payload is not an operation id".into()))
+        OpId::parse(s).map_err(|_| HandleError::Drop("replay payload is not an operation id".into()))
     }
 }
 
@@ -488,9 +488,9 @@ pub fn replay_lookup<R: crate::state::Record, M: prost::Message + Default>(
     msg: &Incoming,
     service: &str,
     stored: impl Fn(&R) -> &[u8],
-) -> Result<(String, M), HandleError> {
+) -> Result<(OpId, M), HandleError> {
     let id = msg.replay_op_id()?;
-    let rec = table.get(&id).map_err(|e| HandleError::retry(e.to_string(), Duration::from_secs(1)))?;
+    let rec = table.get(id.as_str()).map_err(|e| HandleError::retry(e.to_string(), Duration::from_secs(1)))?;
     let Some(rec) = rec else {
         return Err(HandleError::Drop(format!("replay: operation {id} unknown to {service}")));
     };
@@ -671,15 +671,19 @@ async fn handle_one_in_span(bus: Bus, msg: jetstream::Message, cfg: LoopConfig, 
         }))
     };
     // What this process holds, per operation (`kit::ops::held`, `GET /v1/ops/held`).
-    let held_op = if subject.starts_with("pn.op.") { subjects::op_id_of(&subject).unwrap_or("").to_string() } else { String::new() };
-    crate::held::running(cfg.stage.as_str(), &held_op, delivered);
+    let held_op = if subject.starts_with("pn.op.") { OpId::of_subject(&subject) } else { None };
+    if let Some(op) = &held_op {
+        crate::held::running(cfg.stage.as_str(), op, delivered);
+    }
     let started = std::time::Instant::now();
     let res = handler.handle(incoming).await;
     drop(progress);
-    match &res {
-        Err(HandleError::Park { reason, after }) => crate::held::parked(cfg.stage.as_str(), &held_op, *after, reason, delivered),
-        Err(HandleError::Retry { reason, after, .. }) if !(cfg.fails_operations && cfg.parking == 0 && delivered >= cfg.max_deliver) => crate::held::retrying(cfg.stage.as_str(), &held_op, *after, reason, delivered),
-        _ => crate::held::released(cfg.stage.as_str(), &held_op),
+    if let Some(op) = &held_op {
+        match &res {
+            Err(HandleError::Park { reason, after }) => crate::held::parked(cfg.stage.as_str(), op, *after, reason, delivered),
+            Err(HandleError::Retry { reason, after, .. }) if !(cfg.fails_operations && cfg.parking == 0 && delivered >= cfg.max_deliver) => crate::held::retrying(cfg.stage.as_str(), op, *after, reason, delivered),
+            _ => crate::held::released(cfg.stage.as_str(), op),
+        }
     }
     metrics::histogram!("pn_handler_seconds", "stage" => cfg.stage.as_str()).record(started.elapsed().as_secs_f64());
     let outcome = match &res {
@@ -759,13 +763,13 @@ async fn fail_and_term(
             f
         }
         None => {
-            let op = OpId::of_subject(subject).map(OpId::into_string).unwrap_or_default();
-            if op.is_empty() || subject.starts_with("pn.replay.") {
+            let op = OpId::of_subject(subject).filter(|_| !subject.starts_with("pn.replay."));
+            let Some(op) = op else {
                 tracing::error!(%subject, %reason, "poison message without an operation; terminated");
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
-            }
-            OpFailed::new(&op, cfg.stage.as_str(), reason, crate::now_ms())
+            };
+            OpFailed::new(op.as_str(), cfg.stage.as_str(), reason, crate::now_ms())
         }
     };
     match bus.publish_failed(failed).await {
@@ -840,7 +844,7 @@ mod tests {
 
     #[test]
     fn replay_payloads_are_plain_operation_ids() {
-        assert_eq!(incoming("pn.replay.deploy", b"op-1\n".to_vec()).replay_op_id().ok(), Some("op-1".to_string()));
+        assert_eq!(incoming("pn.replay.deploy", b"op-1\n".to_vec()).replay_op_id().ok().map(OpId::into_string), Some("op-1".to_string()));
         for bad in [&b""[..], b"a b", b"pn.op.>", b"\xff\xfe", b"op*"] {
             assert!(incoming("pn.replay.deploy", bad.to_vec()).replay_op_id().is_err());
         }

@@ -8,13 +8,14 @@ use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
+use proto::OpId;
 use serde::Serialize;
 
 /// One held operation at one stage.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeldOp {
-    pub operation_id: String,
+    pub operation_id: OpId,
     pub stage: String,
     /// `running` | `parked` | `retrying`
     pub state: &'static str,
@@ -28,16 +29,13 @@ pub struct HeldOp {
     pub deliveries: i64,
 }
 
-static HELD: LazyLock<Mutex<HashMap<(String, String), HeldOp>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+static HELD: LazyLock<Mutex<HashMap<(String, OpId), HeldOp>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
-fn set(stage: &str, op: &str, state: &'static str, until: Option<Duration>, reason: &str, deliveries: i64) {
-    if op.is_empty() {
-        return;
-    }
+fn set(stage: &str, op: &OpId, state: &'static str, until: Option<Duration>, reason: &str, deliveries: i64) {
     let now = crate::now_ms();
     if let Ok(mut m) = HELD.lock() {
-        let e = m.entry((stage.to_string(), op.to_string())).or_insert_with(|| HeldOp {
-            operation_id: op.to_string(),
+        let e = m.entry((stage.to_string(), op.clone())).or_insert_with(|| HeldOp {
+            operation_id: op.clone(),
             stage: stage.to_string(),
             state,
             since_ms: now,
@@ -53,24 +51,24 @@ fn set(stage: &str, op: &str, state: &'static str, until: Option<Duration>, reas
 }
 
 /// A handler started on `op`'s message at `stage`.
-pub fn running(stage: &str, op: &str, deliveries: i64) {
+pub fn running(stage: &str, op: &OpId, deliveries: i64) {
     set(stage, op, "running", None, "", deliveries);
 }
 
 /// `op`'s message was parked for `after`.
-pub fn parked(stage: &str, op: &str, after: Duration, reason: &str, deliveries: i64) {
+pub fn parked(stage: &str, op: &OpId, after: Duration, reason: &str, deliveries: i64) {
     set(stage, op, "parked", Some(after), reason, deliveries);
 }
 
 /// `op`'s message was nak'ed to be tried again after `after`.
-pub fn retrying(stage: &str, op: &str, after: Duration, reason: &str, deliveries: i64) {
+pub fn retrying(stage: &str, op: &OpId, after: Duration, reason: &str, deliveries: i64) {
     set(stage, op, "retrying", Some(after), reason, deliveries);
 }
 
 /// `op`'s message at `stage` is done with (acked, failed, dropped).
-pub fn released(stage: &str, op: &str) {
+pub fn released(stage: &str, op: &OpId) {
     if let Ok(mut m) = HELD.lock() {
-        m.remove(&(stage.to_string(), op.to_string()));
+        m.remove(&(stage.to_string(), op.clone()));
     }
 }
 
@@ -88,13 +86,14 @@ mod tests {
 
     #[test]
     fn a_parked_operation_is_listed_until_released() {
-        running("cloud", "op-held-1", 1);
-        parked("cloud", "op-held-1", Duration::from_secs(60), "waiting for boot", 1);
+        let op = OpId::parse("op-held-1").unwrap();
+        running("cloud", &op, 1);
+        parked("cloud", &op, Duration::from_secs(60), "waiting for boot", 1);
         let v = snapshot();
-        let h = v.iter().find(|h| h.operation_id == "op-held-1").unwrap();
+        let h = v.iter().find(|h| h.operation_id == op).unwrap();
         assert_eq!((h.state, h.stage.as_str(), h.reason.as_str()), ("parked", "cloud", "waiting for boot"));
         assert!(h.until_ms.unwrap() > h.since_ms);
-        released("cloud", "op-held-1");
-        assert!(!snapshot().iter().any(|h| h.operation_id == "op-held-1"));
+        released("cloud", &op);
+        assert!(!snapshot().iter().any(|h| h.operation_id == op));
     }
 }

@@ -155,7 +155,9 @@ impl<T: Record> Table<T> {
         serde_json::to_vec(&EnvelopeRef { v: T::VERSION, r: v }).map_err(|e| StateError::Store(e.to_string()))
     }
 
-    pub fn get(&self, key: &str) -> Result<Option<T>, StateError> {
+    /// `key` is any string-like key: a `&str`, or an id newtype (`proto::OpId`).
+    pub fn get(&self, key: &(impl AsRef<str> + ?Sized)) -> Result<Option<T>, StateError> {
+        let key = key.as_ref();
         match self.tree.get(key.as_bytes())? {
             Some(b) => self.decode(key, &b).map(Some),
             None => Ok(None),
@@ -163,19 +165,19 @@ impl<T: Record> Table<T> {
     }
 
     /// Writes without waiting for durability; pair with `Store::flush` (group commit).
-    pub fn put_nowait(&self, key: &str, v: &T) -> Result<(), StateError> {
-        self.tree.insert(key.as_bytes(), Self::encode(v)?)?;
+    pub fn put_nowait(&self, key: &(impl AsRef<str> + ?Sized), v: &T) -> Result<(), StateError> {
+        self.tree.insert(key.as_ref().as_bytes(), Self::encode(v)?)?;
         Ok(())
     }
 
     /// Writes and waits until the write is durable.
-    pub async fn put(&self, key: &str, v: &T) -> Result<(), StateError> {
+    pub async fn put(&self, key: &(impl AsRef<str> + ?Sized), v: &T) -> Result<(), StateError> {
         self.put_nowait(key, v)?;
         self.store.flush().await
     }
 
-    pub async fn remove(&self, key: &str) -> Result<(), StateError> {
-        self.tree.remove(key.as_bytes())?;
+    pub async fn remove(&self, key: &(impl AsRef<str> + ?Sized)) -> Result<(), StateError> {
+        self.tree.remove(key.as_ref().as_bytes())?;
         self.store.flush().await
     }
 

@@ -22,7 +22,13 @@ impl std::error::Error for BadId {}
 macro_rules! token_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        ///
+        /// Serialized as the plain string (`#[serde(transparent)]`: a record that held the id
+        /// as a `String` reads and writes the same bytes). Deserializing does not check the
+        /// token rule again: a state store holds ids its service parsed, or — in records
+        /// written before this type — the ids it accepted then, which must still read.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        #[serde(transparent)]
         pub struct $name(String);
 
         impl $name {
@@ -49,6 +55,18 @@ macro_rules! token_id {
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
             }
         }
 
@@ -101,5 +119,26 @@ mod tests {
         assert_eq!(OpId::of_subject("pn.op.failed."), None);
         assert_eq!(SubId::parse("s_1").map(|s| s.node_name()), Ok("pn-s_1".to_string()));
         assert_eq!(OpId::parse("bad id").map_err(|e| e.to_string()), Err("not an operation id".to_string()));
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn ids_serialize_as_the_plain_string() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Was {
+            operation_id: String,
+            sub_id: String,
+        }
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Now {
+            operation_id: OpId,
+            sub_id: SubId,
+        }
+        let old = r#"{"operation_id":"op-1","sub_id":"s_1"}"#;
+        let now: Now = serde_json::from_str(old).unwrap();
+        assert_eq!((now.operation_id.as_str(), now.sub_id.as_str()), ("op-1", "s_1"));
+        assert_eq!(serde_json::to_string(&now).unwrap(), old);
+        let was = Was { operation_id: "op-1".into(), sub_id: "s_1".into() };
+        assert_eq!(serde_json::to_string(&was).unwrap(), old);
     }
 }

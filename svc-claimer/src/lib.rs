@@ -24,7 +24,7 @@ use kit::bus::ConsumerSpec;
 use kit::config::Common;
 use kit::seal::SealKey;
 use kit::state::Table;
-use proto::{Stage, subjects};
+use proto::{OpId, Stage, subjects};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
@@ -110,7 +110,7 @@ pub(crate) struct Ctx {
     pub holder: String,
     pub ops: Table<OpRecord>,
     /// In-flight operations this replica holds (its claim budget counts these).
-    pub active: Mutex<HashMap<String, Held>>,
+    pub active: Mutex<HashMap<OpId, Held>>,
     /// Whether `update_node_operation(in_progress)` extends a lease at this Center. Starts
     /// true; the first answer that shows a lease not extended turns it off for the process,
     /// and leases are renewed by a claim of their holder from then on.
@@ -127,9 +127,9 @@ impl Ctx {
 
     /// Records that this replica holds `id`, its lease renewed now (to `lease_expires_ms` when
     /// Center said so).
-    pub fn hold(&self, id: &str, lease_expires_ms: Option<i64>) {
+    pub fn hold(&self, id: &OpId, lease_expires_ms: Option<i64>) {
         if let Ok(mut a) = self.active.lock() {
-            let h = a.entry(id.to_string()).or_default();
+            let h = a.entry(id.clone()).or_default();
             h.renewed_ms = kit::now_ms();
             if lease_expires_ms.is_some() {
                 h.lease_expires_ms = lease_expires_ms;
@@ -140,7 +140,7 @@ impl Ctx {
 
     /// Center answered an `in_progress` for `id` without extending its lease: leases are
     /// renewed by claim from now on, and `id`'s at the keeper's next round.
-    pub fn progress_does_not_extend(&self, id: &str) {
+    pub fn progress_does_not_extend(&self, id: &OpId) {
         if self.progress_extends.swap(false, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(op = %id, "Center does not extend a lease on in_progress; leases are renewed by a claim of their holder from now on");
         }
@@ -152,7 +152,7 @@ impl Ctx {
     }
 
     /// This replica no longer holds `id`.
-    pub fn forget(&self, id: &str) {
+    pub fn forget(&self, id: &OpId) {
         if let Ok(mut a) = self.active.lock() {
             a.remove(id);
         }
@@ -174,9 +174,9 @@ impl App {
         let holder = record::holder(&rt.store, &settings.holder).await?;
         let mut active = HashMap::new();
         for item in ops.iter() {
-            let (id, rec) = item?;
+            let (_, rec) = item?;
             if rec.is_active() && rec.holder == holder {
-                active.insert(id, Held::default());
+                active.insert(rec.operation_id, Held::default());
             }
         }
         tracing::info!(%holder, in_flight = active.len(), budget = settings.claim_budget(), "claimer ready");

@@ -61,12 +61,12 @@ async fn last_on(ctx: &Ctx, subject: &str) -> Result<Option<Body>, String> {
 }
 
 /// The operation's latest claim: this replica's record, else the latest `pn.op.claimed.<op>`.
-pub async fn find_claim(ctx: &Ctx, id: &str) -> Result<Option<Claim>, String> {
-    if let Some(rec) = ctx.ops.get(id).map_err(|e| e.to_string())? {
+pub async fn find_claim(ctx: &Ctx, id: &OpId) -> Result<Option<Claim>, String> {
+    if let Some(rec) = ctx.ops.get(id.as_str()).map_err(|e| e.to_string())? {
         let op: Operation = prost::Message::decode(rec.op_pb.as_slice()).map_err(|e| format!("stored operation undecodable: {e}"))?;
         return Ok(Some(Claim { op, local: Some(rec) }));
     }
-    match last_on(ctx, &subjects::op_event(subjects::CLAIMED, id)).await? {
+    match last_on(ctx, &subjects::op_event(subjects::CLAIMED, id.as_str())).await? {
         Some(Body::Claimed(OpClaimed { op: Some(op) })) => Ok(Some(Claim { op, local: None })),
         _ => Ok(None),
     }
@@ -74,11 +74,11 @@ pub async fn find_claim(ctx: &Ctx, id: &str) -> Result<Option<Claim>, String> {
 
 /// Whether PN_OPS shows the operation ended for `attempt`: verified, or failed in that attempt
 /// or a later one.
-async fn ended_in_stream(ctx: &Ctx, id: &str, attempt: u32) -> Result<Option<String>, String> {
-    if last_on(ctx, &subjects::op_event(subjects::VERIFIED, id)).await?.is_some() {
+async fn ended_in_stream(ctx: &Ctx, id: &OpId, attempt: u32) -> Result<Option<String>, String> {
+    if last_on(ctx, &subjects::op_event(subjects::VERIFIED, id.as_str())).await?.is_some() {
         return Ok(Some("verified".into()));
     }
-    if let Some(Body::Failed(f)) = last_on(ctx, &subjects::op_event(subjects::FAILED, id)).await?
+    if let Some(Body::Failed(f)) = last_on(ctx, &subjects::op_event(subjects::FAILED, id.as_str())).await?
         && f.attempt.max(1) >= attempt.max(1)
     {
         return Ok(Some(format!("failed ({}: {})", f.stage, f.reason)));
@@ -89,7 +89,7 @@ async fn ended_in_stream(ctx: &Ctx, id: &str, attempt: u32) -> Result<Option<Str
 /// `pn.replay.claim`: publish the operation's claim again, under a msg id of its own
 /// (`<op>.claim.<attempt>.replay.<unix-ms>`) so JetStream's dedup window does not swallow it.
 /// Any replica serves it: the claim comes from its record or from PN_OPS.
-pub async fn replay_claim(ctx: &Arc<Ctx>, id: &str) -> Result<(), HandleError> {
+pub async fn replay_claim(ctx: &Arc<Ctx>, id: &OpId) -> Result<(), HandleError> {
     let retry = |e: String| HandleError::retry(e, Duration::from_secs(1));
     let Some(claim) = find_claim(ctx, id).await.map_err(retry)? else {
         return Err(HandleError::Drop(format!("operation {id}: no claim of it in this claimer's state or in PN_OPS")));
@@ -109,13 +109,13 @@ pub async fn replay_claim(ctx: &Arc<Ctx>, id: &str) -> Result<(), HandleError> {
         }
     }
     let op = claim.op;
-    let mut meta = Meta::outcome(id, &op.sub_id, Stage::Claim, op.claim_attempt);
+    let mut meta = Meta::outcome(id.as_str(), &op.sub_id, Stage::Claim, op.claim_attempt);
     meta.msg_id = subjects::replay_msg_id(&meta.msg_id, kit::now_ms());
     let attempt = op.claim_attempt;
     let from = if claim.local.is_some() { "this claimer's record" } else { "PN_OPS" };
     ctx.rt
         .bus
-        .publish(subjects::op_event(subjects::CLAIMED, id), Body::Claimed(OpClaimed { op: Some(op) }), &meta)
+        .publish(subjects::op_event(subjects::CLAIMED, id.as_str()), Body::Claimed(OpClaimed { op: Some(op) }), &meta)
         .await
         .map_err(|e| retry(e.to_string()))?;
     tracing::info!(op = %id, attempt, from, "claim replayed");
@@ -132,9 +132,9 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 async fn abandon(State(cell): State<Cell>, Path(op): Path<String>, body: Option<axum::Json<Value>>) -> Response {
     let Some(ctx) = cell.get() else { return error(StatusCode::SERVICE_UNAVAILABLE, "svc-claimer is starting") };
-    if OpId::parse(&op).is_err() {
+    let Ok(op) = OpId::parse(&op) else {
         return error(StatusCode::BAD_REQUEST, "not an operation id");
-    }
+    };
     let reason = body.as_ref().and_then(|b| b.0.get("reason")).and_then(Value::as_str).unwrap_or("").trim().to_string();
     if reason.is_empty() {
         return error(StatusCode::BAD_REQUEST, "a reason is required (`--reason`)");
@@ -144,7 +144,7 @@ async fn abandon(State(cell): State<Cell>, Path(op): Path<String>, body: Option<
 }
 
 /// The abandon itself (see the module's doc); the answer's status and body.
-pub async fn run_abandon(ctx: &Arc<Ctx>, id: &str, reason: &str) -> (StatusCode, Value) {
+pub async fn run_abandon(ctx: &Arc<Ctx>, id: &OpId, reason: &str) -> (StatusCode, Value) {
     let claim = match find_claim(ctx, id).await {
         Ok(Some(c)) => c,
         Ok(None) => return (StatusCode::NOT_FOUND, json!({"error": format!("no claim of operation {id} is known (not in this claimer's state nor in PN_OPS): nothing to abandon")})),
@@ -155,7 +155,7 @@ pub async fn run_abandon(ctx: &Arc<Ctx>, id: &str, reason: &str) -> (StatusCode,
     let reason = crate::record::concise_reason("abandoned by the operator", reason, &[]);
     tracing::warn!(op = %id, attempt, %reason, "the operator asks to abandon the operation");
     let node = proto::node_name(&op.sub_id);
-    let failed_at_center = match kit::world::activation(ctx.rt.center.as_ref(), id, &node).await {
+    let failed_at_center = match kit::world::activation(ctx.rt.center.as_ref(), id.as_str(), &node).await {
         Activation::Active { why } => {
             tracing::warn!(op = %id, %why, "abandon refused: the operation is activated");
             return (
@@ -175,7 +175,7 @@ pub async fn run_abandon(ctx: &Arc<Ctx>, id: &str, reason: &str) -> (StatusCode,
     };
     // The failure event first: it is what svc-cloud's reaper and this service's own report
     // consumer act on, retried until delivered; the direct report below only makes it prompt.
-    let failed = OpFailed::new(id, ABANDON, reason.clone(), kit::now_ms())
+    let failed = OpFailed::new(id.as_str(), ABANDON, reason.clone(), kit::now_ms())
         .of_op(op)
         .on_instance(claim.local.as_ref().and_then(|r| r.instance_id.clone()).unwrap_or_default());
     if let Err(e) = ctx.rt.bus.publish_failed(failed).await {
@@ -184,7 +184,7 @@ pub async fn run_abandon(ctx: &Arc<Ctx>, id: &str, reason: &str) -> (StatusCode,
     let center = if failed_at_center {
         "failed".to_string()
     } else {
-        match ctx.rt.center.update_node_operation(id, &op.holder, "failed", None, Some(&reason)).await {
+        match ctx.rt.center.update_node_operation(id.as_str(), &op.holder, "failed", None, Some(&reason)).await {
             Ok(_) => "failed".to_string(),
             Err(e @ (CenterError::Conflict { .. } | CenterError::Rejected { .. })) => format!("not accepted: {e}"),
             Err(e) => format!("pending (the report consumer retries): {e}"),
@@ -195,7 +195,7 @@ pub async fn run_abandon(ctx: &Arc<Ctx>, id: &str, reason: &str) -> (StatusCode,
     {
         rec.failed_reported = true;
         rec.terminal = Some("failed".into());
-        if let Err(e) = ctx.ops.put(id, &rec).await {
+        if let Err(e) = ctx.ops.put(id.as_str(), &rec).await {
             tracing::warn!(op = %id, error = %e, "could not record the abandon (the failure consumer records it)");
         }
         ctx.forget(id);

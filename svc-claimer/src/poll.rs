@@ -78,11 +78,11 @@ pub async fn poll_once(ctx: &Arc<Ctx>) -> Result<usize, CenterError> {
 
 /// Claims one queued operation. True when Center leased it to this replica.
 async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
-    if OpId::parse(&op.id).is_err() || SubId::parse(&op.sub_id).is_err() {
+    let (Ok(id), Ok(_)) = (OpId::parse(&op.id), SubId::parse(&op.sub_id)) else {
         tracing::error!(operation = %op.id.chars().take(64).collect::<String>(), "queued operation has an id or subId unfit for a subject; skipped");
         return false;
-    }
-    let prior = match ctx.ops.get(&op.id) {
+    };
+    let prior = match ctx.ops.get(id.as_str()) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(op = %op.id, error = %e, "state read failed");
@@ -94,7 +94,7 @@ async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
     if prior.as_ref().is_some_and(|p| p.terminal.as_deref().is_some_and(|t| t != crate::record::LOST)) {
         return false;
     }
-    let claimed = match ctx.rt.center.claim_node_operation(&op.id, &ctx.holder, ctx.settings.lease_seconds).await {
+    let claimed = match ctx.rt.center.claim_node_operation(id.as_str(), &ctx.holder, ctx.settings.lease_seconds).await {
         Ok(c) => c,
         Err(e) if e.is_conflict() => {
             tracing::debug!(op = %op.id, "someone else took it; moving on");
@@ -105,14 +105,14 @@ async fn claim_one(ctx: &Arc<Ctx>, op: NodeOperation) -> bool {
             return false;
         }
     };
-    take_claim(ctx, &op, claimed, prior.as_ref()).await
+    take_claim(ctx, id, &op, claimed, prior.as_ref()).await
 }
 
 /// Records a claim Center granted with an identity (its token sealed at once), marks the
 /// operation held and publishes `pn.op.claimed` as the next claim attempt after `prior`'s.
-/// `op` is the operation as listed (fallbacks for fields the claim's answer leaves empty).
-/// True when the operation is held (a lease was taken).
-async fn take_claim(ctx: &Arc<Ctx>, op: &NodeOperation, claimed: Claimed, prior: Option<&OpRecord>) -> bool {
+/// `op` is the operation as listed (fallbacks for fields the claim's answer leaves empty), `id`
+/// its id, parsed. True when the operation is held (a lease was taken).
+async fn take_claim(ctx: &Arc<Ctx>, id: OpId, op: &NodeOperation, claimed: Claimed, prior: Option<&OpRecord>) -> bool {
     let lease_expires_ms = claimed.operation.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
     let Some(identity) = claimed.identity else {
         // Held at Center until the lease runs out: it counts against the budget meanwhile.
@@ -125,7 +125,7 @@ async fn take_claim(ctx: &Arc<Ctx>, op: &NodeOperation, claimed: Claimed, prior:
     let o = &claimed.operation;
     let params = if o.params.region.is_empty() { &op.params } else { &o.params };
     let pb = Operation {
-        operation_id: op.id.clone(),
+        operation_id: id.to_string(),
         sub_id: if o.sub_id.is_empty() { op.sub_id.clone() } else { o.sub_id.clone() },
         region: params.region.clone(),
         traffic_total_bytes: params.traffic_total_bytes,
@@ -139,19 +139,17 @@ async fn take_claim(ctx: &Arc<Ctx>, op: &NodeOperation, claimed: Claimed, prior:
         queued_at_ms: op.created_at.as_deref().and_then(parse_rfc3339_ms).unwrap_or(0),
     };
     let rec = OpRecord {
-        operation_id: op.id.clone(),
-        sub_id: pb.sub_id.clone(),
         holder: ctx.holder.clone(),
         claim_attempt: attempt,
         lease_seconds: ctx.settings.lease_seconds,
         op_pb: prost::Message::encode_to_vec(&pb),
-        ..Default::default()
+        ..OpRecord::new(id.clone(), pb.sub_id.clone())
     };
-    if let Err(e) = ctx.ops.put(&op.id, &rec).await {
-        tracing::error!(op = %op.id, error = %e, "could not record the claim; the lease will expire and Center requeues it");
+    if let Err(e) = ctx.ops.put(id.as_str(), &rec).await {
+        tracing::error!(op = %id, error = %e, "could not record the claim; the lease will expire and Center requeues it");
         return true;
     }
-    ctx.hold(&op.id, lease_expires_ms);
+    ctx.hold(&id, lease_expires_ms);
     publish_claimed(ctx, rec).await;
     true
 }
@@ -165,8 +163,8 @@ pub async fn publish_claimed(ctx: &Ctx, mut rec: OpRecord) {
             return;
         }
     };
-    let meta = Meta::outcome(&rec.operation_id, &rec.sub_id, Stage::Claim, rec.claim_attempt);
-    let subject = subjects::op_event(subjects::CLAIMED, &rec.operation_id);
+    let meta = Meta::outcome(rec.operation_id.as_str(), &rec.sub_id, Stage::Claim, rec.claim_attempt);
+    let subject = subjects::op_event(subjects::CLAIMED, rec.operation_id.as_str());
     match ctx.rt.bus.publish(subject, Body::Claimed(OpClaimed { op: Some(op) }), &meta).await {
         Ok(()) => {
             rec.published = true;
@@ -177,7 +175,7 @@ pub async fn publish_claimed(ctx: &Ctx, mut rec: OpRecord) {
                     ctx.hold(&rec.operation_id, None);
                 }
             }
-            if let Err(e) = ctx.ops.put(&rec.operation_id, &rec).await {
+            if let Err(e) = ctx.ops.put(rec.operation_id.as_str(), &rec).await {
                 tracing::warn!(op = %rec.operation_id, error = %e, "could not mark published (a restart republishes; dedup absorbs it)");
             }
             tracing::info!(op = %rec.operation_id, sub = %rec.sub_id, attempt = rec.claim_attempt, "claimed");
@@ -201,20 +199,20 @@ pub async fn lease_keeper(ctx: Arc<Ctx>, token: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         let now = kit::now_ms();
-        let due: Vec<String> = match ctx.active.lock() {
+        let due: Vec<OpId> = match ctx.active.lock() {
             Ok(a) => a.iter().filter(|(_, h)| now - h.renewed_ms >= lease_ms / 3).map(|(id, _)| id.clone()).collect(),
             Err(_) => continue,
         };
         ctx.in_flight();
         for id in due {
             // A renewal is part of the operation's trace (kit::trace).
-            tracing::Instrument::instrument(renew(&ctx, &id), kit::trace::operation_span("renew", "claim", &id)).await;
+            tracing::Instrument::instrument(renew(&ctx, &id), kit::trace::operation_span("renew", "claim", id.as_str())).await;
         }
     }
 }
 
-async fn renew(ctx: &Arc<Ctx>, id: &str) {
-    let Ok(Some(rec)) = ctx.ops.get(id) else {
+async fn renew(ctx: &Arc<Ctx>, id: &OpId) {
+    let Ok(Some(rec)) = ctx.ops.get(id.as_str()) else {
         ctx.forget(id);
         return;
     };
@@ -227,7 +225,7 @@ async fn renew(ctx: &Arc<Ctx>, id: &str) {
     if ctx.progress_extends.load(std::sync::atomic::Ordering::Relaxed) {
         let result = rec.progress_result();
         let asked_at = kit::now_ms();
-        match ctx.rt.center.update_node_operation(id, &rec.holder, "in_progress", result, None).await {
+        match ctx.rt.center.update_node_operation(id.as_str(), &rec.holder, "in_progress", result, None).await {
             Ok(op) => {
                 let after = op.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
                 match lease_extended(before, after, asked_at, lease_ms) {
@@ -267,9 +265,9 @@ async fn renew(ctx: &Arc<Ctx>, id: &str) {
 }
 
 /// Renews `id`'s lease with a claim of its holder (a Center where progress does not extend a lease).
-async fn renew_by_claim(ctx: &Arc<Ctx>, id: &str, rec: OpRecord, before: Option<i64>, lease_ms: i64) {
+async fn renew_by_claim(ctx: &Arc<Ctx>, id: &OpId, rec: OpRecord, before: Option<i64>, lease_ms: i64) {
     let asked_at = kit::now_ms();
-    match ctx.rt.center.claim_node_operation(id, &rec.holder, ctx.settings.lease_seconds).await {
+    match ctx.rt.center.claim_node_operation(id.as_str(), &rec.holder, ctx.settings.lease_seconds).await {
         Ok(c) if c.identity.is_some() => {
             // A new token: the old one is revoked (the lease had run out and this was a new
             // claim, or this Center issues one per claim). The pipeline goes on as the next
@@ -277,7 +275,7 @@ async fn renew_by_claim(ctx: &Arc<Ctx>, id: &str, rec: OpRecord, before: Option<
             metrics::counter!("pn_lease_lost_total").increment(1);
             tracing::warn!(op = %id, attempt = rec.claim_attempt + 1, "the renewal claim issued a new token; the operation goes on as the next claim attempt");
             let listed = c.operation.clone();
-            take_claim(ctx, &listed, c, Some(&rec)).await;
+            take_claim(ctx, id.clone(), &listed, c, Some(&rec)).await;
         }
         Ok(c) => {
             let after = c.operation.lease_expires_at.as_deref().and_then(parse_rfc3339_ms);
@@ -295,14 +293,14 @@ async fn renew_by_claim(ctx: &Arc<Ctx>, id: &str, rec: OpRecord, before: Option<
 }
 
 /// Center refused a renewal of `id`: asks where the operation stands and acts on it.
-async fn renewal_refused(ctx: &Arc<Ctx>, id: &str, mut rec: OpRecord, e: &CenterError) {
-    let found = kit::world::find_operation(ctx.rt.center.as_ref(), id, &kit::world::STATUS_ORDER).await;
+async fn renewal_refused(ctx: &Arc<Ctx>, id: &OpId, mut rec: OpRecord, e: &CenterError) {
+    let found = kit::world::find_operation(ctx.rt.center.as_ref(), id.as_str(), &kit::world::STATUS_ORDER).await;
     match found {
         Ok(Some(op)) if matches!(op.status.as_str(), "done" | "failed") => {
             // Terminal at Center (done by the node, or failed by its sweep).
             tracing::info!(op = %id, status = %op.status, reason = %e, "lease no longer renewable; operation left to its outcome");
             rec.terminal = Some("center".into());
-            let _ = ctx.ops.put(id, &rec).await;
+            let _ = ctx.ops.put(id.as_str(), &rec).await;
             ctx.forget(id);
         }
         Ok(Some(op)) if op.status == "queued" => {
@@ -316,7 +314,7 @@ async fn renewal_refused(ctx: &Arc<Ctx>, id: &str, mut rec: OpRecord, e: &Center
             metrics::counter!("pn_lease_lost_total").increment(1);
             tracing::warn!(op = %id, status = %op.status, reason = %e, "lease lost: another holder holds the operation now; no longer ours");
             rec.terminal = Some(crate::record::LOST.into());
-            let _ = ctx.ops.put(id, &rec).await;
+            let _ = ctx.ops.put(id.as_str(), &rec).await;
             ctx.forget(id);
         }
         Ok(Some(op)) => {

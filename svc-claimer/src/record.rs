@@ -1,11 +1,13 @@
 //! The claimer's per-operation record. The claim token is stored only sealed.
 
 use kit::state::{Record, Store};
+use proto::OpId;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpRecord {
-    pub operation_id: String,
+    pub operation_id: OpId,
+    /// Empty when a failure event of an operation another replica claimed came without one.
     pub sub_id: String,
     pub holder: String,
     pub claim_attempt: u32,
@@ -38,6 +40,24 @@ pub fn concise_reason(stage: &str, reason: &str, secrets: &[&str]) -> String {
 }
 
 impl OpRecord {
+    /// A record of `operation_id` with nothing known yet.
+    pub fn new(operation_id: OpId, sub_id: String) -> OpRecord {
+        OpRecord {
+            operation_id,
+            sub_id,
+            holder: String::new(),
+            claim_attempt: 0,
+            lease_seconds: 0,
+            op_pb: Vec::new(),
+            published: false,
+            instance_id: None,
+            ipv4: None,
+            reported_in_progress: false,
+            terminal: None,
+            failed_reported: false,
+        }
+    }
+
     /// The `result` of an in_progress report: `{instanceId, ipv4}` once known.
     pub fn progress_result(&self) -> Option<serde_json::Value> {
         match (&self.instance_id, &self.ipv4) {
@@ -82,4 +102,21 @@ pub async fn holder(store: &Store, configured: &str) -> anyhow::Result<String> {
 
 fn hex_id() -> String {
     (0..6).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A record written when `operation_id` was a `String` reads into `OpId` and is written
+    /// back byte for byte (the sled envelope's `r` is this JSON).
+    #[test]
+    fn a_record_of_the_string_shape_reads_and_writes_the_same_bytes() {
+        let old = r#"{"operation_id":"op-7","sub_id":"s_7","holder":"pn-claimer-1","claim_attempt":2,"lease_seconds":600,"op_pb":"CgRvcC03","published":true,"instance_id":"i-1","ipv4":"192.0.2.1","reported_in_progress":true,"terminal":null,"failed_reported":false}"#;
+        let r: OpRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.operation_id, OpId::parse("op-7").unwrap());
+        assert_eq!((r.sub_id.as_str(), r.claim_attempt, r.op_pb.as_slice()), ("s_7", 2, b"\n\x04op-7".as_slice()));
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
+    }
 }

@@ -54,7 +54,7 @@ mod tests {
     #[test]
     fn held_parked_and_overdue_come_from_the_record() {
         let now = 10_000_000;
-        let base = CloudRecord { op_pb: vec![1], ..Default::default() };
+        let base = CloudRecord { op_pb: vec![1], ..crate::record::tests::blank() };
         let mut c = StageCounts::default();
         // Claimed, probing or creating now: held, neither parked nor overdue.
         count(&mut c, &base, 300_000, now);
@@ -73,7 +73,7 @@ mod tests {
         let mut gone = StageCounts::default();
         count(&mut gone, &CloudRecord { published: true, instance: Some(InstanceInfo::default()), ..base.clone() }, 300_000, now);
         count(&mut gone, &CloudRecord { failed: true, ..stuck.clone() }, 300_000, now);
-        count(&mut gone, &CloudRecord::default(), 300_000, now);
+        count(&mut gone, &crate::record::tests::blank(), 300_000, now);
         assert_eq!(gone, StageCounts::default());
     }
 }

@@ -51,9 +51,9 @@ async fn pending(State(cell): State<Cell>) -> Response {
 
 async fn confirm(State(cell): State<Cell>, Path(op): Path<String>) -> Response {
     let Some(ctx) = cell.get() else { return starting() };
-    if proto::OpId::parse(&op).is_err() {
+    let Ok(op) = proto::OpId::parse(&op) else {
         return error(StatusCode::BAD_REQUEST, "not an operation id");
-    }
+    };
     tracing::info!(op = %op, "operator confirms the reap");
     match reaper::reap(ctx, &op, Mode::Confirm).await {
         Ok(Some(o)) => {

@@ -24,7 +24,7 @@ use kit::app::Runtime;
 use kit::bus::ConsumerSpec;
 use kit::config::Common;
 use kit::state::Table;
-use proto::{Stage, subjects};
+use proto::{OpId, Stage, subjects};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
@@ -167,15 +167,15 @@ pub(crate) struct Ctx {
     pub ops: Table<CloudRecord>,
     /// Operations a handler or the reaper is working on in this process: the one writer of
     /// an operation's record at a time (a second delivery parks briefly rather than races).
-    pub busy: Mutex<HashSet<String>>,
+    pub busy: Mutex<HashSet<OpId>>,
     /// Reap schedule: due time (ms) → operation ids.
-    pub reaps: Mutex<BTreeMap<i64, Vec<String>>>,
+    pub reaps: Mutex<BTreeMap<i64, Vec<OpId>>>,
     /// Uncertain reaps kept for an operator, by operation id (mirrors `reap_pending` in sled).
-    pub pending: Mutex<BTreeMap<String, reaper::PendingView>>,
+    pub pending: Mutex<BTreeMap<OpId, reaper::PendingView>>,
 }
 
 /// An operation held by one writer; released on drop.
-pub(crate) struct Busy<'a>(&'a Ctx, String);
+pub(crate) struct Busy<'a>(&'a Ctx, OpId);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
@@ -187,13 +187,13 @@ impl Drop for Busy<'_> {
 
 impl Ctx {
     /// Takes `id` if nobody in this process works on it.
-    pub fn try_busy(&self, id: &str) -> Option<Busy<'_>> {
+    pub fn try_busy(&self, id: &OpId) -> Option<Busy<'_>> {
         let mut b = self.busy.lock().ok()?;
-        b.insert(id.to_string()).then(|| Busy(self, id.to_string()))
+        b.insert(id.clone()).then(|| Busy(self, id.clone()))
     }
 
     /// Takes `id`, waiting up to `patience` for the current holder (handlers hold it briefly).
-    pub async fn wait_busy(&self, id: &str, patience: Duration) -> Option<Busy<'_>> {
+    pub async fn wait_busy(&self, id: &OpId, patience: Duration) -> Option<Busy<'_>> {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             if let Some(b) = self.try_busy(id) {
@@ -225,9 +225,9 @@ impl Ctx {
     }
 
     /// Plans a reap look at `at_ms`.
-    pub fn schedule_reap(&self, id: &str, at_ms: i64) {
+    pub fn schedule_reap(&self, id: &OpId, at_ms: i64) {
         if let Ok(mut r) = self.reaps.lock() {
-            r.entry(at_ms).or_default().push(id.to_string());
+            r.entry(at_ms).or_default().push(id.clone());
         }
     }
 }
@@ -251,10 +251,11 @@ impl App {
             anyhow::bail!("PN_IMAGE_OS must list ubuntu and/or debian, got {:?}", settings.image_os);
         }
         let ops: Table<CloudRecord> = rt.store.table("ops")?;
-        let mut reaps: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+        let mut reaps: BTreeMap<i64, Vec<OpId>> = BTreeMap::new();
         let mut pending = BTreeMap::new();
         for item in ops.iter() {
-            let (id, rec) = item?;
+            let (_, rec) = item?;
+            let id = rec.operation_id.clone();
             if rec.reaped {
                 continue;
             }

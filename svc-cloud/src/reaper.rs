@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use kit::bus::{HandleError, Handler, Incoming};
 use kit::world::Activation;
-use proto::{OpFailed, OpId};
+use proto::{OpFailed, OpId, SubId};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -43,14 +43,14 @@ impl Handler for OnFailed {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let ctx = &self.0;
         let f: OpFailed = msg.observe_as()?;
-        if OpId::parse(&f.operation_id).is_err() {
+        let Ok(id) = OpId::parse(&f.operation_id) else {
             return Err(HandleError::Drop("pn.op.failed without a plain operation id".into()));
-        }
+        };
         let retry = |e: String| HandleError::retry(e, Duration::from_secs(2));
-        let Some(_busy) = ctx.wait_busy(&f.operation_id, Duration::from_secs(20)).await else {
+        let Some(_busy) = ctx.wait_busy(&id, Duration::from_secs(20)).await else {
             return Err(retry("operation busy here".into()));
         };
-        let Some(mut rec) = ctx.ops.get(&f.operation_id).map_err(|e| retry(e.to_string()))? else {
+        let Some(mut rec) = ctx.ops.get(&id).map_err(|e| retry(e.to_string()))? else {
             return Ok(());
         };
         let attempt = f.attempt.max(1);
@@ -60,15 +60,15 @@ impl Handler for OnFailed {
         rec.failed = true;
         rec.failed_attempt = Some(attempt);
         if rec.activated {
-            tracing::warn!(op = %f.operation_id, attempt, stage = %f.stage, "pn.op.failed for an operation Center activated; its VPS is kept");
+            tracing::warn!(op = %id, attempt, stage = %f.stage, "pn.op.failed for an operation Center activated; its VPS is kept");
         } else if ctx.settings.reap && !rec.reaped && !rec.ours().is_empty() {
             let at = kit::now_ms() + ctx.settings.reap_grace_ms as i64;
             rec.reap_at_ms = Some(at);
-            ctx.schedule_reap(&f.operation_id, at);
-            tracing::info!(op = %f.operation_id, attempt, instances = ?rec.ours(), grace_ms = ctx.settings.reap_grace_ms,
+            ctx.schedule_reap(&id, at);
+            tracing::info!(op = %id, attempt, instances = ?rec.ours(), grace_ms = ctx.settings.reap_grace_ms,
                 "operation reported failed; its VPS will be reaped after the grace if Center and the provider prove it dead and ours");
         }
-        ctx.ops.put(&f.operation_id, &rec).await.map_err(|e| retry(e.to_string()))?;
+        ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
         Ok(())
     }
 }
@@ -77,8 +77,8 @@ impl Handler for OnFailed {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PendingView {
-    pub operation_id: String,
-    pub sub_id: String,
+    pub operation_id: OpId,
+    pub sub_id: SubId,
     pub instance_ids: Vec<String>,
     pub reason: String,
     /// Unix ms since when it is kept.
@@ -109,7 +109,7 @@ fn list(ctx: &Ctx, view: PendingView) {
 }
 
 /// Takes an operation off the pending list (its reap was decided, or cancelled).
-pub fn unlist(ctx: &Ctx, id: &str) {
+pub fn unlist(ctx: &Ctx, id: &OpId) {
     if let Ok(mut p) = ctx.pending.lock()
         && p.remove(id).is_some()
     {
@@ -153,7 +153,7 @@ impl Decision {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Outcome {
-    pub operation_id: String,
+    pub operation_id: OpId,
     pub decision: &'static str,
     pub reason: String,
     /// The instances concerned (deleted, kept, or pending).
@@ -248,7 +248,7 @@ fn clip(s: &str) -> String {
 
 /// One look at an operation's VPS: the checks, the deletes they allow, the record updated,
 /// one log line and one count. `Auto` does nothing (`None`) unless a reap is due for it.
-pub async fn reap(ctx: &Ctx, id: &str, mode: Mode) -> Result<Option<Outcome>, ReapError> {
+pub async fn reap(ctx: &Ctx, id: &OpId, mode: Mode) -> Result<Option<Outcome>, ReapError> {
     let _busy = match mode {
         Mode::Auto => ctx.try_busy(id),
         Mode::Confirm => ctx.wait_busy(id, Duration::from_secs(10)).await,
@@ -265,7 +265,7 @@ pub async fn reap(ctx: &Ctx, id: &str, mode: Mode) -> Result<Option<Outcome>, Re
         }
     }
     let mut out = Outcome {
-        operation_id: id.to_string(),
+        operation_id: id.clone(),
         decision: "",
         reason: String::new(),
         instance_ids: rec.ours(),
@@ -302,7 +302,7 @@ pub async fn reap(ctx: &Ctx, id: &str, mode: Mode) -> Result<Option<Outcome>, Re
     Ok(Some(out))
 }
 
-fn log(id: &str, mode: Mode, o: &Outcome) {
+fn log(id: &OpId, mode: Mode, o: &Outcome) {
     let by = if mode == Mode::Confirm { "operator confirm" } else { "reaper" };
     let (d, r, ids, ov) = (o.decision, &o.reason, &o.instance_ids, &o.overridden);
     match o.kind {
@@ -325,7 +325,7 @@ async fn decide(ctx: &Ctx, rec: &mut CloudRecord, mode: Mode, out: &mut Outcome)
         out.reason = "no instance of this operation is left to delete".into();
         return;
     }
-    let act = kit::world::activation(ctx.rt.center.as_ref(), &id, &node).await;
+    let act = kit::world::activation(ctx.rt.center.as_ref(), id.as_str(), &node).await;
     match gate(&act, rec.failed_attempt, rec.claim_attempt(), mode) {
         Gate::Active(why) => {
             rec.activated = true;
@@ -429,7 +429,7 @@ pub async fn reap_loop(ctx: Arc<Ctx>, token: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         let now = kit::now_ms();
-        let due: Vec<String> = match ctx.reaps.lock() {
+        let due: Vec<OpId> = match ctx.reaps.lock() {
             Ok(mut r) => {
                 let later = r.split_off(&(now + 1));
                 let due = std::mem::replace(&mut *r, later);

@@ -41,10 +41,9 @@ impl Handler for OnRebuild {
         let (Some(op_in), Some(inst)) = (r.op, r.instance) else {
             return Err(HandleError::Drop("InstanceRebuild without an operation or an instance".into()));
         };
-        let id = op_in.operation_id.clone();
-        if proto::OpId::parse(&id).is_err() {
+        let Ok(id) = proto::OpId::parse(&op_in.operation_id) else {
             return Err(HandleError::Drop("operation id is not a plain token".into()));
-        }
+        };
         let Some(_busy) = ctx.try_busy(&id) else {
             return Err(park(Duration::from_secs(2), "operation being handled here".into()));
         };
@@ -86,7 +85,7 @@ impl Handler for OnRebuild {
             ));
         }
         let node = rec.node_name();
-        match kit::world::activation(ctx.rt.center.as_ref(), &id, &node).await {
+        match kit::world::activation(ctx.rt.center.as_ref(), id.as_str(), &node).await {
             Activation::InFlight { .. } => {}
             Activation::Active { why } => {
                 tracing::warn!(instance = %broken, %why, "rebuild asked for an activated operation; the VPS is kept for good");

@@ -3,12 +3,13 @@
 //! view of the operation's VPS.
 
 use kit::state::Record;
+use proto::{OpId, SubId};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CloudRecord {
-    pub operation_id: String,
-    pub sub_id: String,
+    pub operation_id: OpId,
+    pub sub_id: SubId,
     /// The claimed `pn.v1.Operation` (protobuf; its claim token is sealed), for replay.
     #[serde(with = "kit::state::b64", default)]
     pub op_pb: Vec<u8>,
@@ -137,6 +138,34 @@ impl Record for CloudRecord {
 }
 
 impl CloudRecord {
+    /// The record of an operation this service has not worked on yet.
+    pub fn new(operation_id: OpId, sub_id: SubId) -> CloudRecord {
+        CloudRecord {
+            operation_id,
+            sub_id,
+            op_pb: Vec::new(),
+            create_started_at_ms: None,
+            created: Vec::new(),
+            deleted: Vec::new(),
+            instance: None,
+            published: false,
+            failed: false,
+            reap_at_ms: None,
+            reaped: false,
+            failed_attempt: None,
+            activated: false,
+            disowned: Vec::new(),
+            reap_pending: None,
+            reap_decision: None,
+            create: CreateCursor::default(),
+            boot: None,
+            transient_failures: 0,
+            alt_instances: Vec::new(),
+            ports_opened: false,
+            rebuilt: Vec::new(),
+        }
+    }
+
     /// Instances of this operation that this service may delete.
     pub fn ours(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.created.clone();
@@ -165,18 +194,23 @@ impl CloudRecord {
 
     /// The node name this operation's VPS and node carry.
     pub fn node_name(&self) -> String {
-        proto::node_name(&self.sub_id)
+        self.sub_id.node_name()
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// A record of operation `op-1` (subscription `s-1`) with nothing known yet.
+    pub(crate) fn blank() -> CloudRecord {
+        CloudRecord::new(OpId::parse("op-1").unwrap(), SubId::parse("s-1").unwrap())
+    }
+
     #[test]
     fn ours_excludes_deleted_disowned_and_adopted_strangers() {
-        let mut r = CloudRecord { created: vec!["a".into(), "b".into()], deleted: vec!["a".into()], ..Default::default() };
+        let mut r = CloudRecord { created: vec!["a".into(), "b".into()], deleted: vec!["a".into()], ..blank() };
         assert_eq!(r.ours(), vec!["b".to_string()]);
         r.disowned.push("b".into());
         assert!(r.ours().is_empty());
@@ -198,5 +232,16 @@ mod tests {
         assert_eq!(r.reap_at_ms, Some(5));
         assert!(r.boot.is_none() && r.reap_pending.is_none() && !r.activated);
         assert_eq!(r.claim_attempt(), 1);
+        assert_eq!((r.operation_id.as_str(), r.sub_id.as_str()), ("op", "s"));
+    }
+
+    /// A record written when the ids were `String`s reads into `OpId`/`SubId` and is written
+    /// back byte for byte (the sled envelope's `r` is this JSON).
+    #[test]
+    fn a_record_of_the_string_shape_reads_and_writes_the_same_bytes() {
+        let old = r#"{"operation_id":"op-7","sub_id":"s_7","op_pb":"","create_started_at_ms":1,"created":["i-1"],"deleted":[],"instance":null,"published":true,"failed":false,"reap_at_ms":null,"reaped":false,"failed_attempt":null,"activated":false,"disowned":[],"reap_pending":null,"reap_decision":null,"create":{"region_idx":0,"tries_in_region":1,"reasons":[],"next_create_at_ms":null,"alt":false},"boot":null,"transient_failures":0,"alt_instances":[],"ports_opened":true,"rebuilt":[]}"#;
+        let r: CloudRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.operation_id.as_str(), r.node_name().as_str()), ("op-7", "pn-s_7"));
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
     }
 }

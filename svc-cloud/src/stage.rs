@@ -40,7 +40,7 @@ impl Handler for OnClaimed {
 #[async_trait::async_trait]
 impl Handler for OnReplay {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let (id, op): (String, Operation) = kit::bus::replay_lookup(&self.0.ops, &msg, crate::SERVICE, |r| r.op_pb.as_slice())?;
+        let (id, op): (OpId, Operation) = kit::bus::replay_lookup(&self.0.ops, &msg, crate::SERVICE, |r| r.op_pb.as_slice())?;
         tracing::info!(op = %id, "replaying the cloud stage");
         run(&self.0, op, true).await
     }
@@ -62,20 +62,15 @@ pub(crate) fn park(after: Duration, reason: String) -> HandleError {
 }
 
 async fn run(ctx: &Arc<Ctx>, op: Operation, replay: bool) -> Result<(), HandleError> {
-    let id = op.operation_id.clone();
-    if OpId::parse(&id).is_err() || SubId::parse(&op.sub_id).is_err() {
+    let (Ok(id), Ok(sub_id)) = (OpId::parse(&op.operation_id), SubId::parse(&op.sub_id)) else {
         return Err(HandleError::fail("operation id or subId is not a plain token"));
-    }
+    };
     // One writer per operation: a second delivery (another claim attempt's message, a replay,
     // the reaper) comes back shortly instead of racing a create.
     let Some(_busy) = ctx.try_busy(&id) else {
         return Err(park(Duration::from_secs(2), "operation being handled here".into()));
     };
-    let mut rec = ctx.ops.get(&id).map_err(transient)?.unwrap_or_else(|| CloudRecord {
-        operation_id: id.clone(),
-        sub_id: op.sub_id.clone(),
-        ..Default::default()
-    });
+    let mut rec = ctx.ops.get(&id).map_err(transient)?.unwrap_or_else(|| CloudRecord::new(id.clone(), sub_id));
     let attempt = op.claim_attempt.max(1);
     if !replay && let Some(stored) = rec.operation().map(|o| o.claim_attempt.max(1)) && attempt < stored {
         tracing::info!(attempt, current = stored, "a stale delivery of an older claim attempt; ignored");

@@ -17,7 +17,7 @@ use kit::cloud::{Claim, Confirmation, Providers};
 use kit::seal::SealKey;
 use kit::ssh::AdminKeys;
 use kit::state::{StateError, Table};
-use proto::{Body, InstanceReady, InstanceRebuild, NodeDeployed, OpFailed, Operation, Stage, subjects};
+use proto::{Body, InstanceReady, InstanceRebuild, NodeDeployed, OpFailed, OpId, Operation, Stage, SubId, subjects};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
@@ -151,10 +151,10 @@ impl Deployer {
     /// (logged, counted) and the confirmed deploy goes on. Either way nothing is sent and no
     /// connection is made to the event's address. `delivered` counts this message's deliveries:
     /// a provider that does not answer is asked again, up to `PN_MAX_DELIVER` times.
-    pub async fn on_instance(&self, op_id: &str, ir: InstanceReady, delivered: i64) -> Result<(), HandleError> {
+    pub async fn on_instance(&self, op_id: &OpId, ir: InstanceReady, delivered: i64) -> Result<(), HandleError> {
         let op = ir.op.clone().unwrap_or_default();
         let instance_id = ir.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default();
-        if op.operation_id != op_id {
+        if op.operation_id != op_id.as_str() {
             return Err(HandleError::Fail {
                 reason: "InstanceReady names another operation than its subject".into(),
                 failed: Some(failed_for(&ir, op_id, String::new())),
@@ -174,7 +174,7 @@ impl Deployer {
             && let Some(d) = rec.deployed_for(&op, &instance_id)
             && rec.confirms(&ir)
         {
-            tracing::info!(op = op_id, "outcome already recorded; publishing it again");
+            tracing::info!(op = op_id.as_str(), "outcome already recorded; publishing it again");
             let input = rec.input().unwrap_or(ir);
             return self.publish(&input, d).await.map_err(|e| self.handle_error(&input, op_id, e));
         }
@@ -184,7 +184,7 @@ impl Deployer {
             match &confirmed {
                 Some(c) => {
                     metrics::counter!("pn_instance_checks_total", "service" => "svc-deployer", "result" => "dropped").increment(1);
-                    tracing::warn!(op = op_id, confirmed_instance = %c.instance_id, why = %e, "pn.op.instance not backed by the record or the provider; dropped, the confirmed deploy goes on");
+                    tracing::warn!(op = op_id.as_str(), confirmed_instance = %c.instance_id, why = %e, "pn.op.instance not backed by the record or the provider; dropped, the confirmed deploy goes on");
                     HandleError::Drop(format!("pn.op.instance not backed ({e}); the operation's confirmed instance {} stays", c.instance_id))
                 }
                 None => self.handle_error(&ir, op_id, e),
@@ -225,7 +225,7 @@ impl Deployer {
         if let Some(d) = rec.deployed_for(&op, &instance_id)
             && rec.confirms(&ir)
         {
-            tracing::info!(op = op_id, "outcome already recorded; publishing it again");
+            tracing::info!(op = op_id.as_str(), "outcome already recorded; publishing it again");
             let input = rec.input().unwrap_or(ir);
             return self.publish(&input, d).await.map_err(|e| self.handle_error(&input, op_id, e));
         }
@@ -298,7 +298,7 @@ impl Deployer {
 
     /// `pn.replay.deploy`: run every step again from the record (the prep only if it never
     /// finished). An unknown operation is dropped.
-    pub async fn on_replay(&self, op_id: &str) -> Result<(), HandleError> {
+    pub async fn on_replay(&self, op_id: &OpId) -> Result<(), HandleError> {
         let _guard = self.locks.lock(op_id).await;
         match self.table.get(op_id).map_err(state_retry)? {
             Some(rec) => self.deploy_as(op_id, rec, true).await,
@@ -308,7 +308,7 @@ impl Deployer {
 
     /// Records that this stage failed the operation's current attempt (its `pn.op.failed` is
     /// on its way): the stage no longer holds it (`crate::gauges`). A recorded outcome wins.
-    pub async fn record_failed(&self, op_id: &str) {
+    pub async fn record_failed(&self, op_id: &OpId) {
         let _guard = self.locks.lock(op_id).await;
         let Ok(Some(mut rec)) = self.table.get(op_id) else { return };
         if rec.deployed.is_some() || rec.failed_attempt.is_some_and(|a| a >= rec.claim_attempt) {
@@ -317,23 +317,23 @@ impl Deployer {
         rec.failed_attempt = Some(rec.claim_attempt);
         rec.failed_at_ms = Some(kit::now_ms());
         if let Err(e) = self.table.put(op_id, &rec).await {
-            tracing::warn!(op = op_id, error = %e, "could not record the failure");
+            tracing::warn!(op = op_id.as_str(), error = %e, "could not record the failure");
         }
     }
 
-    async fn deploy(&self, op_id: &str, rec: DeployRecord) -> Result<(), HandleError> {
+    async fn deploy(&self, op_id: &OpId, rec: DeployRecord) -> Result<(), HandleError> {
         self.deploy_as(op_id, rec, false).await
     }
 
     /// The deploy; a `replay`'s outcome is published under a msg id of its own (see `publish_as`).
-    async fn deploy_as(&self, op_id: &str, mut rec: DeployRecord, replay: bool) -> Result<(), HandleError> {
+    async fn deploy_as(&self, op_id: &OpId, mut rec: DeployRecord, replay: bool) -> Result<(), HandleError> {
         let Some(input) = rec.input() else {
             return Err(HandleError::Fail {
                 reason: "the recorded input does not decode".into(),
-                failed: Some(OpFailed::new(op_id, Stage::Deploy.as_str(), "the recorded input does not decode", kit::now_ms())),
+                failed: Some(OpFailed::new(op_id.as_str(), Stage::Deploy.as_str(), "the recorded input does not decode", kit::now_ms())),
             });
         };
-        let span = tracing::info_span!("deploy", op = op_id, stage = "deploy");
+        let span = tracing::info_span!("deploy", op = op_id.as_str(), stage = "deploy");
         let res = self.steps(op_id, &input, &mut rec).instrument(span).await;
         let res = match res {
             Ok(d) => self.publish_as(&input, &d, replay).await,
@@ -365,7 +365,7 @@ impl Deployer {
     }
 
     /// Maps an error to the loop's verdict, with a complete, scrubbed `OpFailed`.
-    fn handle_error(&self, input: &InstanceReady, op_id: &str, e: DeployError) -> HandleError {
+    fn handle_error(&self, input: &InstanceReady, op_id: &OpId, e: DeployError) -> HandleError {
         // Texts from the node were scrubbed of this operation's secrets already; mask any
         // `.env` secret assignment once more before the reason leaves the process.
         let reason: String = Scrubber::default().clean(&e.to_string()).chars().take(600).collect();
@@ -398,7 +398,7 @@ impl Deployer {
     }
 
     /// The node secret of this operation: made once, kept sealed in the record.
-    async fn node_secret(&self, op_id: &str, rec: &mut DeployRecord) -> Result<SecretString, DeployError> {
+    async fn node_secret(&self, op_id: &OpId, rec: &mut DeployRecord) -> Result<SecretString, DeployError> {
         if let Some(h) = &rec.sealed_node_secret_hex {
             let sealed = hex::decode(h).map_err(|_| DeployError::BadInput("the recorded node secret is corrupt".into()))?;
             return self
@@ -412,13 +412,13 @@ impl Deployer {
         Ok(secret)
     }
 
-    async fn save(&self, op_id: &str, rec: &mut DeployRecord) -> Result<(), DeployError> {
+    async fn save(&self, op_id: &OpId, rec: &mut DeployRecord) -> Result<(), DeployError> {
         rec.updated_at_ms = kit::now_ms();
         self.table.put(op_id, rec).await?;
         Ok(())
     }
 
-    async fn steps(&self, op_id: &str, input: &InstanceReady, rec: &mut DeployRecord) -> Result<Deployed, DeployError> {
+    async fn steps(&self, op_id: &OpId, input: &InstanceReady, rec: &mut DeployRecord) -> Result<Deployed, DeployError> {
         let op = input.op.clone().unwrap_or_default();
         let inst = input.instance.clone().unwrap_or_default();
         let host = self.local_checks(input)?;
@@ -433,6 +433,7 @@ impl Deployer {
         let key = self.keys.load(&inst.account).map_err(DeployError::NoKey)?;
         let claim = self.claim_token(&op)?;
         let secret = self.node_secret(op_id, rec).await?;
+        let sub_id = SubId::parse(&op.sub_id).map_err(|_| DeployError::BadInput(crate::node_env::bad_sub_id().to_string()))?;
         let env = NodeEnv::new(EnvInputs {
             node_secret: &secret,
             claim: &claim,
@@ -440,7 +441,7 @@ impl Deployer {
             domain: &op.domain,
             version: &self.settings.k2_version,
             traffic_total_bytes: op.traffic_total_bytes,
-            sub_id: &op.sub_id,
+            sub_id: &sub_id,
             region: &op.region,
             ip_type: &op.ip_type,
         })
@@ -457,7 +458,7 @@ impl Deployer {
 
     async fn on_node(
         &self,
-        op_id: &str,
+        op_id: &OpId,
         rec: &mut DeployRecord,
         remote: &mut Remote,
         env: &NodeEnv,
@@ -467,7 +468,7 @@ impl Deployer {
         let c = &self.cmds;
         if let Some(learned) = remote.connect().await? {
             // TOFU: pin before a single command runs, so a later impostor is caught.
-            tracing::info!(op = op_id, fingerprint = %kit::ssh::fingerprint(&learned), "host key pinned");
+            tracing::info!(op = op_id.as_str(), fingerprint = %kit::ssh::fingerprint(&learned), "host key pinned");
             rec.host_key = Some(learned);
         }
         rec.runs += 1;
@@ -477,7 +478,7 @@ impl Deployer {
             self.check_cloud_init(op_id, rec, remote).await?;
         }
         if rec.prepared {
-            tracing::info!(op = op_id, "OS prep already done on this instance; not re-run");
+            tracing::info!(op = op_id.as_str(), "OS prep already done on this instance; not re-run");
         } else {
             self.prep(op_id, rec, remote).await?;
             rec.prepared = true;
@@ -513,13 +514,13 @@ impl Deployer {
         };
         rec.deployed = Some(d.clone());
         self.save(op_id, rec).await?;
-        tracing::info!(op = op_id, node = env.node_name(), "stack up");
+        tracing::info!(op = op_id.as_str(), node = env.node_name(), "stack up");
         Ok(d)
     }
 
     /// Seed 001 §3.c/§3.f: `cloud-init status` before anything runs on the instance. Broken →
     /// `DeployError::Rebuild` (svc-cloud replaces it); running → parked; fine → recorded.
-    async fn check_cloud_init(&self, op_id: &str, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
+    async fn check_cloud_init(&self, op_id: &OpId, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
         let out = remote.query("cloud-init", &self.cmds.cloud_init_status(), self.settings.ssh.command_timeout()).await?;
         match harden::cloud_init_verdict(&out) {
             CloudInit::Fine => {
@@ -528,7 +529,7 @@ impl Deployer {
             }
             CloudInit::Running => Err(DeployError::Waiting { what: "cloud-init on the node".into(), after: Duration::from_secs(3) }),
             CloudInit::Broken(why) => {
-                tracing::warn!(op = op_id, instance = %rec.instance_id, %why, "the instance came up broken; asking svc-cloud to replace it");
+                tracing::warn!(op = op_id.as_str(), instance = %rec.instance_id, %why, "the instance came up broken; asking svc-cloud to replace it");
                 Err(DeployError::Rebuild(remote.scrub(&why)))
             }
         }
@@ -537,7 +538,7 @@ impl Deployer {
     /// After the prep: the hardened port must answer from outside (here) before 22 is closed
     /// on the node, and 22 is closed only over that session. A node whose hardened port never
     /// answers keeps 22 (reachable) and the operation fails with the reason.
-    async fn close_22(&self, op_id: &str, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
+    async fn close_22(&self, op_id: &OpId, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
         let ssh = &self.settings.ssh;
         if ssh.fresh_port == ssh.hardened_port {
             rec.port22_closed = true;
@@ -557,7 +558,7 @@ impl Deployer {
         rec.port22_closed = true;
         rec.steps.insert("close-22".into(), kit::now_ms());
         self.save(op_id, rec).await?;
-        tracing::info!(op = op_id, port = ssh.hardened_port, answer = %out.stdout_str().trim(), "the hardened port answered from outside; port 22 closed on the node");
+        tracing::info!(op = op_id.as_str(), port = ssh.hardened_port, answer = %out.stdout_str().trim(), "the hardened port answered from outside; port 22 closed on the node");
         Ok(())
     }
 
@@ -581,7 +582,7 @@ impl Deployer {
     /// watch it on this session for `prep_inline_wait` — enough for a fast node — and past
     /// that, park: `DeployError::Waiting` with the time of the next look. Returns when the
     /// prep finished with 0. A failed prep is launched again up to `step_attempts` times.
-    async fn prep(&self, op_id: &str, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
+    async fn prep(&self, op_id: &OpId, rec: &mut DeployRecord, remote: &mut Remote) -> Result<(), DeployError> {
         let ssh = &self.settings.ssh;
         let c = &self.cmds;
         let inline_until = Instant::now() + ssh.prep_inline_wait();
@@ -598,7 +599,7 @@ impl Deployer {
                 rec.steps.insert("prep-start".into(), kit::now_ms());
                 // Flushed: a crash from here on finds the prep running, not a reason to start it.
                 self.save(op_id, rec).await?;
-                tracing::info!(op = op_id, launch = rec.prep_launches, "OS prep started on the node");
+                tracing::info!(op = op_id.as_str(), launch = rec.prep_launches, "OS prep started on the node");
             }
             let out = remote.run("prep-status", &c.prep(), Some(&self.prep_status), ssh.command_timeout()).await?;
             let status = prep::parse_status(&out.stdout_str()).map_err(|e| DeployError::Transient(format!("prep status: {e}")))?;
@@ -606,12 +607,12 @@ impl Deployer {
             match status {
                 PrepStatus::Done { rc: 0, ms, .. } => {
                     self.learn_prep(ms);
-                    tracing::info!(op = op_id, prep_ms = ms, "OS prep finished");
+                    tracing::info!(op = op_id.as_str(), prep_ms = ms, "OS prep finished");
                     return Ok(());
                 }
                 PrepStatus::Done { rc, tail, .. } => {
                     let tail: String = remote.scrub(&tail).chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
-                    tracing::warn!(op = op_id, rc, launch = rec.prep_launches, "OS prep failed on the node");
+                    tracing::warn!(op = op_id.as_str(), rc, launch = rec.prep_launches, "OS prep failed on the node");
                     if rec.prep_launches >= ssh.step_attempts.max(1) {
                         return Err(DeployError::StepFailed(format!("step `prep` exited {rc} after {} tries: {tail}", rec.prep_launches)));
                     }
@@ -628,7 +629,7 @@ impl Deployer {
                 }
                 PrepStatus::Absent => {
                     // Started by us but gone (the node rebooted, or the launch never took).
-                    tracing::warn!(op = op_id, "no OS prep found on the node; starting it");
+                    tracing::warn!(op = op_id.as_str(), "no OS prep found on the node; starting it");
                     launch = true;
                     continue;
                 }
@@ -687,7 +688,7 @@ impl Deployer {
     #[allow(clippy::too_many_arguments)]
     async fn step(
         &self,
-        op_id: &str,
+        op_id: &OpId,
         rec: &mut DeployRecord,
         remote: &mut Remote,
         name: &str,
@@ -717,9 +718,9 @@ fn clip(s: &str) -> String {
 }
 
 /// `pn.op.failed` for this operation, with what the claimer and the reaper need.
-fn failed_for(input: &InstanceReady, op_id: &str, reason: String) -> OpFailed {
+fn failed_for(input: &InstanceReady, op_id: &OpId, reason: String) -> OpFailed {
     let op = input.op.clone().unwrap_or_default();
-    OpFailed::new(op_id, Stage::Deploy.as_str(), reason, kit::now_ms())
+    OpFailed::new(op_id.as_str(), Stage::Deploy.as_str(), reason, kit::now_ms())
         .of_op(&op)
         .on_instance(input.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default())
 }

@@ -5,6 +5,7 @@
 //! Never: put a value in an error text (values are hostile input, two are secrets), or hand
 //! out the rendered file as anything but a `SecretString`.
 
+use proto::SubId;
 use secrecy::{ExposeSecret, SecretString};
 
 /// A value that cannot go into `.env`. Names the variable, never the value.
@@ -17,6 +18,11 @@ pub struct EnvError {
 
 fn bad(var: &'static str, why: &'static str) -> EnvError {
     EnvError { var, why }
+}
+
+/// `K2_NODE_NAME` cannot be formed from the input's subId.
+pub fn bad_sub_id() -> EnvError {
+    bad("K2_NODE_NAME", "cannot be formed: subId is not a plain id")
 }
 
 /// `K2_IP_TYPE`: what Center accepts (it maps anything else to `unknown`; we do it first).
@@ -92,7 +98,9 @@ pub struct EnvInputs<'a> {
     pub domain: &'a str,
     pub version: &'a str,
     pub traffic_total_bytes: u64,
-    pub sub_id: &'a str,
+    /// Parsed at the edge: a subject token (`[A-Za-z0-9_-]`, at most 128), which is what
+    /// `K2_NODE_NAME` needs too (`bad_sub_id` when it is not).
+    pub sub_id: &'a SubId,
     pub region: &'a str,
     pub ip_type: &'a str,
 }
@@ -130,9 +138,6 @@ impl NodeEnv {
         if i.traffic_total_bytes == 0 {
             return Err(bad("K2_NODE_TRAFFIC_LIMIT_GB", "would be 0 (trafficTotalBytes is 0)"));
         }
-        if !token(i.sub_id) {
-            return Err(bad("K2_NODE_NAME", "cannot be formed: subId is not a plain id"));
-        }
         if !token(i.region) {
             return Err(bad("K2_NODE_REGION", "is not a plain region id"));
         }
@@ -143,7 +148,7 @@ impl NodeEnv {
             domain,
             version: version.to_string(),
             traffic_gb: traffic_gb(i.traffic_total_bytes),
-            node_name: node_name(i.sub_id),
+            node_name: i.sub_id.node_name(),
             region: i.region.to_string(),
             ip_type: IpType::normalise(i.ip_type),
         })
@@ -192,6 +197,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    static SUB_42: std::sync::LazyLock<SubId> = std::sync::LazyLock::new(|| SubId::parse("sub-42").unwrap());
+
     fn inputs<'a>(secret: &'a SecretString, claim: &'a SecretString) -> EnvInputs<'a> {
         EnvInputs {
             node_secret: secret,
@@ -200,7 +207,7 @@ mod tests {
             domain: "",
             version: "1.6.3",
             traffic_total_bytes: 950 * (1 << 30),
-            sub_id: "sub-42",
+            sub_id: &SUB_42,
             region: "sg",
             ip_type: "Non-Residential",
         }
@@ -236,16 +243,18 @@ mod tests {
         assert_eq!(e.var, "K2_PRIVATE_CLAIM");
         assert!(!e.to_string().contains("EVIL"));
         let claim = SecretString::from("ok-token");
-        for (field, val) in [("url", "ftp://x"), ("url", "http://a b"), ("domain", "a;b"), ("region", "s g"), ("sub", "a/b")] {
+        for (field, val) in [("url", "ftp://x"), ("url", "http://a b"), ("domain", "a;b"), ("region", "s g")] {
             let mut i = inputs(&secret, &claim);
             match field {
                 "url" => i.center_url = val,
                 "domain" => i.domain = val,
-                "region" => i.region = val,
-                _ => i.sub_id = val,
+                _ => i.region = val,
             }
             assert!(NodeEnv::new(i).is_err(), "{field}={val}");
         }
+        // A subId unfit for `K2_NODE_NAME` never becomes a `SubId` (the deployer refuses the
+        // input with `bad_sub_id`).
+        assert!(SubId::parse("a/b").is_err());
         let mut i = inputs(&secret, &claim);
         i.version = "latest";
         assert!(NodeEnv::new(i).is_err());

@@ -44,13 +44,14 @@ pub(crate) async fn sample(ctx: Arc<Ctx>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::record::Degraded;
 
     #[test]
     fn held_parked_and_overdue_come_from_the_record() {
         let now = 10_000_000;
-        let fresh = VerifyRecord { deadline_ms: now + 600_000, next_check_ms: now, ..Default::default() };
+        let fresh = VerifyRecord { deadline_ms: now + 600_000, next_check_ms: now, ..VerifyRecord::new(proto::OpId::parse("op-1").unwrap()) };
         let between = VerifyRecord { rounds: 3, next_check_ms: now + 2000, ..fresh.clone() };
         let late = VerifyRecord { deadline_ms: now - 120_000, ..between.clone() };
         let mut c = StageCounts::default();

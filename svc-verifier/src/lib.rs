@@ -171,7 +171,7 @@ impl Handler for OnDeployed {
 #[async_trait::async_trait]
 impl Handler for OnReplay {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let (id, d): (String, NodeDeployed) = kit::bus::replay_lookup(&self.0.ops, &msg, SERVICE, |r| r.deployed_pb.as_slice())?;
+        let (id, d): (OpId, NodeDeployed) = kit::bus::replay_lookup(&self.0.ops, &msg, SERVICE, |r| r.deployed_pb.as_slice())?;
         if msg.delivered == 1 {
             tracing::info!(op = %id, "replaying verification with a new deadline");
         }
@@ -214,26 +214,25 @@ fn park(reason: &str, at_ms: i64) -> HandleError {
     HandleError::Park { reason: reason.to_string(), after }
 }
 
-fn fresh(id: &str, d: &NodeDeployed, ctx: &Ctx, replay_driven: bool) -> VerifyRecord {
+fn fresh(id: &OpId, d: &NodeDeployed, ctx: &Ctx, replay_driven: bool) -> VerifyRecord {
     let now = kit::now_ms();
     VerifyRecord {
-        operation_id: id.to_string(),
         claim_attempt: d.op.as_ref().map(|o| o.claim_attempt).unwrap_or(0),
         deployed_pb: prost::Message::encode_to_vec(d),
         deadline_ms: now + ctx.settings.deadline_ms as i64,
         started_ms: now,
         next_check_ms: now,
         replay_driven,
-        ..Default::default()
+        ..VerifyRecord::new(id.clone())
     }
 }
 
 async fn verify(ctx: &Arc<Ctx>, d: NodeDeployed, src: Source) -> Result<(), HandleError> {
     let op = d.op.clone().ok_or_else(|| HandleError::fail("NodeDeployed without an operation"))?;
-    let id = op.operation_id.clone();
-    if OpId::parse(&id).is_err() || !d.node_name.starts_with("pn-") || !subjects::is_token(&d.node_name) {
+    let id = OpId::parse(&op.operation_id).ok().filter(|_| d.node_name.starts_with("pn-") && subjects::is_token(&d.node_name));
+    let Some(id) = id else {
         return Err(HandleError::fail("deployed event with an unusable operation id or node name"));
-    }
+    };
     let _guard = ctx.locks.lock(&id).await;
     let existing = ctx.ops.get(&id).map_err(transient)?;
     let before = existing.as_ref().is_some_and(VerifyRecord::degraded_open);
@@ -333,7 +332,7 @@ async fn step(ctx: &Arc<Ctx>, d: &NodeDeployed, rec: &mut VerifyRecord, src: Sou
 
     // The deadline passed or a fatal finding: fail — unless Center says it is activated.
     let reason = if fatal { unmet.clone() } else { format!("not verified within {}s: {unmet}", (rec.deadline_ms - rec.started_ms) / 1000) };
-    match kit::world::activation(ctx.rt.center.as_ref(), &id, &d.node_name).await {
+    match kit::world::activation(ctx.rt.center.as_ref(), id.as_str(), &d.node_name).await {
         Activation::Active { why } => {
             tracing::warn!(op = %id, node = %d.node_name, %reason, activation = %why, "activated at Center but not verified: degraded, not failed");
             metrics::counter!("pn_ops_degraded_total", "stage" => Stage::Verify.as_str()).increment(1);

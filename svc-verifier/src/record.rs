@@ -4,37 +4,48 @@
 //! verified, failed, or degraded (activated at Center, a check still not holding).
 
 use kit::state::Record;
-use proto::NodeVerified;
+use proto::{NodeVerified, OpId};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerifyRecord {
-    pub operation_id: String,
+    pub operation_id: OpId,
+    #[serde(default)]
     pub claim_attempt: u32,
     /// The `NodeDeployed` event (protobuf; holds no secret), for replay.
-    #[serde(with = "kit::state::b64")]
+    #[serde(default, with = "kit::state::b64")]
     pub deployed_pb: Vec<u8>,
+    #[serde(default)]
     pub started_ms: i64,
+    #[serde(default)]
     pub deadline_ms: i64,
     /// The first check that did not hold in the last round.
+    #[serde(default)]
     pub last_unmet: String,
     /// The checks that held (each stays held).
+    #[serde(default)]
     pub held: Held,
     /// Rounds run so far (the back-off between rounds grows with them).
+    #[serde(default)]
     pub rounds: u32,
     /// When the next round is due (epoch ms); a message delivered earlier parks until then.
+    #[serde(default)]
     pub next_check_ms: i64,
     /// Consecutive times Center could not say whether the operation is activated.
+    #[serde(default)]
     pub unknown_looks: u32,
     /// Set by a `pn.replay.verify` that took the operation over: the `pn.op.deployed` message
     /// then leaves it to the replay.
+    #[serde(default)]
     pub replay_driven: bool,
-    #[serde(with = "verified_pb")]
+    #[serde(default, with = "verified_pb")]
     pub verified: Option<NodeVerified>,
+    #[serde(default)]
     pub failed: Option<String>,
+    #[serde(default)]
     pub degraded: Option<Degraded>,
     /// Why the verifier stopped looking without an outcome (the watch ran out).
+    #[serde(default)]
     pub gave_up: Option<String>,
 }
 
@@ -84,6 +95,27 @@ pub struct Degraded {
 }
 
 impl VerifyRecord {
+    /// The record of an operation not looked at yet.
+    pub fn new(operation_id: OpId) -> VerifyRecord {
+        VerifyRecord {
+            operation_id,
+            claim_attempt: 0,
+            deployed_pb: Vec::new(),
+            started_ms: 0,
+            deadline_ms: 0,
+            last_unmet: String::new(),
+            held: Held::default(),
+            rounds: 0,
+            next_check_ms: 0,
+            unknown_looks: 0,
+            replay_driven: false,
+            verified: None,
+            failed: None,
+            degraded: None,
+            gave_up: None,
+        }
+    }
+
     /// Still being watched while degraded (counts in the `pn_ops_degraded` gauge).
     pub fn degraded_open(&self) -> bool {
         self.degraded.is_some() && self.verified.is_none() && self.gave_up.is_none()
@@ -119,11 +151,10 @@ mod tests {
     #[test]
     fn a_record_keeps_what_was_seen_and_old_records_still_load() {
         let r = VerifyRecord {
-            operation_id: "op-1".into(),
             deployed_pb: vec![1, 2, 3],
             held: Held { k2s_ready: true, registered_log: true, reporter: true, listed_domain: Some("d".into()), done: true, usage: false, center_usage_first: Some(7) },
             degraded: Some(Degraded { reason: "usage".into(), since_ms: 5, published: true, ..Default::default() }),
-            ..Default::default()
+            ..VerifyRecord::new(OpId::parse("op-1").unwrap())
         };
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains(r#""deployed_pb":"AQID""#), "{text}");
@@ -138,5 +169,16 @@ mod tests {
         assert_eq!(back.deployed_pb, vec![1, 2]);
         assert_eq!(back.held, Held::default());
         assert!(back.held.needs_logs(false));
+        assert_eq!(back.operation_id.as_str(), "op-1");
+    }
+
+    /// A record written when `operation_id` was a `String` reads into `OpId` and is written
+    /// back byte for byte (the sled envelope's `r` is this JSON).
+    #[test]
+    fn a_record_of_the_string_shape_reads_and_writes_the_same_bytes() {
+        let old = r#"{"operation_id":"op-7","claim_attempt":2,"deployed_pb":"AQID","started_ms":1,"deadline_ms":2,"last_unmet":"usage","held":{"k2s_ready":true,"registered_log":false,"reporter":false,"listed_domain":null,"done":false,"usage":false,"center_usage_first":null},"rounds":3,"next_check_ms":4,"unknown_looks":0,"replay_driven":false,"verified":null,"failed":null,"degraded":null,"gave_up":null}"#;
+        let r: VerifyRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.operation_id.as_str(), r.rounds, r.deployed_pb.as_slice()), ("op-7", 3, [1u8, 2, 3].as_slice()));
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
     }
 }

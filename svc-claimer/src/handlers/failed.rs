@@ -17,7 +17,7 @@ use std::time::Duration;
 use kit::bus::{HandleError, Handler, Incoming};
 use kit::center::CenterError;
 use kit::world::Activation;
-use proto::{OpFailed, Operation};
+use proto::{OpFailed, OpId, Operation};
 use secrecy::ExposeSecret;
 
 use crate::Ctx;
@@ -33,9 +33,9 @@ impl Handler for OnFailed {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let ctx = &self.0;
         let f: OpFailed = msg.observe_as()?;
-        let id = f.operation_id.clone();
+        let id = OpId::parse(&f.operation_id).map_err(|e| HandleError::Drop(format!("OpFailed: {e}")))?;
         let retry = |e: String| HandleError::retry(e, Duration::from_secs(2));
-        let rec = ctx.ops.get(&id).map_err(|e| retry(e.to_string()))?;
+        let rec = ctx.ops.get(id.as_str()).map_err(|e| retry(e.to_string()))?;
         if rec.as_ref().is_some_and(|r| r.failed_reported) {
             return Ok(());
         }
@@ -57,14 +57,14 @@ impl Handler for OnFailed {
             return Ok(());
         }
         let sub_id = if f.sub_id.is_empty() { rec.as_ref().map(|r| r.sub_id.clone()).unwrap_or_default() } else { f.sub_id.clone() };
-        match kit::world::activation(ctx.rt.center.as_ref(), &id, &proto::node_name(&sub_id)).await {
+        match kit::world::activation(ctx.rt.center.as_ref(), id.as_str(), &proto::node_name(&sub_id)).await {
             Activation::Active { why } => {
                 metrics::counter!("pn_failed_for_activated_total").increment(1);
                 tracing::warn!(%why, failed_stage = %f.stage, %reason, "a failure event arrived for an activated operation; not reported to Center");
-                let mut rec = rec.unwrap_or_else(|| crate::OpRecord { operation_id: id.clone(), sub_id: sub_id.clone(), ..Default::default() });
+                let mut rec = rec.unwrap_or_else(|| crate::OpRecord::new(id.clone(), sub_id.clone()));
                 // A verified operation stays `verified`; anything else is now known activated.
                 rec.terminal.get_or_insert_with(|| ACTIVATED.into());
-                ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
+                ctx.ops.put(id.as_str(), &rec).await.map_err(|e| retry(e.to_string()))?;
                 super::forget(ctx, &id);
                 return Ok(());
             }
@@ -74,7 +74,7 @@ impl Handler for OnFailed {
             Activation::Failed { .. } | Activation::InFlight { .. } => {}
         }
         let holder = rec.as_ref().map(|r| r.holder.clone()).filter(|h| !h.is_empty()).unwrap_or(f.holder.clone());
-        let outcome = ctx.rt.center.update_node_operation(&id, &holder, "failed", None, Some(&reason)).await;
+        let outcome = ctx.rt.center.update_node_operation(id.as_str(), &holder, "failed", None, Some(&reason)).await;
         match outcome {
             Ok(_) => tracing::warn!(%reason, "reported failed"),
             Err(e @ (CenterError::Conflict { .. } | CenterError::Rejected { .. })) => {
@@ -83,10 +83,10 @@ impl Handler for OnFailed {
             Err(e) if e.is_transient() => return Err(retry(e.to_string())),
             Err(e) => tracing::error!(error = %e, "failed report refused"),
         }
-        let mut rec = rec.unwrap_or_else(|| crate::OpRecord { operation_id: id.clone(), sub_id: f.sub_id.clone(), ..Default::default() });
+        let mut rec = rec.unwrap_or_else(|| crate::OpRecord::new(id.clone(), f.sub_id.clone()));
         rec.failed_reported = true;
         rec.terminal = Some("failed".into());
-        ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
+        ctx.ops.put(id.as_str(), &rec).await.map_err(|e| retry(e.to_string()))?;
         super::forget(ctx, &id);
         Ok(())
     }

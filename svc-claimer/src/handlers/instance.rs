@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kit::bus::{HandleError, Handler, Incoming};
 use kit::center::CenterError;
-use proto::InstanceReady;
+use proto::{InstanceReady, OpId};
 
 use crate::{Ctx, OpRecord};
 
@@ -22,16 +22,14 @@ impl Handler for OnInstance {
         let (Some(op), Some(inst)) = (ev.op, ev.instance) else {
             return Err(HandleError::Drop("InstanceReady without op or instance".into()));
         };
-        let id = op.operation_id.clone();
+        let id = OpId::parse(&op.operation_id).map_err(|e| HandleError::Drop(format!("InstanceReady: {e}")))?;
         let retry = |e: String| HandleError::retry(e, Duration::from_secs(2));
-        let mut rec = ctx.ops.get(&id).map_err(|e| retry(e.to_string()))?.unwrap_or_else(|| OpRecord {
+        let mut rec = ctx.ops.get(id.as_str()).map_err(|e| retry(e.to_string()))?.unwrap_or_else(|| OpRecord {
             // Claimed by another replica: report for its holder.
-            operation_id: id.clone(),
-            sub_id: op.sub_id.clone(),
             holder: op.holder.clone(),
             claim_attempt: op.claim_attempt,
             published: true,
-            ..Default::default()
+            ..OpRecord::new(id.clone(), op.sub_id.clone())
         });
         if rec.reported_in_progress && rec.instance_id.as_deref() == Some(inst.instance_id.as_str()) {
             return Ok(());
@@ -41,14 +39,14 @@ impl Handler for OnInstance {
         }
         rec.instance_id = Some(inst.instance_id.clone());
         rec.ipv4 = Some(inst.ipv4.clone());
-        ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
+        ctx.ops.put(id.as_str(), &rec).await.map_err(|e| retry(e.to_string()))?;
         let result = rec.progress_result();
         let holder = if op.holder.is_empty() { rec.holder.clone() } else { op.holder.clone() };
         let asked_at = kit::now_ms();
-        match ctx.rt.center.update_node_operation(&id, &holder, "in_progress", result, None).await {
+        match ctx.rt.center.update_node_operation(id.as_str(), &holder, "in_progress", result, None).await {
             Ok(answer) => {
                 rec.reported_in_progress = true;
-                ctx.ops.put(&id, &rec).await.map_err(|e| retry(e.to_string()))?;
+                ctx.ops.put(id.as_str(), &rec).await.map_err(|e| retry(e.to_string()))?;
                 if rec.holder == ctx.holder {
                     let after = answer.lease_expires_at.as_deref().and_then(crate::poll::parse_rfc3339_ms);
                     let lease_ms = i64::from(ctx.settings.lease_seconds.max(1)) * 1000;

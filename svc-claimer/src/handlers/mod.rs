@@ -10,11 +10,11 @@ pub use instance::OnInstance;
 use std::sync::Arc;
 
 use kit::bus::{HandleError, Handler, Incoming};
-use proto::NodeVerified;
+use proto::{NodeVerified, OpId};
 
 use crate::{Ctx, OpRecord};
 
-fn forget(ctx: &Ctx, id: &str) {
+fn forget(ctx: &Ctx, id: &OpId) {
     ctx.forget(id);
 }
 
@@ -32,11 +32,12 @@ pub struct OnVerified(pub Arc<Ctx>);
 impl Handler for OnVerified {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
         let v: NodeVerified = msg.observe_as()?;
-        let id = v.op.as_ref().map(|o| o.operation_id.clone()).unwrap_or_default();
-        if let Ok(Some(mut rec)) = self.0.ops.get(&id)
+        let id = v.op.as_ref().map(|o| o.operation_id.as_str()).unwrap_or("");
+        let id = OpId::parse(id).map_err(|e| HandleError::Drop(format!("NodeVerified: {e}")))?;
+        if let Ok(Some(mut rec)) = self.0.ops.get(id.as_str())
             && rec.terminal.is_none() {
                 rec.terminal = Some("verified".into());
-                self.0.ops.put(&id, &rec).await.map_err(|e| HandleError::retry(e.to_string(), std::time::Duration::from_secs(1)))?;
+                self.0.ops.put(id.as_str(), &rec).await.map_err(|e| HandleError::retry(e.to_string(), std::time::Duration::from_secs(1)))?;
             }
         forget(&self.0, &id);
         Ok(())

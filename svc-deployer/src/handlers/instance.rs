@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kit::bus::{HandleError, Handler, Incoming};
-use proto::{InstanceReady, OpId};
+use proto::InstanceReady;
 
 use crate::deploy::Deployer;
 
@@ -13,7 +13,7 @@ pub struct OnInstance(pub Arc<Deployer>);
 #[async_trait::async_trait]
 impl Handler for OnInstance {
     async fn handle(&self, msg: Incoming) -> Result<(), HandleError> {
-        let op_id = msg.op_id().map(OpId::into_string).ok_or_else(|| HandleError::Drop("subject carries no operation id".into()))?;
+        let op_id = msg.op_id().ok_or_else(|| HandleError::Drop("subject carries no operation id".into()))?;
         let res = match msg.decode_as::<InstanceReady>() {
             Ok(ir) => self.0.on_instance(&op_id, ir, msg.delivered).await,
             Err(e) => Err(e),
