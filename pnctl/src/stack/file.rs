@@ -93,3 +93,34 @@ pub fn running(data_dir: &Path) -> Option<StackFile> {
     let s = StackFile::read(data_dir).ok()?;
     (s.state == StackState::Ready && is_supervisor(s.supervisor_pid)).then_some(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stack_file_has_the_documented_shape() {
+        let mut s = StackFile {
+            nats_url: "nats://127.0.0.1:1".into(),
+            nats_pid: Some(7),
+            center_url: "http://127.0.0.1:2".into(),
+            meter_url: "http://127.0.0.1:3".into(),
+            ingress_url: "http://127.0.0.1:5".into(),
+            supervisor_pid: 9,
+            state: StackState::Ready,
+            ..Default::default()
+        };
+        s.services.insert("svc-cloud".into(), ServiceEntry { pid: Some(8), ops_url: "http://127.0.0.1:4".into() });
+        s.restarts.insert("svc-cloud".into(), 1);
+        let v = serde_json::to_value(&s).unwrap_or_default();
+        for k in ["natsUrl", "natsPid", "centerUrl", "meterUrl", "ingressUrl", "services", "restarts", "supervisorPid", "state"] {
+            assert!(v.get(k).is_some(), "{k} missing in {v}");
+        }
+        assert_eq!(v["services"]["svc-cloud"]["opsUrl"], "http://127.0.0.1:4");
+        assert_eq!(v["services"]["svc-cloud"]["pid"], 8);
+        assert_eq!(v["state"], "ready");
+        let back: StackFile = serde_json::from_value(v).unwrap_or_default();
+        assert_eq!(back, s);
+        assert_eq!(back.child_pids().len(), 2);
+    }
+}

@@ -170,3 +170,31 @@ pub fn ensure_secrets(dir: &Path) -> anyhow::Result<Secrets> {
         ops_token: read_secret(&ops)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn secrets_are_generated_once_with_mode_600() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s1 = ensure_secrets(dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+        let s2 = ensure_secrets(dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(s1.center_token.expose_secret(), s2.center_token.expose_secret());
+        assert_eq!(s1.seal_key.expose_secret(), s2.seal_key.expose_secret());
+        for f in ["center-token", "seal-key", "ssh-admin-key", "ssh-admin-key.pub", "meter-internal-token", "nats/pn-operator", "nats/svc-meter"] {
+            let mode = fs::metadata(dir.path().join(f)).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+            assert_eq!(mode, 0o600, "{f}");
+        }
+        assert!(!format!("{s1:?}").contains(s1.center_token.expose_secret()));
+        let mode = fs::metadata(dir.path().join("nats")).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+        assert_eq!(mode, 0o700, "secrets/nats");
+        assert_eq!(s1.nats.len(), kit::nats_auth::all().len(), "one password per identity");
+        let pw = |s: &Secrets, u: &str| s.nats_password(u).map(|p| p.expose_secret().to_string()).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(pw(&s1, "svc-claimer"), pw(&s2, "svc-claimer"));
+        assert_ne!(pw(&s1, "svc-claimer"), pw(&s1, "svc-cloud"));
+    }
+}
