@@ -12,6 +12,7 @@ pub mod decode;
 pub mod demo;
 pub mod endpoints;
 pub mod events;
+pub mod history;
 pub mod http;
 pub mod ledger;
 pub mod ops;

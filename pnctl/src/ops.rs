@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 use crate::endpoints::{Endpoints, get_json};
 use crate::events;
 use crate::stack::StackFile;
-use crate::status::{Record, read_all};
+use crate::history::{OpFold, Record, fold_all, read_all};
 
 /// The stages that hold an operation, in pipeline order.
 pub const STAGES: [&str; 4] = ["claim", "cloud", "deploy", "verify"];
@@ -98,94 +98,9 @@ pub struct Held {
     pub service: String,
 }
 
-/// One operation as PN_OPS tells it.
-#[derive(Debug, Clone, Default)]
-pub struct OpView {
-    pub operation_id: String,
-    pub sub_id: String,
-    /// The last pipeline event (`claimed`, `instance`, `deployed`, `verified`, `failed`).
-    pub last_event: String,
-    /// The stage that holds it now (`cloud`, `deploy`, `verify`), or `done` / `failed`.
-    pub stage: String,
-    /// When the holding stage got it (the event that handed it over).
-    pub since_ms: i64,
-    pub updated_ms: i64,
-    pub events: usize,
-    pub node: String,
-    pub error: String,
-    pub degraded: String,
-}
-
-impl OpView {
-    fn apply(&mut self, r: &Record) {
-        self.events += 1;
-        self.updated_ms = self.updated_ms.max(r.published_ms);
-        let Ok(b) = &r.body else { return };
-        if self.sub_id.is_empty() {
-            self.sub_id = events::sub_id(b).to_string();
-        }
-        if let Some(n) = events::node(b) {
-            self.node = n.to_string();
-        }
-        let next = match b {
-            Body::Claimed(_) => Some(("claimed", "cloud")),
-            Body::Rebuild(_) => Some(("rebuild", "cloud")),
-            Body::Instance(_) => Some(("instance", "deploy")),
-            Body::Deployed(_) => Some(("deployed", "verify")),
-            Body::Verified(_) => Some(("verified", "done")),
-            Body::Failed(f) => {
-                self.error = format!("{}: {}", f.stage, f.reason);
-                Some(("failed", "failed"))
-            }
-            Body::Degraded(g) => {
-                self.degraded = g.reason.clone();
-                None
-            }
-            Body::Usage(_) | Body::Quota(_) => None,
-        };
-        if let Body::Verified(_) = b {
-            self.degraded.clear();
-        }
-        if let Some((ev, stage)) = next {
-            // A later stage's outcome after a failure (a replay) revives the operation; an old
-            // redelivered event of an earlier stage does not move it back.
-            let rank = |s: &str| ["claimed", "rebuild", "instance", "deployed", "verified"].iter().position(|x| *x == s);
-            let moves = match (rank(ev), rank(&self.last_event)) {
-                (Some(n), Some(o)) => n >= o || ev == "rebuild",
-                _ => true,
-            };
-            if moves {
-                if self.stage != stage {
-                    self.since_ms = r.published_ms;
-                }
-                if stage != "failed" {
-                    self.error.clear();
-                }
-                self.last_event = ev.to_string();
-                self.stage = stage.to_string();
-            }
-        }
-    }
-
-    /// Whether a stage holds it (not done, not failed).
-    pub fn held(&self) -> bool {
-        STAGES.contains(&self.stage.as_str())
-    }
-}
-
-/// Every operation on PN_OPS, in order of first appearance.
-pub fn views(records: &[Record]) -> Vec<OpView> {
-    let mut order: Vec<String> = Vec::new();
-    let mut by: BTreeMap<String, OpView> = BTreeMap::new();
-    for r in records {
-        let Some(op) = subjects::op_id_of(&r.subject) else { continue };
-        let v = by.entry(op.to_string()).or_insert_with(|| {
-            order.push(op.to_string());
-            OpView { operation_id: op.to_string(), ..Default::default() }
-        });
-        v.apply(r);
-    }
-    order.into_iter().filter_map(|o| by.remove(&o)).collect()
+/// Whether a stage holds the operation (not done, not failed).
+fn is_held(v: &OpFold) -> bool {
+    STAGES.contains(&v.holder())
 }
 
 /// The services' ops URLs: stack.json's, then `PN_OPS_URLS`, then `--ops-url` (last wins).
@@ -260,15 +175,15 @@ fn age(ms: i64) -> String {
 }
 
 /// One listed operation, with what the services say.
-fn row(v: &OpView, held: &[&Held], deadlines: &BTreeMap<String, u64>, now: i64) -> Value {
-    let deadline = deadlines.get(&v.stage).copied();
+fn row(v: &OpFold, held_by: &[&Held], deadlines: &BTreeMap<String, u64>, now: i64) -> Value {
+    let deadline = deadlines.get(v.holder()).copied();
     let age_ms = now - v.since_ms;
-    let stuck = v.held() && deadline.is_some_and(|d| age_ms > d as i64);
-    let parked = held.iter().any(|h| h.state == "parked");
+    let stuck = is_held(v) && deadline.is_some_and(|d| age_ms > d as i64);
+    let parked = held_by.iter().any(|h| h.state == "parked");
     events::object(vec![
         ("operationId", json!(v.operation_id)),
         ("subId", json!(v.sub_id)),
-        ("stage", json!(v.stage)),
+        ("stage", json!(v.holder())),
         ("lastEvent", json!(v.last_event)),
         ("since", json!(events::rfc3339_ms(v.since_ms))),
         ("ageMs", json!(age_ms)),
@@ -276,10 +191,10 @@ fn row(v: &OpView, held: &[&Held], deadlines: &BTreeMap<String, u64>, now: i64) 
         ("stuck", json!(stuck)),
         ("parked", json!(parked)),
         ("degraded", json!(v.degraded)),
-        ("error", json!(v.error)),
+        ("error", json!(v.error_at(v.holder()))),
         ("node", json!(v.node)),
         ("events", json!(v.events)),
-        ("held", json!(held)),
+        ("held", json!(held_by)),
     ])
 }
 
@@ -301,14 +216,14 @@ pub async fn list(ep: &Endpoints, opts: &ListOptions) -> anyhow::Result<ExitCode
     let now = kit::now_ms();
     let filtering = opts.stage.is_some() || opts.stuck || opts.parked || opts.degraded;
     let mut rows = Vec::new();
-    for v in views(&records) {
+    for v in fold_all(&records) {
         let h: Vec<&Held> = held.iter().filter(|h| h.operation_id == v.operation_id).collect();
         let r = row(&v, &h, &deadlines, now);
-        let keep = opts.stage.as_ref().is_none_or(|s| *s == v.stage)
+        let keep = opts.stage.as_ref().is_none_or(|s| *s == v.holder())
             && (!opts.stuck || r["stuck"] == true)
             && (!opts.parked || r["parked"] == true)
             && (!opts.degraded || !v.degraded.is_empty())
-            && (opts.all || filtering || v.held() || !v.degraded.is_empty());
+            && (opts.all || filtering || is_held(&v) || !v.degraded.is_empty());
         if keep {
             rows.push(r);
         }
@@ -366,7 +281,14 @@ pub async fn show(ep: &Endpoints, op: &str, ops_urls_flags: &[String], json_out:
     if records.is_empty() && center.is_none() && held.is_empty() {
         bail!("no events for operation {op} in PN_OPS (and neither Center nor a service knows it)");
     }
-    let v = views(&records).into_iter().next().unwrap_or_else(|| OpView { operation_id: op.to_string(), stage: "queued".into(), ..Default::default() });
+    let (v, stage) = match fold_all(&records).into_iter().next() {
+        Some(v) => {
+            let stage = v.holder();
+            (v, stage)
+        }
+        None => (OpFold::new(op), "queued"),
+    };
+    let error = v.error_at(stage);
     // Each stage's record: its latest outcome event and what its service holds now.
     let outcome_of = |stage: &str| -> &'static [&'static str] {
         match stage {
@@ -395,9 +317,9 @@ pub async fn show(ep: &Endpoints, op: &str, ops_urls_flags: &[String], json_out:
         let out = json!({
             "operationId": op,
             "subId": v.sub_id,
-            "stage": v.stage,
+            "stage": stage,
             "lastEvent": v.last_event,
-            "error": v.error,
+            "error": error,
             "degraded": v.degraded,
             "events": records.iter().map(Record::to_json).collect::<Vec<_>>(),
             "stages": stages,
@@ -408,9 +330,9 @@ pub async fn show(ep: &Endpoints, op: &str, ops_urls_flags: &[String], json_out:
         return Ok(ExitCode::SUCCESS);
     }
     let sub = if v.sub_id.is_empty() { String::new() } else { format!(" (sub {})", v.sub_id) };
-    println!("operation {op}{sub}: {}", if v.stage.is_empty() { "queued" } else { &v.stage });
-    if !v.error.is_empty() {
-        println!("  failed: {}", v.error);
+    println!("operation {op}{sub}: {}", if stage.is_empty() { "queued" } else { stage });
+    if !error.is_empty() {
+        println!("  failed: {error}");
     }
     if !v.degraded.is_empty() {
         println!("  degraded: {}", v.degraded);
@@ -538,17 +460,17 @@ mod tests {
             // A redelivered old claim does not move it back.
             rec(3, 6_000, Body::Claimed(OpClaimed { op: Some(op) })),
         ];
-        let v = views(&rs).pop().unwrap();
-        assert_eq!((v.stage.as_str(), v.last_event.as_str(), v.since_ms, v.events), ("verify", "deployed", 5_000, 3));
+        let v = fold_all(&rs).pop().unwrap();
+        assert_eq!((v.holder(), v.last_event.as_str(), v.since_ms, v.events), ("verify", "deployed", 5_000, 3));
         let d = BTreeMap::from([("verify".to_string(), 2_000u64)]);
         let r = row(&v, &[], &d, 8_000);
         assert_eq!((r["stuck"].as_bool(), r["ageMs"].as_i64()), (Some(true), Some(3_000)));
         assert_eq!(row(&v, &[], &d, 6_500)["stuck"], false);
         let mut rs2 = rs.clone();
         rs2.push(rec(4, 9_000, Body::Failed(OpFailed { operation_id: "op-1".into(), stage: "abandon".into(), reason: "r".into(), ..Default::default() })));
-        let v = views(&rs2).pop().unwrap();
-        assert!(!v.held());
-        assert_eq!(v.error, "abandon: r");
+        let v = fold_all(&rs2).pop().unwrap();
+        assert!(!is_held(&v));
+        assert_eq!(row(&v, &[], &d, 100_000)["error"], "abandon: r");
         assert_eq!(row(&v, &[], &d, 100_000)["stuck"], false, "a failed operation is not stuck");
     }
 
