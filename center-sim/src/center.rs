@@ -70,6 +70,21 @@ pub struct Intent {
     pub domain: String,
 }
 
+/// The arguments of one `update_node_operation` call.
+#[derive(Debug, Clone, Default)]
+pub struct Report<'a> {
+    /// The lease's holder, when the call names one.
+    pub holder: Option<&'a str>,
+    /// `in_progress` or `failed` (anything else is refused).
+    pub status: &'a str,
+    /// Merged into the operation's result.
+    pub result: Option<Value>,
+    /// A failure's reason.
+    pub error: Option<&'a str>,
+    /// Whether an `in_progress` extends the lease.
+    pub extends: bool,
+}
+
 /// One operation and its bookkeeping (counters for tests: claims, terminal reports).
 #[derive(Debug, Clone)]
 pub struct Op {
@@ -165,18 +180,11 @@ impl Op {
         Ok(true)
     }
 
-    /// `update_node_operation`: only `in_progress` (extends the lease when `extends`) or
-    /// `failed`, of a held operation. `holder`, when given, must be the lease's holder; the
-    /// runbook's call names none (the caller's credentials stand for it).
-    pub fn update(
-        &mut self,
-        holder: Option<&str>,
-        status: &str,
-        result: Option<Value>,
-        error: Option<&str>,
-        now: i64,
-        extends: bool,
-    ) -> Result<(), ToolError> {
+    /// `update_node_operation`: only `in_progress` (extends the lease when `report.extends`) or
+    /// `failed`, of a held operation. `report.holder`, when given, must be the lease's holder;
+    /// the runbook's call names none (the caller's credentials stand for it).
+    pub fn update(&mut self, report: Report, now: i64) -> Result<(), ToolError> {
+        let Report { holder, status, result, error, extends } = report;
         let next = match OpStatus::parse(status) {
             Some(OpStatus::Done) => {
                 return Err(ToolError::rejected("done is set by the node's self-registration; a provision accepts in_progress or failed"));
@@ -425,20 +433,10 @@ impl Operations {
         Ok((wire, new))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn update(
-        &mut self,
-        id: &str,
-        holder: Option<&str>,
-        status: &str,
-        result: Option<Value>,
-        error: Option<&str>,
-        now: i64,
-        extends: bool,
-    ) -> Result<NodeOperation, ToolError> {
+    pub fn update(&mut self, id: &str, report: Report, now: i64) -> Result<NodeOperation, ToolError> {
         let op = self.ops.get_mut(id).ok_or_else(|| ToolError::not_found(format!("operation {id} not found")))?;
         let was = op.status.is_held();
-        op.update(holder, status, result, error, now, extends)?;
+        op.update(report, now)?;
         self.stats.moved(was, op.status.is_held());
         Ok(op.to_wire())
     }
@@ -543,6 +541,11 @@ mod tests {
 
     const IP: &str = "127.0.1.1";
 
+    /// An update by `holder` to `status` that extends the lease.
+    fn report<'a>(holder: Option<&'a str>, status: &'a str) -> Report<'a> {
+        Report { holder, status, extends: true, ..Default::default() }
+    }
+
     fn ops_with_one() -> Operations {
         let mut o = Operations::default();
         o.add(
@@ -582,22 +585,22 @@ mod tests {
     fn update_rules() {
         let mut o = ops_with_one();
         let a = Some("a");
-        assert_eq!(o.update("op-1", a, "in_progress", None, None, 0, true).unwrap_err().code, 409, "not held");
-        assert_eq!(o.update("op-1", None, "in_progress", None, None, 0, true).unwrap_err().code, 409, "not held");
+        assert_eq!(o.update("op-1", report(a, "in_progress"), 0).unwrap_err().code, 409, "not held");
+        assert_eq!(o.update("op-1", report(None, "in_progress"), 0).unwrap_err().code, 409, "not held");
         o.claim("op-1", "a", 10, 0, "t1".into(), false).unwrap();
-        assert_eq!(o.update("op-1", a, "done", None, None, 1, true).unwrap_err().code, 422);
-        assert_eq!(o.update("op-1", a, "queued", None, None, 1, true).unwrap_err().code, 400);
-        assert_eq!(o.update("op-1", Some("b"), "in_progress", None, None, 1, true).unwrap_err().code, 409);
-        let op = o.update("op-1", a, "in_progress", Some(json!({"instanceId": "i-1"})), None, 5_000, true).unwrap();
+        assert_eq!(o.update("op-1", report(a, "done"), 1).unwrap_err().code, 422);
+        assert_eq!(o.update("op-1", report(a, "queued"), 1).unwrap_err().code, 400);
+        assert_eq!(o.update("op-1", report(Some("b"), "in_progress"), 1).unwrap_err().code, 409);
+        let op = o.update("op-1", Report { result: Some(json!({"instanceId": "i-1"})), ..report(a, "in_progress") }, 5_000).unwrap();
         assert_eq!(op.status, "in_progress");
         // The runbook's own call names no holder: accepted for a held operation.
-        let op = o.update("op-1", None, "in_progress", Some(json!({"ipv4": "127.0.1.1"})), None, 6_000, true).unwrap();
+        let op = o.update("op-1", Report { result: Some(json!({"ipv4": "127.0.1.1"})), ..report(None, "in_progress") }, 6_000).unwrap();
         assert_eq!(op.result, Some(json!({"instanceId": "i-1", "ipv4": "127.0.1.1"})));
         assert_eq!(o.get("op-1").unwrap().lease_expires_ms, Some(16_000), "in_progress extends the lease");
-        o.update("op-1", a, "in_progress", None, None, 6_500, false).unwrap();
+        o.update("op-1", Report { extends: false, ..report(a, "in_progress") }, 6_500).unwrap();
         assert_eq!(o.get("op-1").unwrap().lease_expires_ms, Some(16_000), "leaseExtendsOnProgress off: unchanged");
-        o.update("op-1", a, "failed", None, Some("boom"), 7_000, true).unwrap();
-        assert_eq!(o.update("op-1", a, "failed", None, Some("again"), 8_000, true).unwrap_err().code, 409);
+        o.update("op-1", Report { error: Some("boom"), ..report(a, "failed") }, 7_000).unwrap();
+        assert_eq!(o.update("op-1", Report { error: Some("again"), ..report(a, "failed") }, 8_000).unwrap_err().code, 409);
         let op = o.get("op-1").unwrap();
         assert_eq!(op.terminal_reports, 1);
         assert_eq!(op.error.as_deref(), Some("boom"));
@@ -613,7 +616,7 @@ mod tests {
         assert_eq!((op.status, op.holder.clone(), op.lease_expiries), (OpStatus::Queued, None, 1));
         assert!(matches!(o.register_claim("t1", "pn-s1", IP, 1_001), ClaimCheck::Refused(w) if w.starts_with("claim revoked")));
         assert_eq!(o.get("op-1").unwrap().status, OpStatus::Queued, "a revoked token does not activate");
-        assert_eq!(o.update("op-1", Some("a"), "in_progress", None, None, 1_001, true).unwrap_err().code, 409);
+        assert_eq!(o.update("op-1", report(Some("a"), "in_progress"), 1_001).unwrap_err().code, 409);
         o.claim("op-1", "b", 600, 2_000, "t2".into(), false).unwrap();
         assert_eq!(o.get("op-1").unwrap().claims, 2);
         assert!(matches!(o.register_claim("t1", "pn-s1", IP, 2_001), ClaimCheck::Refused(_)), "the old token stays revoked");
@@ -658,13 +661,13 @@ mod tests {
         o.claim("op-3", "a", 600, 0, "t3".into(), false).unwrap();
         assert_eq!(st(&o), (3, 3, 0));
         o.claim("op-3", "b", 600, 0, "t4".into(), false).unwrap_err();
-        o.update("op-2", Some("a"), "in_progress", None, None, 10, true).unwrap();
+        o.update("op-2", report(Some("a"), "in_progress"), 10).unwrap();
         assert_eq!(st(&o), (3, 3, 0), "in_progress is still held");
         o.tick(1_000, 1_800_000);
         assert_eq!(st(&o), (2, 3, 1), "op-1's lease ran out");
         assert!(matches!(o.register_claim("t2", "pn-s2", IP, 1_001), ClaimCheck::Accepted { activated: true, .. }));
         assert_eq!(st(&o), (1, 3, 1), "done is not held");
-        o.update("op-3", Some("a"), "failed", None, Some("x"), 1_002, true).unwrap();
+        o.update("op-3", Report { error: Some("x"), ..report(Some("a"), "failed") }, 1_002).unwrap();
         assert_eq!(st(&o), (0, 3, 1));
         o.claim("op-1", "a", 600, 2_000, "t5".into(), false).unwrap();
         o.tick(3_000, 2_000);
@@ -675,7 +678,7 @@ mod tests {
     fn a_claim_by_the_holder_renews_the_lease_and_keeps_the_token() {
         let mut o = ops_with_one();
         o.claim("op-1", "a", 10, 0, "t1".into(), false).unwrap();
-        o.update("op-1", Some("a"), "in_progress", None, None, 1_000, false).unwrap();
+        o.update("op-1", Report { extends: false, ..report(Some("a"), "in_progress") }, 1_000).unwrap();
         let (op, new) = o.claim("op-1", "a", 10, 8_000, "t-unused".into(), false).unwrap();
         assert!(!new, "a renewal issues no token");
         assert_eq!(op.status, "in_progress", "a renewal keeps the status");
@@ -695,7 +698,7 @@ mod tests {
         let op = o.revoke("op-1", Some(("other", "t2".into())), 10).unwrap();
         assert_eq!((op.status.as_str(), op.holder.as_deref()), ("claimed", Some("other")));
         assert!(matches!(o.register_claim("t1", "pn-s1", IP, 20), ClaimCheck::Refused(w) if w.starts_with("claim revoked")));
-        assert_eq!(o.update("op-1", Some("a"), "in_progress", None, None, 30, true).unwrap_err().code, 409, "the old holder lost it");
+        assert_eq!(o.update("op-1", report(Some("a"), "in_progress"), 30).unwrap_err().code, 409, "the old holder lost it");
         assert_eq!(o.stats().held_now, 1);
         o.revoke("op-1", None, 40).unwrap();
         assert_eq!((o.get("op-1").unwrap().status, o.stats().held_now), (OpStatus::Queued, 0));

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::center::{DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS};
+use crate::center::{DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS, Report};
 use crate::faults::{ArgCase, Faults};
 use crate::cloud::{self, CreateArgs};
 use crate::sim::{Sim, Violation};
@@ -571,7 +571,8 @@ fn update(sim: &Sim, args: &Value, extends: bool) -> ToolResult {
     if let Some(kind) = leaked {
         st.violate(Violation::new("secret_in_center_call", format!("a {kind} was sent in update_node_operation")).op(&id));
     }
-    let op = st.ops.update(&id, holder.as_deref(), &status, result, error.as_deref(), now, extends)?;
+    let report = Report { holder: holder.as_deref(), status: &status, result, error: error.as_deref(), extends };
+    let op = st.ops.update(&id, report, now)?;
     drop(st);
     tracing::info!(op = %id, status = %status, "operation updated");
     Ok(json!({"operation": to_value(op)}))
