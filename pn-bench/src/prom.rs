@@ -37,39 +37,50 @@ impl Histogram {
             return None;
         }
         let rank = q.clamp(0.0, 1.0) * total as f64;
-        let mut prev_le = 0.0;
-        let mut prev_c = 0u64;
-        for (le, c) in &self.buckets {
-            if (*c as f64) >= rank && *c > prev_c {
-                if le.is_infinite() {
-                    return Some(prev_le);
+        for s in self.steps() {
+            if (s.at as f64) >= rank && s.at > s.below {
+                if s.le.is_infinite() {
+                    return Some(s.lo);
                 }
-                let within = (rank - prev_c as f64) / (*c - prev_c) as f64;
-                return Some(prev_le + (le - prev_le) * within.clamp(0.0, 1.0));
+                let within = (rank - s.below as f64) / (s.at - s.below) as f64;
+                return Some(s.lo + (s.le - s.lo) * within.clamp(0.0, 1.0));
             }
-            if le.is_finite() {
-                prev_le = *le;
-            }
-            prev_c = *c;
         }
-        Some(prev_le)
+        Some(self.steps().last().map(|s| s.top()).unwrap_or(0.0))
     }
 
     /// The upper bound of the highest non-empty bucket: the most a sample can have been.
     pub fn max_bound(&self) -> Option<f64> {
-        let mut prev_c = 0u64;
-        let mut prev_le = 0.0;
-        let mut top = None;
-        for (le, c) in &self.buckets {
-            if *c > prev_c {
-                top = Some(if le.is_finite() { *le } else { prev_le });
-            }
+        self.steps().filter(|s| s.at > s.below).last().map(|s| s.top())
+    }
+
+    /// The buckets from the lowest up, each with the finite bound below it and the cumulative
+    /// counts below it and at its top.
+    fn steps(&self) -> impl Iterator<Item = Step> + '_ {
+        let (mut lo, mut below) = (0.0, 0u64);
+        self.buckets.iter().map(move |&(le, at)| {
+            let s = Step { lo, le, below, at };
             if le.is_finite() {
-                prev_le = *le;
+                lo = le;
             }
-            prev_c = *c;
-        }
-        top
+            below = at;
+            s
+        })
+    }
+}
+
+/// One bucket of a [`Histogram`]: `(lo, le]`, `below` samples under it, `at` up to its top.
+struct Step {
+    lo: f64,
+    le: f64,
+    below: u64,
+    at: u64,
+}
+
+impl Step {
+    /// Its top, or for `+Inf` the largest finite bound.
+    fn top(&self) -> f64 {
+        if self.le.is_finite() { self.le } else { self.lo }
     }
 }
 
@@ -178,3 +189,4 @@ pn_center_errors_total{tool="x"} 3
         assert_eq!(b.since(a).count, 10);
     }
 }
+
