@@ -12,7 +12,9 @@
 # PN_DOCKER_SOURCE=distro in the environment, or as a line at the top of the script as sent,
 # since the deployer's launcher passes no arguments): for nodes that reach only their
 # distribution's mirror (air-gapped), and for the VM test. The distribution must carry
-# compose v2 (Debian 13, Ubuntu 22.04+; Debian 12 does not).
+# compose v2 (Debian 13, Ubuntu 22.04+; Debian 12 does not: its docker-compose is the Python
+# v1, and bookworm-backports has no v2 either): where it does not, the preflight says so and
+# stops before anything is changed.
 #
 # Steps:  1 preflight (root, Ubuntu/Debian)   2 wait for cloud-init   3 timezone Asia/Singapore
 #         4 snapd removal   5 swap   6 base packages   7 Docker + compose plugin
@@ -47,7 +49,8 @@ readonly DOCKER_KEY_FINGERPRINT=9DC858229FC7DD38854AE2D88D81803C0EBFCD88
 export DEBIAN_FRONTEND=noninteractive
 # Ubuntu 22.04+ asks which services to restart after upgrades; never ask.
 export NEEDRESTART_MODE=a
-readonly APT_OPTS=(-y -q -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+# Acquire::Retries: a mirror's hiccup (a reset, a 5xx) is retried, not a failed prep.
+readonly APT_OPTS=(-y -q -o DPkg::Lock::Timeout=600 -o Acquire::Retries=5 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 
 DOCKER_SOURCE=${PN_DOCKER_SOURCE:-docker}
 KEEP_22=0
@@ -137,6 +140,30 @@ preflight() {
   [ -n "$CODENAME" ] || die "cannot tell the ${OS_ID} codename"
   command -v systemctl >/dev/null 2>&1 || die "systemd is required"
   log "${PRETTY_NAME:-$OS_ID ${VERSION_ID:-}}; Docker from ${DOCKER_SOURCE}"
+}
+
+# The end of the preflight, under the lock: Docker from the distribution needs its compose v2
+# plugin, known before step 3 changes anything.
+check_docker_source() {
+  if [ "$DOCKER_SOURCE" = distro ] && ! docker_works; then
+    apt_update
+    DISTRO_COMPOSE=$(distro_compose_package) || die "${PRETTY_NAME:-this distribution} has no docker compose v2 plugin among its packages (--docker=distro): nothing was changed; use Docker's repository (the default, without --docker=distro)"
+  fi
+}
+
+# The distribution's package of the compose v2 plugin: docker-compose-v2 on Ubuntu,
+# docker-compose 2.x on Debian 13 (Debian 12's docker-compose is the old Python v1, which has
+# no `docker compose`). Fails when there is none. Needs updated package lists.
+DISTRO_COMPOSE=
+distro_compose_package() {
+  local major
+  if [ -n "$(candidate docker-compose-v2)" ]; then
+    printf 'docker-compose-v2\n'
+    return 0
+  fi
+  major=$(candidate docker-compose | sed 's/^[0-9]*://' | cut -d. -f1)
+  [ -n "$major" ] && [ "$major" -ge 2 ] 2>/dev/null || return 1
+  printf 'docker-compose\n'
 }
 
 wait_for_boot() {
@@ -294,20 +321,10 @@ install_docker_distro() {
     log "Docker present: $(docker --version 2>/dev/null || echo unknown), compose $(docker compose version --short 2>/dev/null || echo unknown)"
     return 0
   fi
-  apt_update
-  # The compose v2 plugin: docker-compose-v2 on Ubuntu, docker-compose 2.x on Debian 13
-  # (Debian 12's docker-compose is the old Python v1, which has no `docker compose`).
-  local compose='' major
-  if [ -n "$(candidate docker-compose-v2)" ]; then
-    compose=docker-compose-v2
-  else
-    major=$(candidate docker-compose | sed 's/^[0-9]*://' | cut -d. -f1)
-    if [ -n "$major" ] && [ "$major" -ge 2 ] 2>/dev/null; then
-      compose=docker-compose
-    else
-      die "${PRETTY_NAME:-this distribution} has no docker compose v2 plugin among its packages; use Docker's repository (the default, without --docker=distro)"
-    fi
-  fi
+  # Found by the preflight (known here too when Docker stopped working since).
+  local compose=$DISTRO_COMPOSE
+  [ -n "$compose" ] || { apt_update; compose=$(distro_compose_package); } ||
+    die "${PRETTY_NAME:-this distribution} has no docker compose v2 plugin among its packages; use Docker's repository (the default, without --docker=distro)"
   # Debian 13 ships the client apart (docker-cli, only recommended by docker.io).
   local pkgs=(docker.io "$compose")
   [ -z "$(candidate docker-cli)" ] || pkgs+=(docker-cli)
@@ -683,6 +700,7 @@ main() {
   # A second run (say, from a deployer restarted mid-prep) waits for the first one.
   exec 8>/run/provision-node.lock
   flock 8
+  check_docker_source
   wait_for_boot
   set_timezone
   remove_snapd

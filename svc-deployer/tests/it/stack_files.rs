@@ -314,3 +314,31 @@ fn the_prep_accepts_ubuntu_and_debian_releases_and_refuses_others() {
     let (ok, out) = run(&ubuntu("23.10", "mantic"), "docker");
     assert!(ok && out.contains("not one of the tested releases"), "{out}");
 }
+
+/// Docker from the distribution (`--docker=distro`) needs its compose v2 plugin, and the prep
+/// picks the package by what apt offers (its `candidate` faked here with each release's
+/// versions): Ubuntu's docker-compose-v2 (20.04 to 24.04 have it, in universe), Debian 13's
+/// docker-compose 2.x; Debian 12 has only the Python docker-compose 1.29, so there is none and
+/// the prep stops in its preflight (run for real on Debian 12 by node_vm, PN_VM_SUITE=bookworm).
+#[test]
+fn the_distro_docker_path_takes_compose_v2_or_refuses() {
+    let pick = |candidates: &str| {
+        let fake = format!("candidate() {{ case \"$1\" in {candidates} *) ;; esac; }}");
+        let script = format!("set -Eeuo pipefail\n{fake}\n{}\ndistro_compose_package\n", shell_function("distro_compose_package"));
+        let out = Command::new("bash").arg("-c").arg(script).output().unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    // Versions as the releases' archives list them.
+    let ubuntu = "docker-compose-v2) echo 2.24.6+ds1-0ubuntu1~22.04.1 ;; docker-compose) echo 1.29.2-1 ;;";
+    let debian13 = "docker-compose) echo 2.26.1-4 ;;";
+    let debian12 = "docker-compose) echo 1.29.2-3 ;;";
+    assert_eq!(pick(ubuntu).as_deref(), Some("docker-compose-v2"));
+    assert_eq!(pick(debian13).as_deref(), Some("docker-compose"));
+    assert_eq!(pick("docker-compose) echo 1:2.30.0-1 ;;").as_deref(), Some("docker-compose"), "an epoch is not the major version");
+    assert_eq!(pick(debian12), None, "Debian 12's docker-compose 1.29 (Python) has no `docker compose`");
+    assert_eq!(pick(""), None, "no compose package at all");
+    // The preflight's check runs it before any step changes anything.
+    let main = shell_function("main");
+    let (check, boot) = (main.find("check_docker_source").unwrap(), main.find("wait_for_boot").unwrap());
+    assert!(check < boot && main.find("flock 8").unwrap() < check, "{main}");
+}
