@@ -3,6 +3,13 @@
 //! is **also** copied to the meter (`--mirror`), as Traefik's mirroring service with the meter
 //! as a 100 % mirror does in production (`deploy/k8s/base/ingress.yaml`).
 //!
+//! The nodes reach the router over HTTP/1.1 (as the sidecars reach Traefik); the router reaches
+//! Center and the meter over HTTP/2 cleartext (`h2c`, prior knowledge) by default, many requests
+//! multiplexed on a few connections (Traefik: `scheme: h2c` for the meter's mirror, HTTP/2 to an
+//! https origin that offers it); `--upstream-protocol` / `--mirror-protocol http1` give one
+//! HTTP/1.1 keep-alive connection per request in flight instead. The router runs on one thread
+//! by default (`--threads`). Both choices are measured in BENCHMARKS.md "Meter ingest".
+//!
 //! The copy is fire-and-forget: it is admitted if fewer than `--mirror-concurrency` +
 //! `--mirror-queue` copies are pending, then sent as soon as one of `--mirror-concurrency`
 //! sending slots is free, with a timeout; the meter's answer is read and dropped. A full queue drops the copy (reports are cumulative counters: the node's next
@@ -20,7 +27,7 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -74,6 +81,37 @@ pub struct IngressSettings {
     /// Bodies larger than this are forwarded but not mirrored (Traefik's `maxBodySize`).
     #[arg(long, env = "PN_INGRESS_MIRROR_MAX_BODY", default_value_t = 65_536)]
     pub mirror_max_body: usize,
+    /// How copies reach the mirror: `h2c` (HTTP/2 cleartext with prior knowledge, the copies
+    /// multiplexed over `--mirror-connections` connections; Traefik's `scheme: h2c`) or
+    /// `http1` (one HTTP/1.1 keep-alive connection per copy in flight).
+    #[arg(long, env = "PN_INGRESS_MIRROR_PROTOCOL", value_enum, default_value_t = Protocol::H2c)]
+    pub mirror_protocol: Protocol,
+    /// HTTP/2 connections the copies are spread over (`h2c` only).
+    #[arg(long, env = "PN_INGRESS_MIRROR_CONNECTIONS", default_value_t = 2)]
+    pub mirror_connections: usize,
+    /// How requests reach Center: `h2c` (HTTP/2 cleartext with prior knowledge, multiplexed
+    /// over `--upstream-connections` connections; the stand-in for Traefik's HTTP/2 to an https
+    /// origin that offers it) or `http1` (HTTP/1.1 keep-alive, one request per connection).
+    #[arg(long, env = "PN_INGRESS_UPSTREAM_PROTOCOL", value_enum, default_value_t = Protocol::H2c)]
+    pub upstream_protocol: Protocol,
+    /// HTTP/2 connections to Center (`h2c` only).
+    #[arg(long, env = "PN_INGRESS_UPSTREAM_CONNECTIONS", default_value_t = 4)]
+    pub upstream_connections: usize,
+    /// The router's worker threads: 1 (the default) runs every connection on one thread (no
+    /// wake-ups across threads: the cheapest per request, BENCHMARKS.md "Meter ingest"); 0 is
+    /// tokio's default (one per core); more: that many.
+    #[arg(long, env = "PN_INGRESS_THREADS", default_value_t = 1)]
+    pub threads: usize,
+}
+
+/// The protocol the router speaks to a backend (the nodes always reach the router over HTTP/1.1,
+/// as the sidecars do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// HTTP/1.1 keep-alive: one request in flight per connection.
+    Http1,
+    /// HTTP/2 cleartext, prior knowledge (no upgrade round trip): many requests per connection.
+    H2c,
 }
 
 impl IngressSettings {
@@ -143,6 +181,32 @@ fn bump(a: &AtomicU64) {
 
 type HttpClient = Client<HttpConnector, Body>;
 
+/// A backend's clients: one for HTTP/1.1 (its own pool of keep-alive connections), or one per
+/// HTTP/2 connection (a legacy client keeps one h2 connection per host), taken in turn.
+struct Backend {
+    clients: Vec<HttpClient>,
+    next: AtomicUsize,
+    version: axum::http::Version,
+}
+
+impl Backend {
+    fn new(protocol: Protocol, connections: usize, max_idle: usize) -> Backend {
+        match protocol {
+            Protocol::Http1 => Backend { clients: vec![client(max_idle, false)], next: AtomicUsize::new(0), version: axum::http::Version::HTTP_11 },
+            Protocol::H2c => Backend {
+                clients: (0..connections.max(1)).map(|_| client(1, true)).collect(),
+                next: AtomicUsize::new(0),
+                version: axum::http::Version::HTTP_2,
+            },
+        }
+    }
+
+    fn client(&self) -> &HttpClient {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len().max(1);
+        &self.clients[i]
+    }
+}
+
 /// One copy for the mirror.
 struct MirrorJob {
     path_and_query: String,
@@ -153,7 +217,7 @@ struct MirrorJob {
 /// Where copies go, and the two bounds on them.
 struct Mirror {
     base: String,
-    client: HttpClient,
+    backend: Backend,
     /// Copies pending (sending or waiting): `--mirror-concurrency` + `--mirror-queue` permits.
     admitted: Arc<Semaphore>,
     /// Copies being sent: `--mirror-concurrency` permits.
@@ -166,7 +230,7 @@ struct Inner {
     upstream: String,
     mirror_path: String,
     mirror_max_body: usize,
-    client: HttpClient,
+    upstream_backend: Backend,
     mirror: Option<Arc<Mirror>>,
     stats: Arc<Stats>,
 }
@@ -187,11 +251,16 @@ fn base_url(flag: &str, u: &str) -> anyhow::Result<String> {
     Ok(u.to_string())
 }
 
-fn client(max_idle: usize) -> HttpClient {
+fn client(max_idle: usize, h2c: bool) -> HttpClient {
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
     conn.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(max_idle).pool_idle_timeout(Duration::from_secs(90)).build(conn)
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_max_idle_per_host(max_idle).pool_idle_timeout(Duration::from_secs(90));
+    if h2c {
+        b.http2_only(true);
+    }
+    b.build(conn)
 }
 
 /// Connection-level headers a proxy does not pass on (RFC 9110 §7.6.1).
@@ -238,6 +307,9 @@ impl App {
         if s.mirror_concurrency == 0 || s.mirror_queue == 0 {
             bail!("--mirror-concurrency and --mirror-queue must be positive");
         }
+        if s.mirror_connections == 0 || s.upstream_connections == 0 {
+            bail!("--mirror-connections and --upstream-connections must be positive");
+        }
         let listener = tokio::net::TcpListener::bind(s.listen).await.with_context(|| format!("listen on {}", s.listen))?;
         let mut addr = listener.local_addr()?;
         if addr.ip().is_unspecified() {
@@ -247,14 +319,14 @@ impl App {
         let mirror = mirror.map(|base| {
             Arc::new(Mirror {
                 base,
-                client: client(s.mirror_concurrency),
+                backend: Backend::new(s.mirror_protocol, s.mirror_connections, s.mirror_concurrency),
                 admitted: Arc::new(Semaphore::new(s.mirror_concurrency.saturating_add(s.mirror_queue))),
                 sending: Arc::new(Semaphore::new(s.mirror_concurrency)),
                 timeout: Duration::from_millis(s.mirror_timeout_ms.max(1)),
                 stats: stats.clone(),
             })
         });
-        let inner = Inner { upstream, mirror_path: s.mirror_path, mirror_max_body: s.mirror_max_body, client: client(1024), mirror, stats };
+        let inner = Inner { upstream, mirror_path: s.mirror_path, mirror_max_body: s.mirror_max_body, upstream_backend: Backend::new(s.upstream_protocol, s.upstream_connections, 1024), mirror, stats };
         Ok(App { listener, addr, ingress: Ingress(Arc::new(inner)) })
     }
 
@@ -283,9 +355,14 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+    let settings = IngressSettings::load_from(args);
+    let rt = match settings.threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
+    rt.block_on(async {
         kit::telemetry::init(kit::config::LogFormat::from_env());
-        let settings = IngressSettings::load_from(args);
         let mirroring = settings.mirror.clone().unwrap_or_default();
         let app = App::build(settings).await?;
         tracing::info!(listen = %app.addr(), mirror = %mirroring, "pn-ingress up");
@@ -349,12 +426,14 @@ async fn proxy(State(ing): State<Ingress>, ConnectInfo(peer): ConnectInfo<Socket
         return (StatusCode::BAD_REQUEST, "bad request target").into_response();
     };
     parts.uri = uri;
-    parts.version = axum::http::Version::HTTP_11;
+    parts.version = ing.upstream_backend.version;
     bump(&ing.stats.forwarded);
-    match ing.client.request(Request::from_parts(parts, body)).await {
+    match ing.upstream_backend.client().request(Request::from_parts(parts, body)).await {
         Ok(resp) => {
             let (mut rp, rb) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers);
+            // The node asked over HTTP/1.1, whatever Center was asked over.
+            rp.version = axum::http::Version::HTTP_11;
             Response::from_parts(rp, Body::new(rb))
         }
         Err(_) => {
@@ -374,10 +453,11 @@ async fn send_copy(m: Arc<Mirror>, job: MirrorJob, _admitted: OwnedSemaphorePerm
     let mut req = Request::new(Body::from(job.body));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = uri;
+    *req.version_mut() = m.backend.version;
     *req.headers_mut() = job.headers;
     req.headers_mut().remove(header::CONTENT_LENGTH);
     let sent = tokio::time::timeout(m.timeout, async {
-        let resp = m.client.request(req).await.ok()?;
+        let resp = m.backend.client().request(req).await.ok()?;
         let ok = resp.status().is_success();
         // Read the answer to the end (it goes nowhere) so the connection is reused.
         let _ = axum::body::to_bytes(Body::new(resp.into_body()), 1024 * 1024).await;

@@ -1184,7 +1184,7 @@ fn center_host_routes_usage_to_center_and_mirrors_it_to_the_meter(r: &Rendered) 
     assert_ne!(m["mirrorBody"], false, "{at}: the body (the counters) is mirrored");
     assert!(m["maxBodySize"].as_i64().is_some_and(|b| b >= 4096), "{at}: a report's body fits the mirror");
     // The meter gets a copy of every report, and is the only mirror.
-    assert_eq!(m["mirrors"], json!([{"name": "svc-meter", "port": 8090, "percent": 100}]), "{at}: the meter as a 100 % mirror");
+    assert_eq!(m["mirrors"], json!([{"name": "svc-meter", "port": 8090, "scheme": "h2c", "percent": 100}]), "{at}: the meter as a 100 % mirror, over h2c");
     let origin = find(r, "Service", "center-origin");
     assert_eq!(origin["spec"]["type"], "ExternalName", "{at}: Center runs outside the cluster");
     assert!(origin["spec"]["externalName"].as_str().is_some_and(|h| !h.is_empty()), "{at}");
