@@ -700,8 +700,10 @@ main() {
   # A second run (say, from a deployer restarted mid-prep) waits for the first one.
   exec 8>/run/provision-node.lock
   flock 8
-  check_docker_source
+  # cloud-init first: the check's apt-get update would race it for apt's lists lock
+  # (DPkg::Lock::Timeout does not cover that lock). Waiting changes nothing on the node.
   wait_for_boot
+  check_docker_source
   set_timezone
   remove_snapd
   make_swap

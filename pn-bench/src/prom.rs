@@ -189,4 +189,3 @@ pn_center_errors_total{tool="x"} 3
         assert_eq!(b.since(a).count, 10);
     }
 }
-

@@ -337,8 +337,10 @@ fn the_distro_docker_path_takes_compose_v2_or_refuses() {
     assert_eq!(pick("docker-compose) echo 1:2.30.0-1 ;;").as_deref(), Some("docker-compose"), "an epoch is not the major version");
     assert_eq!(pick(debian12), None, "Debian 12's docker-compose 1.29 (Python) has no `docker compose`");
     assert_eq!(pick(""), None, "no compose package at all");
-    // The preflight's check runs it before any step changes anything.
+    // The check runs before any step changes anything, after cloud-init is done (its apt-get
+    // update would race cloud-init for apt's lists lock).
     let main = shell_function("main");
-    let (check, boot) = (main.find("check_docker_source").unwrap(), main.find("wait_for_boot").unwrap());
-    assert!(check < boot && main.find("flock 8").unwrap() < check, "{main}");
+    let at = |name: &str| main.find(name).unwrap();
+    assert!(at("flock 8") < at("wait_for_boot") && at("wait_for_boot") < at("check_docker_source"), "{main}");
+    assert!(at("check_docker_source") < at("set_timezone"), "{main}");
 }
