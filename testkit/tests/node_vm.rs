@@ -1036,7 +1036,7 @@ async fn debian12_refused(w: &mut World, reason: &str, fresh_port: u16) -> Resul
     let prep_log = sh(&s, &format!("sudo cat {PREP_STATE}/log")).await?;
     ensure!(sh(&s, &format!("sudo cat {PREP_STATE}/rc")).await?.trim() != "0", "prep rc 0:\n{prep_log}");
     ensure!(prep_log.contains("Debian GNU/Linux 12") && prep_log.contains(WHY), "prep log:\n{prep_log}");
-    ensure!(!prep_log.contains("changed:") && !prep_log.contains("step 2/16"), "the prep went past its preflight:\n{prep_log}");
+    ensure!(!prep_log.contains("changed:") && !prep_log.contains("step 3/16"), "the prep went past its preflight:\n{prep_log}");
     let pkgs = sh(&s, "for p in docker.io docker-compose ufw; do dpkg-query -W -f='${Status}' $p 2>/dev/null | grep -q 'install ok installed' && echo $p; done; true").await?;
     ensure!(pkgs.trim().is_empty(), "installed by the refused prep: {pkgs}");
     let listening = sh(&s, "sudo ss -ltnH").await?;
