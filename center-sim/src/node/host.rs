@@ -409,6 +409,15 @@ fn docker_missing(sudo: bool) -> Output {
     if sudo { fail(1, "sudo: docker: command not found") } else { fail(127, "bash: line 1: docker: command not found") }
 }
 
+/// The stack's containers come up: k2s logs its start, the sidecar starts with `env`.
+fn start_containers(sim: &Sim, inst: &mut crate::cloud::Instance, env: Vec<u8>, noise: u64) {
+    inst.host.containers_up = true;
+    inst.host.log_k2s("k2s starting");
+    inst.host.log_k2s("server ready listen=:443");
+    inst.host.k2s_log.noise(noise);
+    super::sidecar::start(sim, inst, env);
+}
+
 fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, action: &ComposeAction) -> Output {
     let mut st = sim.st();
     let noise = st.faults.log_noise_lines;
@@ -451,21 +460,13 @@ fn compose(sim: &Sim, id: &str, sudo: bool, dir: &str, file: Option<&str>, actio
             let env = inst.host.files.get(ENV_PATH).cloned().unwrap_or_default();
             let (k, sc) = (&names.0, &names.1);
             let out = if !inst.host.containers_up {
-                inst.host.containers_up = true;
                 inst.host.containers_created = true;
-                inst.host.log_k2s("k2s starting");
-                inst.host.log_k2s("server ready listen=:443");
-                inst.host.k2s_log.noise(noise);
-                super::sidecar::start(sim, inst, env);
+                start_containers(sim, inst, env, noise);
                 format!(" Container {k}  Started\n Container {sc}  Started\n")
             } else if renamed || inst.host.sidecar.as_ref().is_some_and(|s| s.env != env) {
                 // compose recreates a container whose configuration changed.
                 inst.host.stop_containers();
-                inst.host.containers_up = true;
-                inst.host.log_k2s("k2s starting");
-                inst.host.log_k2s("server ready listen=:443");
-                inst.host.k2s_log.noise(noise);
-                super::sidecar::start(sim, inst, env);
+                start_containers(sim, inst, env, noise);
                 format!(" Container {k}  Recreated\n Container {sc}  Recreated\n Container {k}  Started\n Container {sc}  Started\n")
             } else {
                 format!(" Container {k}  Running\n Container {sc}  Running\n")
