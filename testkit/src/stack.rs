@@ -253,10 +253,20 @@ impl Stack {
     /// Waits until the service's /readyz answers 200 (or its process died: an error with its log).
     pub async fn wait_ready(&mut self, name: &str) -> Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut respawns = 0;
         loop {
             let Some(p) = self.procs.get_mut(name) else { bail!("{name} not started") };
             if let Ok(Some(st)) = p.child.try_wait() {
-                bail!("{name} exited ({st}) during start:\n{}", self.log_tail(name, 20));
+                let tail = self.log_tail(name, 20);
+                // free_port's pick can be taken by another test's process before the service
+                // binds it; `spawn` picks a fresh ops port, so start it again (a harness race,
+                // not the service's fault).
+                if respawns < 3 && tail.contains("ops listen") && tail.contains("Address already in use") {
+                    respawns += 1;
+                    self.spawn(name)?;
+                    continue;
+                }
+                bail!("{name} exited ({st}) during start:\n{tail}");
             }
             let url = format!("http://{}/readyz", p.name);
             if let Ok(r) = self.http.get(&url).timeout(Duration::from_secs(1)).send().await
